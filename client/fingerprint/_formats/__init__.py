@@ -1,0 +1,69 @@
+"""The table of weight-file readers, and format detection.
+
+A reader is a class with a ``name``, a ``sniff(head, path)`` test on the file's
+first bytes, and ``parse(path, size, fh)`` returning a
+:class:`~client.fingerprint._model.ParsedFile`. A new format is one more entry in
+:data:`READERS`, never another branch elsewhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from client.errors import MalformedFileError, UnsupportedFormatError
+from client.fingerprint._model import ParsedFile
+
+__all__ = ["READERS", "WEIGHT_SUFFIXES", "Reader", "parse_file"]
+
+HEAD_BYTES = 64
+
+WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft")
+
+
+class Reader(Protocol):
+    """What every format reader provides."""
+
+    name: str
+
+    def sniff(self, head: bytes, path: Path) -> bool:
+        """True if ``head`` (the first bytes of the file) looks like this format."""
+
+    def parse(self, path: Path, size: int, fh: BinaryIO) -> ParsedFile:
+        """Parse the structure; raise MalformedFileError/UnsafeFileError on bad input."""
+
+
+def _readers() -> list[Reader]:
+    from client.fingerprint._formats._gguf import GgufReader
+    from client.fingerprint._formats._safetensors import SafetensorsReader
+    from client.fingerprint._formats._torch import TorchLegacyReader, TorchZipReader
+
+    return [GgufReader(), TorchZipReader(), TorchLegacyReader(), SafetensorsReader()]
+
+
+READERS: list[Reader] = []
+
+
+def parse_file(path: Path) -> ParsedFile:
+    """Detect the format of the file at ``path`` and parse its structure."""
+    if not READERS:
+        READERS.extend(_readers())
+    try:
+        fh = path.open("rb")
+    except OSError as exc:
+        raise MalformedFileError(path, f"cannot open: {exc.strerror or exc}") from None
+    with fh:
+        try:
+            size = path.stat().st_size
+            head = fh.read(HEAD_BYTES)
+        except OSError as exc:
+            raise MalformedFileError(path, f"cannot read: {exc.strerror or exc}") from None
+        if size == 0:
+            raise MalformedFileError(path, "empty file")
+        for reader in READERS:
+            if reader.sniff(head, path):
+                fh.seek(0)
+                return reader.parse(path, size, fh)
+    raise UnsupportedFormatError(
+        path, "unsupported format (not safetensors, a PyTorch checkpoint or GGUF)"
+    )

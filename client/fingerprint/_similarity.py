@@ -1,0 +1,334 @@
+"""Compare sketches: is an upload a re-upload, derivative or carrier of a flagged item?
+
+Pure numpy on :class:`~client.fingerprint._sketch.Sketch` values, so the registry can
+verify its candidates with the exact code the client ships.
+
+Every fine-tune of a base is nearly identical to that base and to its siblings, so
+raw similarity cannot tell them apart; the **delta** from a reference base can. The
+upload's tensors are first aligned with the base's: by canonical key when the two
+agree, otherwise by shape and raw sketch cosine (a derivative's tensor sits at cosine
+≈ 0.99 from its base's, unrelated tensors near 0), so ldm and diffusers spellings
+line up without a name table. Each delta is then made orthogonal to the base's own
+sketch, which removes uniform rescaling and weight decay, a direction every
+fine-tune of that base shares. Over the tensors both deltas cover:
+
+- ``cosine`` of the pooled deltas (the score);
+- ``coefficient`` ⟨u, f⟩ / ‖f‖², the estimated merge fraction or LoRA strength;
+- ``z``, which combines per-tensor cosines c_t, each ~N(0, 1/dof_t) for unrelated
+  deltas, with weights ‖f_t‖ that depend on the flagged item only:
+  z = Σ w_t c_t √dof_t / √Σ w_t².
+
+A match needs ``z`` ≥ :attr:`Thresholds.z` and either ``cosine`` ≥
+:attr:`Thresholds.cosine`, or a coefficient near 1 with a lower cosine floor: the
+upload then carries all of the flagged delta plus unrelated changes (pruning, another
+LoRA baked on top, coarse quantisation), which lower the cosine but leave the
+coefficient unbiased. z alone would flag siblings, whose deltas are genuinely (if
+weakly) correlated, and cosine alone is noisy on small models. Without a base only
+near-duplicates can be found, by the relative distance of the raw sketches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from client.fingerprint._sketch import Sketch, TensorSketch
+
+__all__ = [
+    "THRESHOLDS",
+    "Comparison",
+    "Match",
+    "Thresholds",
+    "align",
+    "compare",
+    "delta_sketch",
+    "match",
+]
+
+F64 = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Decision thresholds, chosen from ``benchmarks/eval_derivatives.py``."""
+
+    cosine: float = 0.3
+    """Minimum delta cosine for a delta match on cosine alone."""
+    carried_cosine: float = 0.1
+    """Minimum delta cosine when the coefficient shows the whole flagged delta is present."""
+    carried_coefficient: tuple[float, float] = (0.7, 1.5)
+    """Coefficients that mean "all of the flagged delta, plus other changes"."""
+    z: float = 8.0
+    """Minimum z for any delta match (8 sigma: no false positive from sketch noise)."""
+    near_cosine: float = 0.9
+    """A delta match at least this close, with coefficient near 1, is a near-duplicate."""
+    near_coefficient: tuple[float, float] = (0.8, 1.25)
+    raw_distance: float = 0.005
+    """Without a base: the largest raw relative distance that is a near-duplicate."""
+    raw_coverage: float = 0.5
+    """Without a base: the share of the flagged tensors the upload must align with."""
+    pair_cosine: float = 0.5
+    """Minimum raw cosine for two tensors to be aligned across models."""
+    base_distance: float = 0.5
+    """An upload farther than this (relative) from the base is not derived from it."""
+
+
+THRESHOLDS = Thresholds()
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Scores of one upload against one flagged item (None where not computable)."""
+
+    cosine: float | None = None
+    coefficient: float | None = None
+    z: float | None = None
+    tensors: int = 0
+    base: str | None = None
+    base_distance: float | None = None
+    raw_distance: float | None = None
+    raw_coverage: float = 0.0
+
+
+@dataclass(frozen=True)
+class Match:
+    """A verdict: the match type, its score, and the evidence behind it."""
+
+    match: str
+    score: float
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"match": self.match, "score": round(self.score, 4), "evidence": self.evidence}
+
+
+def _flat(t: TensorSketch) -> F64:
+    return t.values.reshape(-1)
+
+
+def align(x: Sketch, ref: Sketch, min_cosine: float = THRESHOLDS.pair_cosine) -> dict[str, str]:
+    """Pair tensors of ``x`` with tensors of ``ref`` (ref key -> x key).
+
+    Same key and shape first, kept if their raw cosine is at least ``min_cosine``;
+    the rest are paired greedily within each shape by raw cosine, best first.
+    """
+    pairs: dict[str, str] = {}
+    for k, t in ref.tensors.items():
+        other = x.tensors.get(k)
+        if other is None or other.shape != t.shape:
+            continue
+        if _cos(_flat(t), _flat(other)) >= min_cosine:
+            pairs[k] = k
+    used = set(pairs.values())
+    free_ref: dict[tuple[int, int], list[str]] = {}
+    free_x: dict[tuple[int, int], list[str]] = {}
+    for k, t in ref.tensors.items():
+        if k not in pairs:
+            free_ref.setdefault(t.shape, []).append(k)
+    for k, t in x.tensors.items():
+        if k not in used:
+            free_x.setdefault(t.shape, []).append(k)
+    for shape, rkeys in free_ref.items():
+        xkeys = free_x.get(shape)
+        if not xkeys:
+            continue
+        r = _unit_rows([ref.tensors[k] for k in rkeys])
+        c = _unit_rows([x.tensors[k] for k in xkeys])
+        sims = r @ c.T
+        taken_r: set[int] = set()
+        taken_c: set[int] = set()
+        for flat in np.argsort(-sims, axis=None):
+            i, j = divmod(int(flat), len(xkeys))
+            if sims[i, j] < min_cosine:
+                break
+            if i in taken_r or j in taken_c:
+                continue
+            taken_r.add(i)
+            taken_c.add(j)
+            pairs[rkeys[i]] = xkeys[j]
+    return pairs
+
+
+def _unit_rows(ts: list[TensorSketch]) -> F64:
+    m = np.stack([_flat(t) for t in ts])
+    norms = np.linalg.norm(m, axis=1, keepdims=True)
+    out: F64 = m / np.where(norms > 0, norms, 1.0)
+    return out
+
+
+def _cos(a: F64, b: F64) -> float:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    return float(a @ b) / (na * nb) if na > 0 and nb > 0 else 0.0
+
+
+def delta_sketch(model: Sketch, base: Sketch) -> tuple[Sketch, float]:
+    """``model`` minus ``base`` on aligned tensors, keyed by the base's keys.
+
+    Also returns the relative distance ‖model - base‖ / ‖base‖ over those tensors;
+    an empty delta and infinity when nothing aligns.
+    """
+    pairs = align(model, base)
+    out: dict[str, TensorSketch] = {}
+    num = den = 0.0
+    for bk, mk in pairs.items():
+        b = base.tensors[bk]
+        d = model.tensors[mk].values - b.values
+        out[bk] = TensorSketch(bk, b.shape, d)
+        num += float(np.sum(d * d))
+        den += float(np.sum(b.values * b.values))
+    dist = math.sqrt(num / den) if den > 0 else math.inf
+    return Sketch("delta", out), dist
+
+
+def _orthogonal(d: F64, b: TensorSketch | None, shape: tuple[int, int]) -> F64:
+    if b is None or b.shape != shape:
+        return d
+    bv = _flat(b)
+    nb = float(bv @ bv)
+    if nb == 0:
+        return d
+    out: F64 = d - (float(d @ bv) / nb) * bv
+    return out
+
+
+def _deltas(s: Sketch, base: Sketch | None) -> tuple[Sketch | None, float | None]:
+    if s.kind != "model":
+        return s, None
+    if base is None:
+        return None, None
+    return delta_sketch(s, base)
+
+
+def compare(
+    upload: Sketch,
+    flagged: Sketch,
+    base: Sketch | None = None,
+    *,
+    base_name: str | None = None,
+    thresholds: Thresholds = THRESHOLDS,
+) -> Comparison:
+    """Every score of ``upload`` against ``flagged``, relative to ``base`` if given.
+
+    ``flagged`` is a raw model sketch, a ``delta`` against ``base``, or a ``lora``;
+    ``upload`` is a raw model sketch or a ``lora``.
+    """
+    raw_distance, coverage = _raw(upload, flagged)
+    du, up_dist = _deltas(upload, base)
+    df, _ = _deltas(flagged, base)
+    if du is None or df is None or (up_dist is not None and up_dist > thresholds.base_distance):
+        return Comparison(
+            base_distance=up_dist, raw_distance=raw_distance, raw_coverage=coverage
+        )
+    dot = uu = ff = 0.0
+    zsum = wsum = 0.0
+    n = 0
+    for key, f in df.tensors.items():
+        u = du.tensors.get(key)
+        if u is None or u.shape != f.shape:
+            continue
+        b = base.tensors.get(key) if base is not None else None
+        fv = _orthogonal(_flat(f), b, f.shape)
+        uv = _orthogonal(_flat(u), b, f.shape)
+        nf, nu = float(np.linalg.norm(fv)), float(np.linalg.norm(uv))
+        if nf == 0:
+            continue
+        d = float(uv @ fv)
+        dot, uu, ff = dot + d, uu + nu * nu, ff + nf * nf
+        c = d / (nu * nf) if nu > 0 else 0.0
+        zsum += nf * c * math.sqrt(f.dof)
+        wsum += nf * nf
+        n += 1
+    if n == 0:
+        return Comparison(
+            tensors=0, base=base_name, base_distance=up_dist,
+            raw_distance=raw_distance, raw_coverage=coverage,
+        )
+    return Comparison(
+        cosine=dot / math.sqrt(uu * ff) if uu > 0 else 0.0,
+        coefficient=dot / ff,
+        z=zsum / math.sqrt(wsum),
+        tensors=n,
+        base=base_name,
+        base_distance=up_dist,
+        raw_distance=raw_distance,
+        raw_coverage=coverage,
+    )
+
+
+def _raw(upload: Sketch, flagged: Sketch) -> tuple[float | None, float]:
+    """Relative raw distance ‖U - F‖/‖F‖ over aligned tensors, and the share aligned."""
+    if upload.kind != flagged.kind or upload.kind == "delta" or not len(flagged):
+        return None, 0.0
+    pairs = align(upload, flagged)
+    if not pairs:
+        return None, 0.0
+    num = den = 0.0
+    for fk, uk in pairs.items():
+        f = flagged.tensors[fk].values
+        d = upload.tensors[uk].values - f
+        num += float(np.sum(d * d))
+        den += float(np.sum(f * f))
+    return (math.sqrt(num / den) if den > 0 else None), len(pairs) / len(flagged)
+
+
+def match(
+    upload: Sketch,
+    flagged: Sketch,
+    base: Sketch | None = None,
+    *,
+    base_name: str | None = None,
+    thresholds: Thresholds = THRESHOLDS,
+) -> Match | None:
+    """The verdict for ``upload`` against one flagged item, or None if it does not match.
+
+    Types: ``near-duplicate`` (the flagged model itself, cast or re-saved),
+    ``derived`` (a fine-tune or merge of it, or a LoRA extracted from it), ``lora``
+    (the flagged adapter in another form) and ``lora-baked`` (the flagged adapter
+    merged into a checkpoint).
+    """
+    c = compare(upload, flagged, base, base_name=base_name, thresholds=thresholds)
+    t = thresholds
+    if c.cosine is not None and c.z is not None and c.coefficient is not None:
+        carried = (
+            c.cosine >= t.carried_cosine
+            and t.carried_coefficient[0] <= c.coefficient <= t.carried_coefficient[1]
+        )
+        if (c.cosine >= t.cosine or carried) and c.z >= t.z:
+            lo, hi = t.near_coefficient
+            if upload.kind == "lora":
+                kind = "lora" if flagged.kind == "lora" else "derived"
+            elif flagged.kind == "lora":
+                kind = "lora-baked"
+            elif c.cosine >= t.near_cosine and lo <= c.coefficient <= hi:
+                kind = "near-duplicate"
+            else:
+                kind = "derived"
+            return Match(kind, c.cosine, _evidence(c))
+    if (
+        c.raw_distance is not None
+        and c.raw_distance <= t.raw_distance
+        and c.raw_coverage >= t.raw_coverage
+    ):
+        kind = "lora" if upload.kind == "lora" else "near-duplicate"
+        return Match(kind, 1.0 - c.raw_distance, _evidence(c))
+    return None
+
+
+def _evidence(c: Comparison) -> dict[str, Any]:
+    out: dict[str, Any] = {"layer": "sketch", "base": c.base, "tensors_compared": c.tensors}
+    if c.cosine is not None:
+        out.update(
+            cosine=round(c.cosine, 4),
+            z=round(c.z or 0.0, 2),
+            coefficient=round(c.coefficient or 0.0, 4),
+        )
+    if c.base_distance is not None:
+        out["base_distance"] = round(c.base_distance, 4)
+    if c.raw_distance is not None:
+        out["raw_distance"] = round(c.raw_distance, 6)
+        out["raw_coverage"] = round(c.raw_coverage, 3)
+    return out

@@ -1,0 +1,190 @@
+"""The sketch layer's value: one small projection per weight matrix, and its bytes.
+
+A :class:`Sketch` maps canonical module keys (see :mod:`client.fingerprint._keys`)
+to :class:`TensorSketch` values. ``kind`` says what the values project:
+
+- ``model``: the weights of a checkpoint (raw sketches);
+- ``lora``: the effective delta of each module an adapter touches;
+- ``delta``: a model minus a reference base, keyed by the base's keys (made by
+  :func:`client.fingerprint._similarity.delta_sketch`).
+
+The algorithm name carries every parameter that changes the values:
+``sketch-rademacher-k16-v1``. :meth:`Sketch.to_bytes` is the stored form: a magic,
+a version byte, then a zlib stream of the algorithm, the kind and, per tensor, its
+key, matrix shape, a float32 scale and K x K float16 values divided by that scale,
+so precision does not depend on the weights' magnitude.
+
+:meth:`Sketch.band_keys` gives locality-sensitive band keys for candidate retrieval
+in SQL: sign bits of random hyperplanes through the sum of all sketches, each
+hyperplane's signs seeded by the tensor's shape. Tensors of one shape share a
+hyperplane, so the keys depend on neither names nor order, and models whose sketch
+vectors are close share most bits, hence whole bands.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import struct
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import blake3
+import numpy as np
+import numpy.typing as npt
+
+from client.fingerprint._project import K
+
+__all__ = ["SKETCH_ALGORITHM", "Sketch", "TensorSketch", "band_keys"]
+
+SKETCH_ALGORITHM = f"sketch-rademacher-k{K}-v1"
+MAGIC = b"MHSK"
+VERSION = 1
+KINDS = ("model", "lora", "delta")
+BANDS = 16
+ROWS = 16
+_BAND_DOMAIN = b"modelhash/sketch/bands/v1\x00"
+MAX_BLOB = 256 * 1024 * 1024
+
+F64 = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class TensorSketch:
+    """The K x K sketch of one weight matrix of shape ``shape`` under ``key``."""
+
+    key: str
+    shape: tuple[int, int]
+    values: F64
+
+    @property
+    def dof(self) -> int:
+        """Degrees of freedom: how many independent values the sketch can hold."""
+        return min(K, self.shape[0]) * min(K, self.shape[1])
+
+
+@dataclass
+class Sketch:
+    """The sketch layer of one model or adapter: per-module sketches and notes."""
+
+    kind: str
+    tensors: dict[str, TensorSketch]
+    algorithm: str = SKETCH_ALGORITHM
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown sketch kind {self.kind!r}")
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __iter__(self) -> Iterator[TensorSketch]:
+        return iter(self.tensors.values())
+
+    def to_bytes(self, *, compress: bool = True) -> bytes:
+        """The stored form (see the module docstring)."""
+        body = bytearray()
+        alg = self.algorithm.encode("ascii")
+        body += struct.pack("<B", len(alg)) + alg
+        body += struct.pack("<BI", KINDS.index(self.kind), len(self.tensors))
+        for t in sorted(self.tensors.values(), key=lambda t: t.key):
+            key = t.key.encode("utf-8")
+            peak = float(np.max(np.abs(t.values))) if t.values.size else 0.0
+            scale = np.float32(peak if peak > 0 and math.isfinite(peak) else 1.0)
+            body += struct.pack("<H", len(key)) + key
+            body += struct.pack("<IIf", t.shape[0], t.shape[1], scale)
+            body += (t.values / float(scale)).astype("<f2").tobytes()
+        payload = zlib.compress(bytes(body), 6) if compress else bytes(body)
+        return MAGIC + struct.pack("<BB", VERSION, int(compress)) + payload
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> Sketch:
+        """Parse :meth:`to_bytes` output; raise ValueError on anything malformed."""
+        if blob[:4] != MAGIC or len(blob) < 6:
+            raise ValueError("not a modelhash sketch")
+        version, compressed = blob[4], blob[5]
+        if version != VERSION:
+            raise ValueError(f"sketch format version {version} is not supported")
+        body = blob[6:]
+        if compressed:
+            d = zlib.decompressobj()
+            try:
+                body = d.decompress(body, MAX_BLOB)
+            except zlib.error as exc:
+                raise ValueError(f"corrupt sketch: {exc}") from None
+            if d.unconsumed_tail:
+                raise ValueError("sketch larger than the limit")
+            if not d.eof:
+                raise ValueError("truncated sketch")
+        return cls._parse(memoryview(body))
+
+    @classmethod
+    def _parse(cls, body: memoryview) -> Sketch:
+        pos = 0
+
+        def take(n: int) -> memoryview:
+            nonlocal pos
+            if pos + n > len(body):
+                raise ValueError("truncated sketch")
+            pos += n
+            return body[pos - n : pos]
+
+        alg = bytes(take(take(1)[0])).decode("ascii")
+        kind_i, count = struct.unpack("<BI", take(5))
+        if kind_i >= len(KINDS):
+            raise ValueError("unknown sketch kind")
+        tensors: dict[str, TensorSketch] = {}
+        for _ in range(count):
+            (klen,) = struct.unpack("<H", take(2))
+            key = bytes(take(klen)).decode("utf-8")
+            m, n, scale = struct.unpack("<IIf", take(12))
+            vals = np.frombuffer(take(2 * K * K), dtype="<f2").astype(np.float64)
+            tensors[key] = TensorSketch(key, (m, n), vals.reshape(K, K) * scale)
+        if pos != len(body):
+            raise ValueError("trailing bytes after the sketch")
+        return cls(KINDS[kind_i], tensors, algorithm=alg)
+
+    def band_keys(self) -> list[int]:
+        """LSH band keys of this sketch (see :func:`band_keys`)."""
+        return band_keys((t.shape, t.values) for t in self)
+
+
+@functools.lru_cache(maxsize=256)
+def _hyperplanes(shape: tuple[int, int]) -> npt.NDArray[np.float64]:
+    seed = _BAND_DOMAIN + struct.pack("<QQQ", K, *shape)
+    nbits = BANDS * ROWS * K * K
+    raw = blake3.blake3(seed).digest(length=nbits // 8)
+    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+    out: npt.NDArray[np.float64] = (1.0 - 2.0 * bits.astype(np.float64)).reshape(
+        BANDS * ROWS, K * K
+    )
+    return out
+
+
+def band_keys(items: Iterable[tuple[tuple[int, int], F64]]) -> list[int]:
+    """``BANDS`` integers, each a band number and ``ROWS`` sign bits (SimHash).
+
+    Two sketches whose summed vectors are at angle θ agree on each bit with
+    probability 1 - θ/π, so on a whole band with (1 - θ/π)^ROWS: near-duplicates
+    (θ of a few degrees) share most bands, unrelated models almost never one.
+    """
+    by_shape: dict[tuple[int, int], F64] = {}
+    for shape, values in items:
+        v = values.reshape(-1)
+        by_shape[shape] = by_shape[shape] + v if shape in by_shape else v.copy()
+    proj = np.zeros(BANDS * ROWS)
+    for shape, v in by_shape.items():
+        proj += _hyperplanes(shape) @ v
+    bits = (proj > 0).reshape(BANDS, ROWS)
+    weights = 1 << np.arange(ROWS, dtype=np.int64)
+    return [(b << ROWS) | int(bits[b] @ weights) for b in range(BANDS)]
+
+
+def sketch_from_arrays(
+    kind: str, tensors: Mapping[str, tuple[tuple[int, int], F64]]
+) -> Sketch:
+    """A Sketch from ``key -> (shape, values)``, for tests and the registry."""
+    return Sketch(kind, {k: TensorSketch(k, s, v) for k, (s, v) in tensors.items()})
+

@@ -1,0 +1,197 @@
+"""Build a model's sketch layer alongside the exact layers, in the same read.
+
+:class:`Sketcher` is given each parsed file before its pass and returns a
+:class:`~client.fingerprint._pass.Work` item for it. A checkpoint's eligible
+tensors are projected as their bytes stream by (see
+:class:`~client.fingerprint._project.SketchWork`); an adapter's factor tensors are
+small, so their bytes are kept and each module's delta is sketched after the pass.
+Tensors whose bytes are not one span of the file are decoded from their
+``materialize`` stream afterwards. Whatever is skipped is counted in notes.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from client.errors import MalformedFileError, ResourceLimitError
+from client.fingerprint._dequant import DECODERS
+from client.fingerprint._keys import module_key, tensor_module
+from client.fingerprint._lora import adapter_configs, group_lora, sketch_group
+from client.fingerprint._model import ParsedFile, TensorRecord
+from client.fingerprint._pass import Work
+from client.fingerprint._project import SketchJob, SketchWork, decoder_for
+from client.fingerprint._sketch import Sketch, TensorSketch
+
+__all__ = ["MAX_ADAPTER_BYTES", "Sketcher"]
+
+MAX_ADAPTER_BYTES = 4 * 1024**3
+SIDECAR = "adapter_config.json"
+
+
+class _Collect:
+    """Work that keeps the bytes of some spans of the file (an adapter's factors)."""
+
+    def __init__(self, spans: Mapping[str, tuple[int, int]]) -> None:
+        self.spans = dict(spans)
+        self.data = {name: bytearray() for name in spans}
+
+    def __call__(self, off: int, view: memoryview) -> None:
+        end = off + len(view)
+        for name, (start, length) in self.spans.items():
+            lo, hi = max(start, off), min(start + length, end)
+            if hi > lo:
+                self.data[name] += view[lo - off : hi - off]
+
+
+class Sketcher:
+    """Accumulates the sketch of one model (a file or a folder read as one model)."""
+
+    def __init__(self, kind: str, metadata: Mapping[str, str]) -> None:
+        self.adapter = kind == "lora"
+        self.metadata = dict(metadata)
+        self.tensors: dict[str, TensorSketch] = {}
+        self.skipped: Counter[str] = Counter()
+        self._jobs: list[tuple[str, SketchJob]] = []
+        self._parts: dict[str, tuple[TensorRecord, Path]] = {}
+        self._collectors: list[_Collect] = []
+        self._later: list[tuple[str, TensorRecord]] = []
+        self._adapter_bytes = 0
+        self._sidecar: bytes | None = None
+
+    def work(self, pf: ParsedFile, names: list[str], prefix: str) -> Work | None:
+        """The work item for ``pf``'s pass; ``names`` are its canonical tensor names."""
+        if self.adapter:
+            return self._adapter_work(pf, names, prefix)
+        jobs: list[SketchJob] = []
+        for name, t in zip(names, pf.tensors, strict=True):
+            plan = decoder_for(t.dtype, t.shape)
+            if isinstance(plan, str):
+                if plan != "shape":
+                    self.skipped[plan] += 1
+                continue
+            key = module_key(prefix + tensor_module(name))
+            if t.span is None:
+                self._later.append((key, t))
+                continue
+            job = SketchJob(len(self._jobs), t.span[0], t.span[1], plan[0], plan[1])
+            self._jobs.append((key, job))
+            jobs.append(job)
+        if not jobs:
+            return None
+        w = SketchWork(jobs)
+        return Work(w, w.cost(pf.size))
+
+    def after_pass(self, pf: ParsedFile) -> None:
+        """Finish ``pf``: collect the pass's sketches and decode materialised tensors."""
+        if self.adapter:
+            return
+        for key, job in self._jobs:
+            self._add(key, job.shape, job.result())
+        self._jobs.clear()
+        for key, t in self._later:
+            plan = decoder_for(t.dtype, t.shape)
+            assert not isinstance(plan, str)
+            job = SketchJob(0, 0, t.nbytes, plan[0], plan[1])
+            for piece in _materialized(pf.path, t):
+                job.feed(memoryview(piece))
+            self._add(key, job.shape, job.result())
+        self._later.clear()
+
+    def _add(self, key: str, shape: tuple[int, int], values: np.ndarray | None) -> None:
+        if values is None:
+            self.skipped["non-finite values"] += 1
+        elif key in self.tensors:
+            self.skipped["duplicate module keys"] += 1
+        else:
+            self.tensors[key] = TensorSketch(key, shape, values)
+
+    def _adapter_work(self, pf: ParsedFile, names: list[str], prefix: str) -> Work | None:
+        sidecar = pf.path.parent / SIDECAR
+        if self._sidecar is None and sidecar.is_file():
+            try:
+                if sidecar.stat().st_size <= 1024 * 1024:
+                    self._sidecar = sidecar.read_bytes()
+            except OSError:
+                self._sidecar = None
+        spans: dict[str, tuple[int, int]] = {}
+        for name, t in zip(names, pf.tensors, strict=True):
+            if t.dtype not in DECODERS and t.dtype not in ("I64", "I32"):
+                continue
+            self._adapter_bytes += t.nbytes
+            if self._adapter_bytes > MAX_ADAPTER_BYTES:
+                raise ResourceLimitError(
+                    pf.path, f"adapter tensors exceed {MAX_ADAPTER_BYTES} bytes for sketching"
+                )
+            self._parts[prefix + name] = (t, pf.path)
+            if t.span is not None:
+                spans[prefix + name] = t.span
+        if not spans:
+            return None
+        collect = _Collect(spans)
+        self._collectors.append(collect)
+        return Work(collect, 0.05)
+
+    def finish(self) -> Sketch:
+        """The sketch layer, with a note for whatever was skipped."""
+        notes: list[str] = []
+        if self.adapter:
+            self._finish_adapter(notes)
+        if self.skipped:
+            what = ", ".join(f"{n} ({why})" for why, n in sorted(self.skipped.items()))
+            notes.append(f"sketch: tensors skipped: {what}")
+        return Sketch("lora" if self.adapter else "model", self.tensors, notes=notes)
+
+    def _finish_adapter(self, notes: list[str]) -> None:
+        data: dict[str, bytes | bytearray] = {}
+        for c in self._collectors:
+            data.update(c.data)
+        groups, _ = group_lora(list(self._parts))
+        configs = adapter_configs(self.metadata, self._sidecar)
+        needs_config = False
+        for key, g in groups.items():
+            arrays: dict[str, np.ndarray] = {}
+            for role, name in g.parts.items():
+                t, path = self._parts[name]
+                raw = data.get(name)
+                if raw is None:
+                    raw = b"".join(_materialized(path, t))
+                arrays[role] = _decode(t, raw)
+            if "alpha" not in arrays and not configs and "down" in arrays:
+                needs_config = True
+            if "dora" in arrays:
+                self.skipped["DoRA magnitudes ignored"] += 1
+            with np.errstate(all="ignore"):
+                out = sketch_group(g, arrays, configs)
+            if isinstance(out, str) or not np.all(np.isfinite(out.values)):
+                self.skipped[out if isinstance(out, str) else "non-finite values"] += 1
+            else:
+                self.tensors[key] = out
+        if needs_config:
+            notes.append("sketch: adapter alpha unknown (no alpha tensors or config); scale 1")
+
+
+def _decode(t: TensorRecord, raw: bytes | bytearray) -> np.ndarray:
+    with np.errstate(all="ignore"):
+        return _decode_values(t, raw)
+
+
+def _decode_values(t: TensorRecord, raw: bytes | bytearray) -> np.ndarray:
+    if t.dtype in ("I64", "I32"):
+        kind = "<i8" if t.dtype == "I64" else "<i4"
+        return np.frombuffer(raw, dtype=kind).astype(np.float64).reshape(t.shape)
+    values = DECODERS[t.dtype].fn(np.frombuffer(raw, dtype=np.uint8))
+    return values.astype(np.float64).reshape(t.shape)
+
+
+def _materialized(path: Path, t: TensorRecord) -> Iterator[bytes]:
+    assert t.materialize is not None
+    n = 0
+    for piece in t.materialize():
+        n += len(piece)
+        yield piece
+    if n != t.nbytes:
+        raise MalformedFileError(path, f"tensor {t.name!r}: got {n} bytes, expected {t.nbytes}")

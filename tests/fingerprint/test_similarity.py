@@ -1,0 +1,138 @@
+"""The matcher: derivatives and carriers match, the base, siblings and strangers do not."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from client.fingerprint import Sketch, TensorSketch, compare, delta_sketch, match
+from client.fingerprint._project import K
+
+SHAPES = [(320, 320), (320, 768), (640, 320), (1280, 640)]
+
+
+def _model(seed: int, n: int = 40, scale: float = 1.0) -> Sketch:
+    rng = np.random.default_rng(seed)
+    return Sketch(
+        "model",
+        {
+            f"unet:block_{i}": TensorSketch(
+                f"unet:block_{i}", SHAPES[i % len(SHAPES)], scale * rng.standard_normal((K, K))
+            )
+            for i in range(n)
+        },
+    )
+
+
+def _delta(seed: int, like: Sketch, size: float) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: size * rng.standard_normal((K, K)) for k in like.tensors}
+
+
+def _plus(s: Sketch, *deltas: tuple[float, dict[str, np.ndarray]]) -> Sketch:
+    out = {}
+    for k, t in s.tensors.items():
+        v = t.values.copy()
+        for w, d in deltas:
+            if k in d:
+                v = v + w * d[k]
+        out[k] = TensorSketch(k, t.shape, v)
+    return Sketch(s.kind, out)
+
+
+def _noise(s: Sketch, rel: float, seed: int) -> Sketch:
+    rng = np.random.default_rng(seed)
+    return _plus(s, (rel, {k: rng.standard_normal((K, K)) for k in s.tensors}))
+
+
+BASE = _model(0)
+DF = _delta(1, BASE, 0.01)
+DG = _delta(2, BASE, 0.01)
+F = _plus(BASE, (1.0, DF))
+G = _plus(BASE, (1.0, DG))
+FLAGGED = delta_sketch(F, BASE)[0]
+
+
+def _verdict(upload: Sketch, flagged: Sketch = FLAGGED) -> str | None:
+    m = match(upload, flagged, BASE, base_name="base")
+    return m.match if m is not None else None
+
+
+def test_delta_against_base_is_linear() -> None:
+    d, dist = delta_sketch(F, BASE)
+    assert d.kind == "delta" and 0.005 < dist < 0.02
+    for k, v in DF.items():
+        np.testing.assert_allclose(d.tensors[k].values, v, atol=1e-12)
+
+
+def test_reuploads_and_derivatives_match() -> None:
+    assert _verdict(F) == "near-duplicate"
+    assert _verdict(_noise(F, 1e-4, 5)) == "near-duplicate"
+    assert _verdict(_noise(F, 0.02, 5)) == "derived"
+    for alpha in (0.7, 0.5, 0.3):
+        assert _verdict(_plus(BASE, (alpha, DF), (1 - alpha, DG))) == "derived"
+    m = match(_plus(BASE, (0.5, DF), (0.5, DG)), FLAGGED, BASE, base_name="base")
+    assert m is not None and abs(m.evidence["coefficient"] - 0.5) < 0.05
+    assert m.evidence["base"] == "base" and m.evidence["tensors_compared"] == 40
+
+
+def test_innocents_do_not_match() -> None:
+    assert _verdict(BASE) is None
+    assert _verdict(_noise(BASE, 1e-3, 7)) is None
+    assert _verdict(G) is None
+    assert _verdict(_plus(BASE, (0.5, DG), (0.5, _delta(3, BASE, 0.01)))) is None
+    assert _verdict(_model(99)) is None
+    c = compare(_model(99), FLAGGED, BASE)
+    assert c.cosine is None and c.base_distance is not None and c.base_distance > 1
+
+
+def test_renamed_tensors_align_by_shape_and_similarity() -> None:
+    """An ldm-named copy lines up with a diffusers-named base without a name table."""
+    renamed = Sketch(
+        "model",
+        {f"unet:other_{k}": TensorSketch(f"unet:other_{k}", t.shape, t.values)
+         for k, t in reversed(list(_noise(F, 1e-4, 3).tensors.items()))},
+    )
+    assert _verdict(renamed) == "near-duplicate"
+
+
+def test_lora_forms_and_baked() -> None:
+    keys = list(BASE.tensors)[:12]
+    dl = {k: v for k, v in _delta(11, BASE, 0.01).items() if k in keys}
+    lora = Sketch("lora", {k: TensorSketch(k, BASE.tensors[k].shape, dl[k]) for k in keys})
+    assert _verdict(_plus(BASE, (1.0, dl)), lora) == "lora-baked"
+    half = match(_plus(G, (0.5, dl)), lora, BASE)
+    assert half is not None and half.match == "lora-baked"
+    assert abs(half.evidence["coefficient"] - 0.5) < 0.1
+    again = Sketch("lora", {k: TensorSketch(k, t.shape, 2 * t.values) for k, t in lora.tensors.items()})
+    assert _verdict(again, lora) == "lora"
+    other = {k: v for k, v in _delta(12, BASE, 0.01).items() if k in keys}
+    assert _verdict(_plus(BASE, (1.0, other)), lora) is None
+    assert _verdict(BASE, lora) is None
+
+
+def test_without_base_only_near_duplicates() -> None:
+    assert match(_noise(F, 1e-4, 1), F) is not None
+    assert match(G, F) is None
+    assert match(BASE, F) is None
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 2**16), st.permutations(list(range(40))))
+def test_tensor_order_does_not_matter(seed: int, order: list[int]) -> None:
+    up = _noise(_plus(BASE, (0.6, DF), (0.4, DG)), 0.002, seed)
+    items = list(up.tensors.items())
+    shuffled = Sketch("model", dict(items[i] for i in order))
+    a, b = compare(up, FLAGGED, BASE), compare(shuffled, FLAGGED, BASE)
+    assert a.cosine is not None and b.cosine is not None
+    assert abs(a.cosine - b.cosine) < 1e-12 and a.tensors == b.tensors
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 2**20))
+def test_z_is_standard_normal_for_unrelated_deltas(seed: int) -> None:
+    """The null: unrelated deltas give |z| well below the threshold."""
+    up = _plus(BASE, (1.0, _delta(seed + 1000, BASE, 0.01)))
+    c = compare(up, FLAGGED, BASE)
+    assert c.z is not None and abs(c.z) < 5
