@@ -1,0 +1,59 @@
+"""A rich progress bar on stderr for long reads, shown only on a terminal."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+__all__ = ["BarProgress", "make_progress"]
+
+MIN_BYTES = 100 * 1000 * 1000
+
+
+class BarProgress:
+    """Draws one bar per file larger than ``MIN_BYTES``."""
+
+    def __init__(self) -> None:
+        self._bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self._task: TaskID | None = None
+
+    def start(self, description: str, total: int) -> None:
+        if total < MIN_BYTES:
+            return
+        self._bar.start()
+        self._task = self._bar.add_task(description, total=total)
+
+    def advance(self, n: int) -> None:
+        if self._task is not None:
+            self._bar.advance(self._task, n)
+
+    def finish(self) -> None:
+        if self._task is not None:
+            self._bar.remove_task(self._task)
+            self._task = None
+            self._bar.stop()
+
+
+def make_progress(enabled: bool = True) -> BarProgress | None:
+    """A progress bar when stderr is a terminal, else nothing."""
+    if enabled and sys.stderr.isatty():
+        return BarProgress()
+    return None

@@ -1,0 +1,203 @@
+"""Every error the client raises, rooted at :class:`ModelhashError`.
+
+The tree::
+
+    ModelhashError                  root; ``diagnostics()`` is the one-line text for humans
+    ├── InputError                  bad input from the caller (CLI exit 2)
+    │   ├── InvalidHashError        a hash string that parses as no known algorithm
+    │   ├── UnsupportedFormatError  a file or folder that is no weight format we read
+    │   ├── MalformedFileError      a weight file whose structure is broken or inconsistent
+    │   │   └── ResourceLimitError  a file that asks for more than the reader allows
+    │   ├── UnsafeFileError         a pickle that references code; carries the globals
+    │   ├── UploadTooLargeError     an upload stream longer than the caller allows
+    │   └── HubNotFoundError        no such Hugging Face repo, revision or file (or gated)
+    └── RegistryError               the registry could not be reached or failed (CLI exit 3)
+        ├── RegistryUnreachableError  no answer: refused, reset or timed out, after retries
+        ├── RegistryResponseError     an answer that is not the documented wire format
+        ├── RegistryHTTPError         an error status; carries ``status``, ``method``, ``url``
+        │   ├── UnauthorizedError     401: no API key, or an unknown or revoked one
+        │   ├── ForbiddenError        403: the key's role may not do this
+        │   ├── NotFoundError         404
+        │   ├── ConflictError         409: contradicts what the registry stores
+        │   └── RejectedError         400, 413, 422: the registry refused the request body
+        ├── MirrorError               the offline cache is missing, stale, or fails its
+        │   │                         signature check
+        │   └── ExportVerificationError  a signed export that is malformed, signed by
+        │                                another key, or whose signature is wrong
+        └── HubError                  the Hugging Face Hub could not be reached or failed
+
+Only the CLI prints errors or exits; library code raises these with enough context
+(the path, the offending globals) for the caller to decide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = [
+    "ConflictError",
+    "ExportVerificationError",
+    "ForbiddenError",
+    "HubError",
+    "HubNotFoundError",
+    "InputError",
+    "InvalidHashError",
+    "MalformedFileError",
+    "MirrorError",
+    "ModelhashError",
+    "NotFoundError",
+    "RegistryError",
+    "RegistryHTTPError",
+    "RegistryResponseError",
+    "RegistryUnreachableError",
+    "RejectedError",
+    "ResourceLimitError",
+    "UnauthorizedError",
+    "UnsafeFileError",
+    "UnsupportedFormatError",
+    "UploadTooLargeError",
+]
+
+
+class ModelhashError(Exception):
+    """Root of every error modelhash raises on purpose."""
+
+    def diagnostics(self) -> str:
+        """One line for a human: what went wrong and with what."""
+        return str(self)
+
+
+class InputError(ModelhashError):
+    """The caller gave us something we cannot use."""
+
+
+class InvalidHashError(InputError):
+    """A hash string matches no accepted algorithm or form."""
+
+
+class _FileError(InputError):
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+class UnsupportedFormatError(_FileError):
+    """The path is not a weight format modelhash reads."""
+
+
+class MalformedFileError(_FileError):
+    """A weight file is truncated, inconsistent or otherwise broken."""
+
+
+class ResourceLimitError(MalformedFileError):
+    """A file asks for more memory or work than the reader allows."""
+
+
+class UnsafeFileError(InputError):
+    """A pickle references globals outside the tensor-and-container allow-list.
+
+    Nothing it names was imported or called. ``globals`` lists them as
+    ``module.name`` strings, which is itself a signal worth reporting.
+    """
+
+    def __init__(self, path: str | Path, globals_: Sequence[str], where: str = "") -> None:
+        self.path = str(path)
+        self.globals = sorted(set(globals_))
+        self.where = where
+        inner = f" in {where}" if where else ""
+        super().__init__(
+            f"{self.path}: unsafe pickle{inner}: refers to {', '.join(self.globals)}"
+        )
+
+
+class RegistryError(ModelhashError):
+    """The registry could not be reached, or answered with an error."""
+
+
+class UploadTooLargeError(InputError):
+    """An upload stream went past the size the caller allows; reading stopped there."""
+
+    def __init__(self, name: str, limit: int) -> None:
+        self.name = name
+        self.limit = limit
+        super().__init__(f"{name}: upload exceeds the {limit}-byte limit")
+
+
+class RegistryUnreachableError(RegistryError):
+    """No answer from the registry: connection refused or reset, or a timeout.
+
+    Raised after the retries the client allows. ``url`` is the request's URL.
+    """
+
+    def __init__(self, method: str, url: str, reason: str) -> None:
+        self.method = method
+        self.url = url
+        self.reason = reason
+        super().__init__(f"{method} {url}: registry unreachable: {reason}")
+
+
+class RegistryResponseError(RegistryError):
+    """The registry answered, but not with the documented wire format."""
+
+    def __init__(self, method: str, url: str, reason: str, status: int | None = None) -> None:
+        self.method = method
+        self.url = url
+        self.status = status
+        self.reason = reason
+        super().__init__(f"{method} {url}: unexpected answer from the registry: {reason}")
+
+
+class RegistryHTTPError(RegistryError):
+    """The registry answered with an error status; ``detail`` is its one-line reason."""
+
+    def __init__(self, method: str, url: str, status: int, detail: str) -> None:
+        self.method = method
+        self.url = url
+        self.status = status
+        self.detail = detail
+        super().__init__(f"{method} {url}: {status} {detail}")
+
+
+class UnauthorizedError(RegistryHTTPError):
+    """401: the request had no API key, or one the registry does not know or has revoked."""
+
+
+class ForbiddenError(RegistryHTTPError):
+    """403: the API key is valid, but its role may not do this."""
+
+
+class NotFoundError(RegistryHTTPError):
+    """404: no such flag, key or route."""
+
+
+class ConflictError(RegistryHTTPError):
+    """409: the request contradicts what the registry stores (e.g. revoking a revoked flag)."""
+
+
+class RejectedError(RegistryHTTPError):
+    """400, 413 or 422: the registry refused the request as malformed or too large."""
+
+
+class MirrorError(RegistryError):
+    """The offline cache cannot answer: never synced, too old, or fails verification.
+
+    A tampered or foreign-signed export is refused with this error, never used.
+    """
+
+
+class ExportVerificationError(MirrorError):
+    """An export is malformed, signed by another key, or its signature is wrong."""
+
+
+class HubNotFoundError(InputError):
+    """The Hugging Face Hub has no such repo, revision or file, or it is gated to us."""
+
+
+class HubError(RegistryError):
+    """The Hugging Face Hub could not be reached or failed.
+
+    A RegistryError because, like the registry, it is an outside service whose
+    failure says nothing about the model: the CLI exits 3.
+    """

@@ -1,0 +1,56 @@
+"""Server settings, read from ``MODELHASH_*`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "normalise_database_url"]
+
+
+def normalise_database_url(url: str) -> str:
+    """Pick psycopg 3 for ``postgresql://`` and ``postgres://`` URLs.
+
+    SQLAlchemy would otherwise reach for psycopg2, which we do not depend on.
+    """
+    url = url.strip()
+    for scheme in ("postgres://", "postgresql://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme) :]
+    return url
+
+
+class Settings(BaseSettings):
+    """Everything the server can be told. Each field is ``MODELHASH_<NAME>`` in the environment.
+
+    ``database_url`` defaults to a SQLite file in the working directory, which the
+    server migrates by itself. PostgreSQL is migrated only by ``modelhash db upgrade``.
+    ``signing_key_file`` should name an ed25519 private key (PEM) in production; when
+    unset, a key is generated on first use and kept in the database. ``range_secret``
+    seeds the decoys of range answers; when unset, one is generated and kept in the
+    database. ``key_cache_seconds`` is how long a worker trusts a key it has seen
+    (a revoked key stops working at once on the worker that revoked it).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="MODELHASH_", extra="ignore")
+
+    database_url: str = "sqlite:///modelhash.db"
+    signing_key_file: Path | None = None
+    range_secret: SecretStr | None = None
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    range_bucket: int = Field(default=64, ge=8, le=4096)
+    log_level: str = "INFO"
+    pool_size: int = Field(default=10, ge=1, le=200)
+    key_cache_seconds: float = Field(default=5.0, ge=0, le=300)
+
+    @field_validator("database_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return normalise_database_url(value)
+
+    @property
+    def is_sqlite(self) -> bool:
+        """True for the embedded SQLite backend."""
+        return self.database_url.startswith("sqlite")

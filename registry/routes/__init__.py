@@ -1,0 +1,1 @@
+"""One APIRouter per resource; routes parse, authorise and call ``registry.crud``."""

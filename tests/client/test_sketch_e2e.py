@@ -1,0 +1,64 @@
+"""End to end: ``bases add``, ``flag`` and ``check`` send sketches; derivatives match."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+from client import RegistryClient
+from client.fingerprint import fingerprint_path
+from tests.client.conftest import LiveRegistry
+from tests.utils.sketch_models import base_model, cast, lora, plus, random_delta, write
+
+
+def test_cli_finds_derivatives_through_sketches(
+    live_registry: LiveRegistry, tmp_path: Path
+) -> None:
+    reader = live_registry.cli(live_registry.reader)
+    submitter = live_registry.cli(live_registry.submitter)
+    admin = live_registry.cli(live_registry.admin)
+    b = base_model(1000)
+    df, dg = random_delta(b, 1001), random_delta(b, 1002)
+    adapter, ldelta = lora(b, 1003)
+    paths = {
+        name: write(tmp_path, name, sd)
+        for name, sd in {
+            "base": b,
+            "f": plus(b, (1.0, df)),
+            "f16": cast(plus(b, (1.0, df))),
+            "merge": plus(b, (0.5, df), (0.5, dg)),
+            "g": plus(b, (1.0, dg)),
+            "lora": adapter,
+            "baked": plus(b, (1.0, ldelta)),
+        }.items()
+    }
+    name = f"e2e-base-{uuid.uuid4().hex[:6]}"
+    out = admin("bases", "add", paths["base"], "--name", name)
+    assert out.exit_code == 0, out.stderr
+    for flagged in ("f", "lora"):
+        out = submitter("flag", paths[flagged], "--category", "other", "--json")
+        assert out.exit_code == 0, out.stderr
+
+    out = reader("check", "--json", paths["f16"], paths["merge"], paths["g"], paths["baked"],
+                 paths["base"])
+    assert out.exit_code == 1, out.stderr
+    results = json.loads(out.stdout)["results"]
+    assert [r["verdict"] for r in results] == ["match", "match", "clean", "match", "clean"]
+    kinds = [r["matches"][0]["match"] if r["matches"] else None for r in results]
+    assert kinds == ["near-duplicate", "derived", None, "lora-baked", None]
+    evidence = results[0]["matches"][0]["evidence"]
+    assert evidence["layer"] == "sketch" and evidence["base"] == name
+    assert evidence["tensors_compared"] == 8
+    assert "sketch" not in results[0]["fingerprint"]
+
+    out = reader("check", "--json", "--layers", "exact", paths["f16"])
+    assert out.exit_code == 0, out.stderr
+    assert json.loads(out.stdout)["results"][0]["verdict"] == "clean"
+
+    # The SDK sends the sketch of a fingerprint computed with every layer.
+    (o,) = fingerprint_path(paths["merge"], layers="all")
+    assert o.fingerprint is not None
+    with RegistryClient(live_registry.url, api_key=live_registry.reader) as sdk:
+        (r,) = sdk.check([o.fingerprint])
+    assert r.verdict == "match" and r.matches[0].match == "derived"

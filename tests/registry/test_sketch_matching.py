@@ -1,0 +1,359 @@
+"""The sketch layer in the registry: derivatives and carriers match, innocents do not.
+
+Every sketch is computed by the client from a real (small) safetensors file: a base
+with a few attention matrices, fine-tunes of it (base plus a dense delta of 2 %),
+casts, merges, kohya LoRAs and the base with a LoRA baked in.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine
+from sqlmodel import col, select
+
+from client.fingerprint import Sketch, TensorSketch, fingerprint_path
+from client.fingerprint._project import K
+from client.wire import MAX_SKETCH_BYTES, CheckResponse, decode_sketch, encode_sketch
+from registry._db import session_scope
+from registry.models import SketchBand, SketchRow, SketchSignature
+from tests.utils.registry import auth, flag_body, random_fingerprint
+from tests.utils.sketch_models import (
+    base_model,
+    cast,
+    lora,
+    lora_resaved,
+    plus,
+    random_delta,
+    write,
+)
+
+
+@dataclass(frozen=True)
+class Model:
+    """One model file: its flat fingerprint map and its wire sketch."""
+
+    fingerprint: dict[str, str]
+    sketch: str
+
+    def item(self) -> dict[str, str]:
+        return {**self.fingerprint, "sketch": self.sketch}
+
+
+def _model(folder: Path, name: str, sd: dict[str, np.ndarray]) -> Model:
+    (o,) = fingerprint_path(write(folder, name, sd), layers="all")
+    assert o.fingerprint is not None and o.fingerprint.sketch is not None
+    return Model(o.fingerprint.summary(), encode_sketch(o.fingerprint.sketch))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Model]:
+    folder = tmp_path_factory.mktemp("sketch-models")
+    b = base_model(0)
+    df, dg = random_delta(b, 1), random_delta(b, 2)
+    dh, dj = random_delta(b, 3), random_delta(b, 4)
+    adapter, ldelta = lora(b, 5)
+    other, odelta = lora(b, 6)
+    stranger = base_model(50)
+    sds = {
+        "base": b,
+        "base16": cast(b),
+        "f": plus(b, (1.0, df)),
+        "f16": cast(plus(b, (1.0, df))),
+        "f_further": plus(b, (1.0, df), (0.3, random_delta(b, 7))),
+        "merge": plus(b, (0.5, df), (0.5, dg)),
+        "g": plus(b, (1.0, dg)),
+        "h": plus(b, (1.0, dh)),
+        "h16": cast(plus(b, (1.0, dh))),
+        "j": plus(b, (1.0, dj)),
+        "j16": cast(plus(b, (1.0, dj))),
+        "lora": adapter,
+        "lora_resaved": lora_resaved(adapter, 3),
+        "baked": plus(b, (1.0, ldelta)),
+        "baked_on_g": plus(b, (1.0, dg), (1.0, ldelta)),
+        "other_lora": other,
+        "other_baked": plus(b, (1.0, odelta)),
+        "random": base_model(99),
+        "stranger": stranger,
+        "stranger16": cast(stranger),
+    }
+    return {name: _model(folder, name, sd) for name, sd in sds.items()}
+
+
+@dataclass(frozen=True)
+class World:
+    base_name: str
+    flags: dict[str, str]
+
+
+def _flag(client: TestClient, key: str, m: Model, **fields: Any) -> str:
+    r = client.post(
+        "/v1/flags", json=flag_body(m.fingerprint, sketch=m.sketch, **fields), headers=auth(key)
+    )
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
+
+
+@pytest.fixture(scope="module")
+def world(client: TestClient, keys: dict[str, str], models: dict[str, Model]) -> World:
+    """One base and its flags, in the session's database of this backend."""
+    name = f"tiny-unet-{uuid.uuid4().hex[:8]}"
+    r = client.post(
+        "/v1/bases",
+        json={"name": name, "fingerprint": models["base"].fingerprint,
+              "sketch": models["base"].sketch},
+        headers=auth(keys["admin"]),
+    )
+    assert r.status_code == 201, r.text
+    sub = keys["submitter"]
+    flags = {n: _flag(client, sub, models[n]) for n in ("f", "lora", "h", "j", "stranger")}
+    r = client.post(f"/v1/flags/{flags['h']}/revoke", json={"reason": "wrong model"},
+                    headers=auth(keys["admin"]))
+    assert r.status_code == 200, r.text
+    r = client.post(f"/v1/flags/{flags['j']}/dispute", json={"reason": "not sure"},
+                    headers=auth(keys["submitter2"]))
+    assert r.status_code == 200, r.text
+    return World(name, flags)
+
+
+def _check(client: TestClient, key: str, *items: dict[str, str]) -> CheckResponse:
+    r = client.post("/v1/check", json={"items": list(items)}, headers=auth(key))
+    assert r.status_code == 200, r.text
+    return CheckResponse.model_validate(r.json())
+
+
+def _verdict(client: TestClient, keys: dict[str, str], m: Model) -> tuple[str, list[Any]]:
+    (result,) = _check(client, keys["reader"], m.item()).results
+    return result.verdict, result.matches
+
+
+def test_flags_are_stored_as_deltas_from_the_nearest_base(world, engine: Engine):
+    with session_scope(engine) as session:
+        rows = {
+            r.owner_id: r
+            for r in session.exec(
+                select(SketchRow).where(SketchRow.owner_type == "flag")
+            )
+        }
+        f, adapter, stranger = (rows[world.flags[n]] for n in ("f", "lora", "stranger"))
+        sigs = {
+            s.sketch_id: s
+            for s in session.exec(
+                select(SketchSignature).where(
+                    col(SketchSignature.sketch_id).in_([f.id, adapter.id, stranger.id])
+                )
+            )
+        }
+        bands = session.exec(select(SketchBand).where(SketchBand.sketch_id == stranger.id)).all()
+    assert f.kind == "delta" and f.base_id is not None
+    assert sigs[f.id].base_id == f.base_id and len(sigs[f.id].signature) == 4 * 256
+    assert adapter.kind == "lora" and adapter.base_id == f.base_id and adapter.id in sigs
+    assert stranger.kind == "model" and stranger.base_id is None and stranger.id not in sigs
+    assert len(bands) == 16
+    assert Sketch.from_bytes(f.blob).kind == "delta"
+
+
+@pytest.mark.parametrize(
+    ("upload", "flag", "kinds"),
+    [
+        ("f16", "f", {"near-duplicate"}),
+        ("f_further", "f", {"derived", "near-duplicate"}),
+        ("merge", "f", {"derived"}),
+        ("lora_resaved", "lora", {"lora"}),
+        ("baked", "lora", {"lora-baked"}),
+        ("baked_on_g", "lora", {"lora-baked"}),
+        ("stranger16", "stranger", {"near-duplicate"}),
+    ],
+)
+def test_derivatives_and_carriers_match(client, keys, models, world, upload, flag, kinds):
+    verdict, matches = _verdict(client, keys, models[upload])
+    assert verdict == "match", matches
+    (m,) = matches
+    assert m.flag_id == world.flags[flag] and m.match in kinds
+    assert m.status == "active" and m.category == "csam" and 0 < m.score <= 1.0001
+    evidence = m.evidence.model_dump()
+    assert evidence["layer"] == "sketch" and evidence["tensors_compared"] >= 0
+    if flag != "stranger":
+        assert evidence["base"] == world.base_name and evidence["tensors_compared"] >= 4
+
+
+@pytest.mark.parametrize(
+    "upload", ["base", "base16", "g", "other_lora", "other_baked", "random"]
+)
+def test_innocents_are_clean(client, keys, models, world, upload):
+    verdict, matches = _verdict(client, keys, models[upload])
+    assert (verdict, matches) == ("clean", [])
+
+
+def test_revoked_flags_never_match_and_disputed_ones_do(client, keys, models, world):
+    assert _verdict(client, keys, models["h16"]) == ("clean", [])
+    verdict, (m,) = _verdict(client, keys, models["j16"])
+    assert verdict == "match" and m.flag_id == world.flags["j"] and m.status == "disputed"
+
+
+def test_exact_matches_come_first_and_are_unchanged(client, keys, models, world):
+    verdict, (m,) = _verdict(client, keys, models["f"])
+    assert verdict == "match" and m.match == "exact" and m.evidence.layer == "file"
+    # Without the sketch, the fp16 cast is unknown: only the sketch layer finds it.
+    (r,) = _check(client, keys["reader"], models["f16"].fingerprint).results
+    assert r.verdict == "clean"
+
+
+def test_a_batch_mixes_sketch_and_hash_answers_in_order(client, keys, models, world):
+    items = [models[n].item() for n in ("g", "merge", "base", "baked")]
+    results = _check(client, keys["reader"], *items).results
+    assert [r.verdict for r in results] == ["clean", "match", "clean", "match"]
+
+
+def test_a_near_duplicate_of_a_base_cannot_be_flagged_unless_forced(
+    client, keys, models, world
+):
+    m = models["base16"]
+    r = client.post("/v1/flags", json=flag_body(m.fingerprint, sketch=m.sketch),
+                    headers=auth(keys["submitter"]))
+    assert r.status_code == 409 and world.base_name in r.json()["detail"]
+    r = client.post("/v1/flags", json=flag_body(m.fingerprint, sketch=m.sketch, force=True),
+                    headers=auth(keys["submitter"]))
+    assert r.status_code == 403
+    # An admin may force it; then the base's casts match it, as they should.
+    r = client.post("/v1/flags", json=flag_body(m.fingerprint, sketch=m.sketch, force=True),
+                    headers=auth(keys["admin"]))
+    assert r.status_code == 201, r.text
+    forced = r.json()["id"]
+    r = client.post(f"/v1/flags/{forced}/revoke", json={"reason": "test over"},
+                    headers=auth(keys["admin"]))
+    assert r.status_code == 200
+    assert _verdict(client, keys, models["base"]) == ("clean", [])
+
+
+def test_reflagging_is_still_idempotent(client, keys, models, world):
+    m = models["f"]
+    r = client.post("/v1/flags", json=flag_body(m.fingerprint, sketch=m.sketch),
+                    headers=auth(keys["submitter2"]))
+    assert r.status_code == 200 and r.json()["id"] == world.flags["f"]
+
+
+def test_a_bad_stored_blob_is_skipped_not_a_crash(client, keys, models, world, engine):
+    r = client.post("/v1/flags", json=flag_body(random_fingerprint()),
+                    headers=auth(keys["submitter"]))
+    assert r.status_code == 201
+    broken = r.json()["id"]
+    with session_scope(engine) as session:
+        good = session.exec(
+            select(SketchRow).where(SketchRow.owner_id == world.flags["f"])
+        ).one()
+        sig = session.get(SketchSignature, good.id)
+        assert sig is not None and good.base_id is not None
+        for blob, signature in ((b"MHSK\x01\x01not zlib", sig.signature),
+                                (b"MHSK\x01\x00\x05", sig.signature),
+                                (good.blob, b"short")):
+            row = SketchRow(owner_type="flag", owner_id=broken, algorithm=good.algorithm,
+                            kind="delta", base_id=good.base_id, tensors=1, blob=blob)
+            session.add(row)
+            session.flush()
+            assert row.id is not None
+            session.add(SketchSignature(sketch_id=row.id, base_id=good.base_id,
+                                        signature=signature))
+        session.commit()
+    verdict, matches = _verdict(client, keys, models["f16"])
+    assert verdict == "match" and [m.flag_id for m in matches] == [world.flags["f"]]
+
+
+def _blob(sketch: Sketch) -> str:
+    return base64.b64encode(sketch.to_bytes()).decode()
+
+
+def _tiny(kind: str = "model", algorithm: str | None = None) -> Sketch:
+    t = TensorSketch("unet:x", (64, 64), np.ones((K, K)))
+    s = Sketch(kind, {"unet:x": t})
+    if algorithm is not None:
+        s.algorithm = algorithm
+    return s
+
+
+_BOMB = base64.b64encode(
+    b"MHSK" + struct.pack("<BB", 1, 1) + zlib.compress(b"\0" * (40 * 1024 * 1024), 9)
+).decode()
+
+BAD_SKETCHES = [
+    pytest.param("not base64!", "base64", id="bad-base64"),
+    pytest.param("QUJD", "not a modelhash sketch", id="not-a-sketch"),
+    pytest.param(base64.b64encode(b"MHSK\x01\x01garbage").decode(), "corrupt", id="bad-zlib"),
+    pytest.param(_blob(_tiny()) [:-8] + "AAAAAAA=", "sketch", id="truncated"),
+    pytest.param(_blob(_tiny(algorithm="sketch-gaussian-k16-v9")), "algorithm", id="algorithm"),
+    pytest.param(_blob(_tiny("delta")), "kind", id="delta-kind"),
+    pytest.param(_blob(Sketch("model", {})), "no tensors", id="empty"),
+    pytest.param(_BOMB, "larger than", id="zip-bomb"),
+]
+
+
+@pytest.mark.parametrize(("text", "needle"), BAD_SKETCHES)
+def test_bad_sketches_are_422_everywhere(client, keys, text, needle):
+    fp = random_fingerprint()
+    for path, body, key in (
+        ("/v1/check", {"items": [{"sha256": fp["sha256"], "sketch": text}]}, "reader"),
+        ("/v1/flags", flag_body(fp, sketch=text), "submitter"),
+        ("/v1/bases", {"name": uuid.uuid4().hex, "fingerprint": fp, "sketch": text}, "admin"),
+    ):
+        r = client.post(path, json=body, headers=auth(keys[key]))
+        assert r.status_code == 422, (path, r.text)
+        assert needle in r.text, (path, r.text)
+
+
+def test_a_base_sketch_must_be_a_model(client, keys):
+    fp = random_fingerprint()
+    r = client.post("/v1/bases", json={"name": uuid.uuid4().hex, "fingerprint": fp,
+                                       "sketch": _blob(_tiny("lora"))},
+                    headers=auth(keys["admin"]))
+    assert r.status_code == 422 and "kind" in r.text
+
+
+def test_oversized_sketches_are_refused():
+    with pytest.raises(ValueError, match="larger than"):
+        decode_sketch("A" * (4 * (MAX_SKETCH_BYTES // 3) + 8))
+
+
+def test_signatures_estimate_the_verifiers_cosine():
+    """The retrieval score tracks the pooled cosine the verifier computes."""
+    from client.fingerprint import compare, delta_sketch
+    from registry.crud._stacked import pooled_cosine, stack_blob, stack_sketch
+    from registry.crud.sketches import signature
+
+    rng = np.random.default_rng(7)
+    shapes = [(320, 320), (640, 320), (1280, 640)]
+    base = Sketch("model", {
+        f"unet:b{i}": TensorSketch(f"unet:b{i}", shapes[i % 3], rng.standard_normal((K, K)))
+        for i in range(60)
+    })
+
+    def moved(*parts: tuple[float, int]) -> Sketch:
+        out = {}
+        for k, t in base.tensors.items():
+            v = t.values.copy()
+            for w, seed in parts:
+                v = v + w * 0.02 * np.random.default_rng([seed, int(k[6:])]).standard_normal((K, K))
+            out[k] = TensorSketch(k, t.shape, v)
+        return Sketch("model", out)
+
+    flagged = delta_sketch(moved((1.0, 1)), base)[0]
+    sig_f = signature(flagged, base)
+    assert sig_f is not None and sig_f.shape == (256,)
+    for alpha in (1.0, 0.7, 0.5, 0.3, 0.0):
+        up = delta_sketch(moved((alpha, 1), (1 - alpha, 2)), base)[0]
+        sig_u = signature(up, base)
+        assert sig_u is not None
+        exact = pooled_cosine(stack_sketch(up), stack_blob(flagged.to_bytes()),
+                              stack_sketch(base))
+        verdict = compare(up_model := moved((alpha, 1), (1 - alpha, 2)), flagged, base)
+        assert verdict.cosine is not None and abs(verdict.cosine - exact) < 1e-3
+        assert up_model.kind == "model"
+        assert abs(float(sig_u @ sig_f) - exact) < 0.25, (alpha, exact, float(sig_u @ sig_f))
