@@ -1,0 +1,169 @@
+"""Time `modelhash fingerprint` against one `openssl dgst -sha256` pass on the same file.
+
+Writes a safetensors file of --size-gib (default 1 GiB) of random fp16 weights in
+--workdir, warms the page cache, then runs each command --repeat times and prints
+the best wall time, throughput, peak RSS and the ratio to openssl. Also reports
+MB/s for a sharded folder and, when torch is importable (or --torch-python names an
+interpreter that has it), for a PyTorch zip checkpoint.
+
+    python benchmarks/bench_fingerprint.py --size-gib 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+TENSOR_MIB = 64
+
+
+def write_safetensors(path: Path, total_bytes: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    n = max(1, total_bytes // (TENSOR_MIB << 20))
+    sd = {}
+    for i in range(n):
+        # Finite fp16 values, as real weights are: the sketch layer decodes every one.
+        words = rng.standard_normal((TENSOR_MIB << 20) // 2, dtype=np.float32) * 0.02
+        sd[f"model.layers.{i}.mlp.weight"] = words.astype(np.float16).reshape(-1, 1024)
+    save_file(sd, str(path))
+
+
+def write_sharded(folder: Path, src: Path, shards: int = 4) -> None:
+    from safetensors import safe_open
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with safe_open(str(src), framework="numpy") as f:
+        names = sorted(f.keys())
+        weight_map = {}
+        per = -(-len(names) // shards)
+        for s in range(shards):
+            part = names[s * per : (s + 1) * per]
+            if not part:
+                continue
+            fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+            save_file({k: f.get_tensor(k) for k in part}, str(folder / fname))
+            weight_map.update({k: fname for k in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+TORCH_WRITER = """
+import sys, torch
+from safetensors.torch import load_file
+torch.save(load_file(sys.argv[1]), sys.argv[2])
+"""
+
+
+def write_torch_zip(dst: Path, src: Path, torch_python: str | None) -> bool:
+    python = torch_python or sys.executable
+    try:
+        subprocess.run([python, "-c", TORCH_WRITER, str(src), str(dst)], check=True, capture_output=True)
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return False
+    return True
+
+
+# Peak RSS is read by a small wrapper process: a child's ru_maxrss also counts the
+# memory of whichever process forked it, and this script holds large arrays.
+RSS_WRAPPER = """
+import os, subprocess, sys, time
+t0 = time.perf_counter()
+p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+_, status, usage = os.wait4(p.pid, 0)
+wall = time.perf_counter() - t0
+err = p.stderr.read().decode()
+print(os.waitstatus_to_exitcode(status), wall, usage.ru_maxrss * 1024, err.strip()[:500], sep="\\t")
+"""
+
+
+def run(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one run of ``cmd``."""
+    out = subprocess.run([sys.executable, "-c", RSS_WRAPPER, *cmd], capture_output=True, text=True, check=True)
+    code, wall, rss, err = out.stdout.rstrip("\n").split("\t", 3)
+    if int(code) != 0:
+        raise SystemExit(f"{cmd[0]} failed: {err}")
+    return float(wall), int(rss)
+
+
+def best(cmd: list[str], repeat: int) -> tuple[float, int]:
+    runs = [run(cmd) for _ in range(repeat)]
+    return min(r[0] for r in runs), max(r[1] for r in runs)
+
+
+def tree_size(p: Path) -> int:
+    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def warm(p: Path) -> None:
+    for f in [p] if p.is_file() else sorted(p.rglob("*")):
+        if f.is_file():
+            with f.open("rb") as fh:
+                while fh.read(16 << 20):
+                    pass
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-gib", type=float, default=1.0)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--workdir", type=Path, default=Path("benchmarks/_work"))
+    ap.add_argument("--modelhash", default=shutil.which("modelhash") or "modelhash")
+    ap.add_argument("--torch-python", default=None, help="an interpreter with torch, for the zip checkpoint row")
+    ap.add_argument("--keep", action="store_true", help="keep the generated files")
+    args = ap.parse_args()
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    st = args.workdir / "bench.safetensors"
+    size = int(args.size_gib * (1 << 30))
+    if not st.exists() or abs(st.stat().st_size - size) > (TENSOR_MIB << 20):
+        print(f"writing {size / 2**30:.2f} GiB safetensors ...", file=sys.stderr)
+        write_safetensors(st, size)
+    warm(st)
+    nbytes = st.stat().st_size
+    mh = [args.modelhash, "fingerprint", "--layers", "exact", "--json", "--no-progress"]
+    mh_all = [args.modelhash, "fingerprint", "--layers", "all", "--json", "--no-progress"]
+
+    ref_t, ref_rss = best(["openssl", "dgst", "-sha256", str(st)], args.repeat)
+    mh_t, mh_rss = best([*mh, str(st)], args.repeat)
+    all_t, all_rss = best([*mh_all, str(st)], args.repeat)
+    ref_rate = nbytes / ref_t / 1e6
+    rows = [
+        ("openssl dgst -sha256 (1 pass)", ref_t, ref_rss, nbytes),
+        ("modelhash fingerprint --layers exact", mh_t, mh_rss, nbytes),
+        ("modelhash fingerprint --layers all", all_t, all_rss, nbytes),
+    ]
+
+    sharded = args.workdir / "sharded"
+    if not sharded.exists():
+        write_sharded(sharded, st)
+    warm(sharded)
+    t, rss = best([*mh, str(sharded)], args.repeat)
+    rows.append(("modelhash, sharded folder (4 shards)", t, rss, tree_size(sharded)))
+
+    pt = args.workdir / "bench.pt"
+    if pt.exists() or write_torch_zip(pt, st, args.torch_python):
+        warm(pt)
+        t, rss = best([*mh, str(pt)], args.repeat)
+        rows.append(("modelhash, PyTorch zip checkpoint", t, rss, tree_size(pt)))
+    else:
+        print("(no torch available: skipped the PyTorch zip checkpoint row)", file=sys.stderr)
+
+    print(f"file: {nbytes / 2**30:.2f} GiB, warm page cache, best of {args.repeat}, {os.cpu_count()} cores")
+    print(f"{'command':42} {'seconds':>8} {'MB/s':>8} {'peak RSS MB':>12} {'x openssl':>10}")
+    for name, secs, rss, n in rows:
+        print(f"{name:42} {secs:8.3f} {n / secs / 1e6:8.0f} {rss / 1e6:12.1f} {secs / ref_t * nbytes / n:10.2f}")
+    print(f"ratio (exact layers / one openssl SHA-256 pass): {mh_t / ref_t:.2f}x; openssl: {ref_rate:.0f} MB/s")
+    print(f"ratio (all layers, sketch included / one openssl SHA-256 pass): {all_t / ref_t:.2f}x")
+    if not args.keep:
+        shutil.rmtree(args.workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

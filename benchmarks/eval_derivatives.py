@@ -1,0 +1,534 @@
+"""Does the sketch layer find every re-upload form of a flagged model, and nothing else?
+
+Builds small but real models at run time (random-init tiny architectures, trained
+with real optimizer steps), applies the transformations people use on a flagged
+item, fingerprints every result with modelhash, and scores each against the flagged
+item the way the registry would (flagged fine-tunes stored as a delta against their
+reference base, flagged adapters as their LoRA sketch). Prints, per transformation,
+the score distribution and detection rate, per negative class the false-positive
+rate, and the thresholds with their margins.
+
+Two families:
+
+- **sd**: a tiny SD-style pipeline (diffusers UNet2DConditionModel + transformers
+  CLIPTextModel) pretrained briefly into a base, then fine-tuned and LoRA-trained
+  (peft LoRA, LoHa, LoKr) on other data;
+- **llm**: a tiny LlamaForCausalLM, base, fine-tunes, a peft LoRA, GGUF quantisations.
+
+    python benchmarks/eval_derivatives.py [--replicates 3] [--steps 40]
+
+Needs torch, transformers, diffusers, peft and gguf; never downloads weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from client.fingerprint import fingerprint_file
+from client.fingerprint._similarity import THRESHOLDS, compare, delta_sketch, match
+from client.fingerprint._sketch import Sketch
+
+torch.set_num_threads(2)
+SD = dict[str, torch.Tensor]
+
+
+# ---------------------------------------------------------------- models and data
+
+
+def sd_models(seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+        attention_head_dim=8, norm_num_groups=8,
+    )
+    te = CLIPTextModel(CLIPTextConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=512, max_position_embeddings=16,
+    ))
+    return unet, te
+
+
+def sd_step_fn(data_seed: int) -> Callable[[torch.nn.Module, torch.nn.Module], torch.Tensor]:
+    """Denoising loss on a dataset: latents around a dataset pattern, prompts from its vocabulary."""
+    g = torch.Generator().manual_seed(1000 + data_seed)
+    pattern = torch.randn(4, 8, 8, generator=g)
+    vocab = torch.randint(0, 512, (40,), generator=g)
+
+    def loss(unet: torch.nn.Module, te: torch.nn.Module) -> torch.Tensor:
+        x0 = pattern + 0.5 * torch.randn(8, 4, 8, 8)
+        ids = vocab[torch.randint(0, 40, (8, 16))]
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, 1000, (8,))
+        sigma = (t.float() / 1000).view(-1, 1, 1, 1)
+        noisy = (1 - sigma).sqrt() * x0 + sigma.sqrt() * noise
+        pred = unet(noisy, t, encoder_hidden_states=te(ids).last_hidden_state).sample
+        return torch.nn.functional.mse_loss(pred, noise)
+
+    return loss
+
+
+def llm_model(seed: int) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=512, max_position_embeddings=64,
+    ))
+
+
+def llm_step_fn(data_seed: int) -> Callable[[torch.nn.Module], torch.Tensor]:
+    """Next-token loss on sequences from a dataset-specific sparse Markov chain."""
+    g = torch.Generator().manual_seed(2000 + data_seed)
+    nxt = torch.randint(0, 512, (512, 4), generator=g)
+
+    def loss(model: torch.nn.Module) -> torch.Tensor:
+        seq = [torch.randint(0, 512, (8,))]
+        for _ in range(31):
+            seq.append(nxt[seq[-1], torch.randint(0, 4, (8,))])
+        ids = torch.stack(seq, dim=1)
+        return model(input_ids=ids, labels=ids).loss
+
+    return loss
+
+
+def train(params: list[torch.nn.Parameter], loss: Callable[[], torch.Tensor], steps: int, lr: float) -> None:
+    opt = torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, weight_decay=0.01)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+
+
+def sd_state(unet: torch.nn.Module, te: torch.nn.Module) -> SD:
+    out = {f"unet/{k}": v.detach().clone() for k, v in unet.state_dict().items()}
+    out.update({f"text_encoder/{k}": v.detach().clone() for k, v in te.state_dict().items()})
+    return out
+
+
+def load_sd(unet: torch.nn.Module, te: torch.nn.Module, sd: SD) -> None:
+    unet.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("unet/")})
+    te.load_state_dict({k[13:]: v for k, v in sd.items() if k.startswith("text_encoder/")})
+
+
+# ---------------------------------------------------------------- writers (the tools people use)
+
+
+def save_st(sd: SD, path: Path, dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    out = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    save_file(out, str(path), metadata=metadata)
+    return path
+
+
+def save_diffusers(sd: SD, folder: Path, seed: int, shard: str | None = None) -> Path:
+    """A diffusers pipeline folder (unet/ + text_encoder/) written with save_pretrained."""
+    unet, te = sd_models(seed)
+    load_sd(unet, te, sd)
+    unet.save_pretrained(folder / "unet", max_shard_size=shard or "10GB")
+    te.save_pretrained(folder / "text_encoder", max_shard_size=shard or "10GB")
+    (folder / "model_index.json").write_text(json.dumps({"unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"]}))
+    return folder
+
+
+def _ldm_unet_map() -> list[tuple[str, str]]:
+    """(ldm, diffusers) prefixes, as in diffusers' convert_diffusers_to_original_stable_diffusion.py."""
+    layer: list[tuple[str, str]] = []
+    for i in range(4):
+        for j in range(2):
+            layer.append((f"input_blocks.{3 * i + j + 1}.0.", f"down_blocks.{i}.resnets.{j}."))
+            layer.append((f"input_blocks.{3 * i + j + 1}.1.", f"down_blocks.{i}.attentions.{j}."))
+        for j in range(3):
+            layer.append((f"output_blocks.{3 * i + j}.0.", f"up_blocks.{i}.resnets.{j}."))
+            layer.append((f"output_blocks.{3 * i + j}.1.", f"up_blocks.{i}.attentions.{j}."))
+        layer.append((f"input_blocks.{3 * (i + 1)}.0.op.", f"down_blocks.{i}.downsamplers.0.conv."))
+        layer.append((f"output_blocks.{3 * i + 2}.{1 if i == 0 else 2}.", f"up_blocks.{i}.upsamplers.0."))
+    layer.append(("middle_block.1.", "mid_block.attentions.0."))
+    for j in range(2):
+        layer.append((f"middle_block.{2 * j}.", f"mid_block.resnets.{j}."))
+    return layer
+
+
+_LDM_SIMPLE = [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
+               ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out.")]
+_LDM_RESNET = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("out_layers.0", "norm2"),
+               ("out_layers.3", "conv2"), ("emb_layers.1", "time_emb_proj"), ("skip_connection", "conv_shortcut")]
+
+
+def to_ldm(sd: SD) -> SD:
+    """A diffusers SD state dict in the original single-file (ldm) naming."""
+    out: SD = {}
+    for k, v in sd.items():
+        if k.startswith("text_encoder/"):
+            out["cond_stage_model.transformer." + k[13:]] = v
+            continue
+        name = k[5:]
+        for ldm, hf in _LDM_SIMPLE:
+            if name.startswith(hf):
+                name = ldm + name[len(hf):]
+        if "resnets" in name:
+            for ldm, hf in _LDM_RESNET:
+                name = name.replace(hf, ldm)
+        for ldm, hf in _ldm_unet_map():
+            if name.startswith(hf):
+                name = ldm + name[len(hf):]
+                break
+        out["model.diffusion_model." + name] = v
+    return out
+
+
+def merge(a: SD, b: SD, alpha: float) -> SD:
+    return {k: alpha * a[k] + (1 - alpha) * b[k] if a[k].is_floating_point() else a[k] for k in a}
+
+
+def prune(sd: SD, frac: float) -> SD:
+    out = {}
+    for k, v in sd.items():
+        if v.is_floating_point() and v.dim() >= 2:
+            cut = v.abs().flatten().kthvalue(max(1, int(frac * v.numel()))).values
+            v = torch.where(v.abs() <= cut, torch.zeros_like(v), v)
+        out[k] = v
+    return out
+
+
+def write_gguf(sd: SD, path: Path, qtype: str) -> Path:
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    kind = getattr(gguf.GGMLQuantizationType, qtype)
+    for k, v in sd.items():
+        arr = v.float().numpy()
+        if arr.ndim == 2 and arr.shape[1] % 32 == 0:
+            w.add_tensor(k, gguf.quants.quantize(arr, kind), raw_dtype=kind)
+        else:
+            w.add_tensor(k, arr.astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+# ---------------------------------------------------------------- scenario
+
+
+@dataclass
+class Case:
+    family: str
+    name: str
+    path: Path
+    flagged: str
+    expect: str | None  # the match types accepted ("a|b"), None for a negative
+    group: str  # transformation name or negative class
+
+
+def build_sd(work: Path, rep: int, steps: int, base_sd: SD, cases: list[Case], flagged: dict[str, Path]) -> None:
+    from peft import LoHaConfig, LoKrConfig, LoraConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict
+
+    d = work / f"sd{rep}"
+    d.mkdir()
+    seed = 100 + rep
+
+    def finetune(data: int, start: SD, n: int = steps) -> SD:
+        unet, te = sd_models(0)
+        load_sd(unet, te, start)
+        loss = sd_step_fn(data)
+        train([*unet.parameters(), *te.parameters()], lambda: loss(unet, te), n, 2e-4)
+        return sd_state(unet, te)
+
+    def adapter(cfg: object, data: int, folder: Path) -> tuple[SD, object]:
+        unet, te = sd_models(0)
+        load_sd(unet, te, base_sd)
+        torch.manual_seed(data)
+        pm = get_peft_model(unet, cfg)  # type: ignore[arg-type]
+        loss = sd_step_fn(data)
+        train(list(pm.parameters()), lambda: loss(pm, te), steps, 1e-3)
+        pm.save_pretrained(str(folder))
+        lora_sd = {k: v.detach().clone() for k, v in get_peft_model_state_dict(pm).items()}
+        merged = pm.merge_and_unload()
+        return {**{f"unet/{k}": v.detach().clone() for k, v in merged.state_dict().items()},
+                **{f"text_encoder/{k}": v.detach().clone() for k, v in te.state_dict().items()}}, lora_sd
+
+    F = finetune(seed * 10 + 1, base_sd)
+    G = finetune(seed * 10 + 2, base_sd)
+    H = finetune(seed * 10 + 3, base_sd)
+    target = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out"]
+    lcfg = LoraConfig(r=4, lora_alpha=8, target_modules=target, init_lora_weights="gaussian")
+    L_baked, L_sd = adapter(lcfg, seed * 10 + 4, d / "L_peft")
+    L2_baked, _ = adapter(LoraConfig(r=4, lora_alpha=8, target_modules=target, init_lora_weights="gaussian"), seed * 10 + 5, d / "L2_peft")
+    loha_baked, _ = adapter(LoHaConfig(r=4, alpha=8, target_modules=target), seed * 10 + 6, d / "LoHa_peft")
+    lokr_baked, _ = adapter(LoKrConfig(r=4, alpha=8, target_modules=target), seed * 10 + 7, d / "LoKr_peft")
+
+    flagged[f"sd{rep}:F"] = save_st(F, d / "F.safetensors")
+    flagged[f"sd{rep}:L"] = d / "L_peft" / "adapter_model.safetensors"
+    flagged[f"sd{rep}:LoHa"] = d / "LoHa_peft" / "adapter_model.safetensors"
+    flagged[f"sd{rep}:LoKr"] = d / "LoKr_peft" / "adapter_model.safetensors"
+
+    def add(name: str, path: Path, flag: str, expect: str | None, group: str | None = None) -> None:
+        cases.append(Case("sd", f"sd{rep}:{name}", path, f"sd{rep}:{flag}", expect, group or f"{name} [sd]"))
+
+    # Transformations of the flagged fine-tune F.
+    add("F fp16", save_st(F, d / "F16.safetensors", torch.float16), "F", "near-duplicate")
+    add("F bf16", save_st(F, d / "Fbf16.safetensors", torch.bfloat16), "F", "near-duplicate")
+    add("F fp8 e4m3", save_st(F, d / "F8.safetensors", torch.float8_e4m3fn), "F", "near-duplicate|derived")
+    torch.save({k: v.half() for k, v in to_ldm(F).items()}, d / "F_ldm.ckpt")
+    add("F ldm names, torch.save fp16", d / "F_ldm.ckpt", "F", "near-duplicate")
+    add("F diffusers save_pretrained sharded", save_diffusers(F, d / "F_diffusers", seed, "40KB"), "F", "near-duplicate")
+    add("F pruned 30% (magnitude)", save_st(prune(F, 0.3), d / "Fprune.safetensors", torch.float16), "F", "derived")
+    add("F trained further", save_st(finetune(seed * 10 + 8, F, steps // 2), d / "Fmore.safetensors"), "F", "derived")
+    for a in (0.7, 0.5, 0.3):
+        add(f"merge {a:.1f} F + {1 - a:.1f} sibling", save_st(merge(F, G, a), d / f"merge{a}.safetensors", torch.float16), "F", "derived")
+    add("F + unrelated LoRA baked", save_st({k: F[k] + (L2_baked[k] - base_sd[k]) if F[k].is_floating_point() else F[k] for k in F}, d / "F_L2.safetensors"), "F", "derived")
+    # Transformations of the flagged LoRA L.
+    peft_cfg = json.loads((d / "L_peft" / "adapter_config.json").read_text())
+    plain = {k.removeprefix("base_model.model."): v for k, v in L_sd.items()}
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in plain.items()})
+    add("L kohya (diffusers convert_state_dict_to_kohya)", save_st(kohya, d / "L_kohya.safetensors"), "L", "lora")
+    meta = {"lora_adapter_metadata": json.dumps({"unet.r": peft_cfg["r"], "unet.lora_alpha": peft_cfg["lora_alpha"]})}
+    add("L diffusers format fp16", save_st({f"unet.{k}": v for k, v in plain.items()}, d / "L_diffusers.safetensors", torch.float16, meta), "L", "lora")
+    refac = {}
+    g = torch.Generator().manual_seed(seed)
+    for k, v in kohya.items():
+        if k.endswith(".lora_down.weight"):
+            mod = k.removesuffix(".lora_down.weight")
+            up = kohya[mod + ".lora_up.weight"]
+            r = v.shape[0]
+            R = torch.randn(r, r, generator=g) + 2 * torch.eye(r)
+            new_alpha = 1.0
+            s = (float(kohya[mod + ".alpha"]) / r) / (new_alpha / r)
+            refac[mod + ".lora_up.weight"] = ((up.reshape(up.shape[0], r) @ R) * s).reshape(up.shape)
+            refac[mod + ".lora_down.weight"] = torch.linalg.solve(R, v.reshape(r, -1)).reshape(v.shape)
+            refac[mod + ".alpha"] = torch.tensor(new_alpha)
+    add("L refactorised up·R, R⁻¹·down, alpha rescaled", save_st(refac, d / "L_refac.safetensors"), "L", "lora")
+    add("L baked into base (peft merge_and_unload)", save_st(L_baked, d / "L_baked.safetensors", torch.float16), "L", "lora-baked")
+    half = {k: base_sd[k] + 0.5 * (L_baked[k] - base_sd[k]) if base_sd[k].is_floating_point() else base_sd[k] for k in base_sd}
+    add("L baked at strength 0.5", save_st(half, d / "L_half.safetensors", torch.float16), "L", "lora-baked")
+    on_g = {k: G[k] + (L_baked[k] - base_sd[k]) if G[k].is_floating_point() else G[k] for k in G}
+    add("L baked into a sibling fine-tune", save_st(on_g, d / "L_on_G.safetensors", torch.float16), "L", "lora-baked")
+    torch.save(to_ldm({k: v.half() for k, v in L_baked.items()}), d / "L_baked_ldm.ckpt")
+    add("L baked, ldm names, torch.save", d / "L_baked_ldm.ckpt", "L", "lora-baked")
+    add("LoHa baked (peft merge_and_unload)", save_st(loha_baked, d / "LoHa_baked.safetensors", torch.float16), "LoHa", "lora-baked")
+    add("LoKr baked (peft merge_and_unload)", save_st(lokr_baked, d / "LoKr_baked.safetensors", torch.float16), "LoKr", "lora-baked")
+    # Negatives.
+    base16 = save_st(base_sd, d / "base16.safetensors", torch.float16)
+    for flag in ("F", "L", "LoHa", "LoKr"):
+        add(f"base vs {flag}", base16, flag, None, "base of the flagged item")
+    for name, sib in (("G", G), ("H", H)):
+        p = save_st(sib, d / f"{name}.safetensors", torch.float16)
+        add(f"sibling {name}", p, "F", None, "sibling fine-tune")
+        add(f"sibling {name} vs L", p, "L", None, "sibling fine-tune")
+    add("merge of two siblings", save_st(merge(G, H, 0.5), d / "GH.safetensors", torch.float16), "F", None, "merge of siblings")
+    add("other LoRA L2", d / "L2_peft" / "adapter_model.safetensors", "L", None, "other LoRA, same base")
+    add("other LoRA L2 vs LoHa", d / "L2_peft" / "adapter_model.safetensors", "LoHa", None, "other LoRA, same base")
+    l2b = save_st(L2_baked, d / "L2_baked.safetensors", torch.float16)
+    for flag in ("L", "LoHa", "LoKr", "F"):
+        add(f"other LoRA L2 baked vs {flag}", l2b, flag, None, "other LoRA baked")
+    for s in (1, 2):
+        unet, te = sd_models(7000 + 10 * rep + s)
+        p = save_st(sd_state(unet, te), d / f"rand{s}.safetensors", torch.float16)
+        for flag in ("F", "L"):
+            add(f"random init {s} vs {flag}", p, flag, None, "random init, same architecture")
+
+
+def build_llm(work: Path, rep: int, steps: int, base: SD, cases: list[Case], flagged: dict[str, Path]) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    d = work / f"llm{rep}"
+    d.mkdir()
+    seed = 200 + rep
+
+    def finetune(data: int, start: SD, n: int = steps) -> SD:
+        m = llm_model(0)
+        m.load_state_dict(start)
+        loss = llm_step_fn(data)
+        train(list(m.parameters()), lambda: loss(m), n, 2e-4)
+        return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+    F = finetune(seed * 10 + 1, base)
+    G = finetune(seed * 10 + 2, base)
+    m = llm_model(0)
+    m.load_state_dict(base)
+    torch.manual_seed(seed)
+    pm = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
+    loss = llm_step_fn(seed * 10 + 3)
+    train(list(pm.parameters()), lambda: loss(pm), steps, 1e-3)
+    pm.save_pretrained(str(d / "L_peft"))
+    L_baked = {k: v.detach().clone() for k, v in pm.merge_and_unload().state_dict().items()}
+
+    flagged[f"llm{rep}:F"] = save_st(F, d / "F.safetensors")
+    flagged[f"llm{rep}:L"] = d / "L_peft" / "adapter_model.safetensors"
+
+    def add(name: str, path: Path, flag: str, expect: str | None, group: str | None = None) -> None:
+        cases.append(Case("llm", f"llm{rep}:{name}", path, f"llm{rep}:{flag}", expect, group or f"{name} [llm]"))
+
+    add("F fp16", save_st(F, d / "F16.safetensors", torch.float16), "F", "near-duplicate")
+    for q in ("Q8_0", "Q5_1", "Q4_0"):
+        add(f"F GGUF {q}", write_gguf(F, d / f"F_{q}.gguf", q), "F", "near-duplicate|derived")
+    m = llm_model(0)
+    m.load_state_dict(F)
+    m.save_pretrained(d / "F_sharded", max_shard_size="300KB")
+    add("F save_pretrained sharded", d / "F_sharded", "F", "near-duplicate")
+    torch.save(F, d / "F.bin")
+    add("F torch.save", d / "F.bin", "F", "near-duplicate")
+    add("merge 0.5 F + 0.5 sibling", save_st(merge(F, G, 0.5), d / "merge.safetensors", torch.float16), "F", "derived")
+    add("L baked (peft merge_and_unload)", save_st(L_baked, d / "L_baked.safetensors", torch.bfloat16), "L", "lora-baked")
+    add("L baked, GGUF Q8_0", write_gguf(L_baked, d / "L_baked_q8.gguf", "Q8_0"), "L", "lora-baked")
+    base16 = save_st(base, d / "base16.safetensors", torch.float16)
+    add("base vs F", base16, "F", None, "base of the flagged item")
+    add("base vs L", base16, "L", None, "base of the flagged item")
+    add("base GGUF Q4_0 vs F", write_gguf(base, d / "base_q4.gguf", "Q4_0"), "F", None, "base of the flagged item")
+    g16 = save_st(G, d / "G.safetensors", torch.float16)
+    add("sibling G", g16, "F", None, "sibling fine-tune")
+    add("sibling G vs L", g16, "L", None, "sibling fine-tune")
+    r = llm_model(9000 + rep)
+    p = save_st({k: v.detach() for k, v in r.state_dict().items()}, d / "rand.safetensors", torch.float16)
+    add("random init vs F", p, "F", None, "random init, same architecture")
+    add("random init vs L", p, "L", None, "random init, same architecture")
+
+
+# ---------------------------------------------------------------- scoring and the table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--replicates", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--verbose", action="store_true", help="print every case")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        cases: list[Case] = []
+        flagged: dict[str, Path] = {}
+        unet, te = sd_models(1)
+        train([*unet.parameters(), *te.parameters()], lambda: sd_step_fn(0)(unet, te), 4 * args.steps, 5e-4)
+        sd_base = sd_state(unet, te)
+        llm = llm_model(1)
+        train(list(llm.parameters()), lambda: llm_step_fn(0)(llm), 4 * args.steps, 5e-4)
+        llm_base = {k: v.detach().clone() for k, v in llm.state_dict().items()}
+        bases = {"sd": save_st(sd_base, work / "sd_base.safetensors"), "llm": save_st(llm_base, work / "llm_base.safetensors")}
+        for rep in range(args.replicates):
+            build_sd(work, rep, args.steps, sd_base, cases, flagged)
+            build_llm(work, rep, args.steps, llm_base, cases, flagged)
+        # Unrelated models: the other family's uploads against each flagged item.
+        for rep in range(args.replicates):
+            cases.append(Case("x", f"x{rep}:llm F vs sd F", flagged[f"llm{rep}:F"], f"sd{rep}:F", None, "unrelated model"))
+            cases.append(Case("x", f"x{rep}:sd F vs llm F", flagged[f"sd{rep}:F"], f"llm{rep}:F", None, "unrelated model"))
+            cases.append(Case("x", f"x{rep}:sd L vs llm L", flagged[f"sd{rep}:L"], f"llm{rep}:L", None, "unrelated model"))
+        built = time.perf_counter() - t0
+        sketches: dict[Path, Sketch] = {}
+
+        def sk(p: Path) -> Sketch:
+            if p not in sketches:
+                fp = fingerprint_file(p)
+                assert fp.sketch is not None
+                sketches[p] = fp.sketch
+            return sketches[p]
+
+        base_sk = {fam: sk(p) for fam, p in bases.items()}
+        stored: dict[str, Sketch] = {}
+        for key, p in flagged.items():
+            s = sk(p)
+            fam = key.split(":")[0].rstrip("0123456789")
+            stored[key] = delta_sketch(s, base_sk[fam])[0] if s.kind == "model" else s
+        rows = []
+        for c in cases:
+            fam = c.flagged.split(":")[0].rstrip("0123456789")
+            up = sk(c.path)
+            cmp = compare(up, stored[c.flagged], base_sk[fam], base_name=f"{fam}-base")
+            m = match(up, stored[c.flagged], base_sk[fam], base_name=f"{fam}-base")
+            rows.append((c, cmp, m))
+            if args.verbose:
+                print(f"{c.name:55} -> {c.flagged:10} {m.match if m else '-':15} cos={cmp.cosine} z={cmp.z} coef={cmp.coefficient} n={cmp.tensors} bd={cmp.base_distance}")
+        scored = time.perf_counter() - t0 - built
+        report(rows, args.replicates, built, scored, len(sketches))
+
+
+def _fmt(xs: list[float], f: str = ".3f") -> str:
+    if not xs:
+        return "-"
+    return f"{min(xs):{f}} / {statistics.median(xs):{f}} / {max(xs):{f}}"
+
+
+def report(rows: list[tuple[Case, object, object]], reps: int, built: float, scored: float, n_files: int) -> None:
+    t = THRESHOLDS
+    pos: dict[str, list[tuple[Case, object, object]]] = defaultdict(list)
+    neg: dict[str, list[tuple[Case, object, object]]] = defaultdict(list)
+    for r in rows:
+        (pos if r[0].expect else neg)[r[0].group].append(r)
+    print(f"\nsketch evaluation: {reps} replicates per family, {n_files} files fingerprinted; "
+          f"models built in {built:.0f} s, fingerprinted and scored in {scored:.0f} s\n")
+    print("POSITIVES (must match)                               n  detected  type ok   cosine min/med/max       z min/med/max            coefficient min/med/max")
+    all_pos_cos, all_pos_z = [], []
+    for group, rs in pos.items():
+        det = sum(1 for c, _, m in rs if m is not None)
+        ok = sum(1 for c, _, m in rs if m is not None and m.match in (c.expect or "").split("|"))  # type: ignore[attr-defined]
+        cos = [x.cosine for _, x, _ in rs if x.cosine is not None]  # type: ignore[attr-defined]
+        z = [x.z for _, x, _ in rs if x.z is not None]  # type: ignore[attr-defined]
+        coef = [x.coefficient for _, x, _ in rs if x.coefficient is not None]  # type: ignore[attr-defined]
+        all_pos_cos += cos
+        all_pos_z += z
+        label = group
+        print(f"{label:52} {len(rs):2}  {det / len(rs):7.0%}  {ok:3}/{len(rs):<3} {_fmt(cos):24} {_fmt(z, '.1f'):24} {_fmt(coef)}")
+    print("\nNEGATIVES (must not match)                           n  false+   cosine max    z max     coefficient max")
+    all_neg_cos, all_neg_z = [], []
+    for group, rs in neg.items():
+        fp = sum(1 for _, _, m in rs if m is not None)
+        cos = [x.cosine for _, x, _ in rs if x.cosine is not None]  # type: ignore[attr-defined]
+        z = [x.z for _, x, _ in rs if x.z is not None]  # type: ignore[attr-defined]
+        coef = [x.coefficient for _, x, _ in rs if x.coefficient is not None]  # type: ignore[attr-defined]
+        all_neg_cos += cos
+        all_neg_z += z
+        print(f"{group:52} {len(rs):2}  {fp / len(rs):6.0%}   {max(cos) if cos else float('nan'):9.3f}  {max(z) if z else float('nan'):8.1f}  {max(coef) if coef else float('nan'):9.3f}"
+              + ("" if cos else "   (no delta: upload not derived from the base)"))
+    n_pos = sum(len(v) for v in pos.values())
+    n_det = sum(1 for rs in pos.values() for _, _, m in rs if m is not None)
+    n_neg = sum(len(v) for v in neg.values())
+    n_fp = sum(1 for rs in neg.values() for _, _, m in rs if m is not None)
+    print(f"\nthresholds: z >= {t.z} and (delta cosine >= {t.cosine}, or cosine >= {t.carried_cosine} with coefficient in {t.carried_coefficient}); near-duplicate: cosine >= {t.near_cosine} "
+          f"and coefficient in {t.near_coefficient}; without a base, raw distance <= {t.raw_distance}; "
+          f"tensors align at raw cosine >= {t.pair_cosine}; uploads farther than {t.base_distance} from the base get no delta")
+    print(f"detected {n_det}/{n_pos} positives, {n_fp}/{n_neg} false positives")
+    neg_rows = [r for rs in neg.values() for r in rs if r[1].cosine is not None]  # type: ignore[attr-defined]
+    pos_rows = [r for rs in pos.values() for r in rs if r[1].cosine is not None]  # type: ignore[attr-defined]
+    if pos_rows and neg_rows:
+        neg_cos = max(x.cosine for _, x, _ in neg_rows)  # type: ignore[attr-defined]
+        by_cos = [x.cosine for _, x, _ in pos_rows if x.cosine >= t.cosine]  # type: ignore[attr-defined]
+        carried = [x for _, x, _ in pos_rows if x.cosine < t.cosine]  # type: ignore[attr-defined]
+        neg_floor = [x.coefficient for _, x, _ in neg_rows if x.cosine >= t.carried_cosine]  # type: ignore[attr-defined]
+        print(f"cosine rule: lowest positive it catches {min(by_cos):.3f}, highest negative {neg_cos:.3f}, "
+              f"threshold {t.cosine} (margin {t.cosine - neg_cos:+.3f} over the worst negative)")
+        if carried:
+            lo, hi = t.carried_coefficient
+            print(f"carried rule (cosine >= {t.carried_cosine}, coefficient in [{lo}, {hi}]): catches {len(carried)} positives "
+                  f"at cosine {min(x.cosine for x in carried):.3f}..{max(x.cosine for x in carried):.3f}, coefficient "
+                  f"{min(x.coefficient for x in carried):.3f}..{max(x.coefficient for x in carried):.3f}; negatives above the cosine floor "
+                  f"reach coefficient {max(neg_floor, default=0.0):.3f} (margin {lo - max(neg_floor, default=0.0):+.3f})")
+        print(f"z: lowest positive {min(all_pos_z):.1f}, highest negative {max(all_neg_z):.1f}, threshold {t.z} "
+              "(z guards against sketch noise; siblings are genuinely correlated, so z does not separate them)")
+
+if __name__ == "__main__":
+    main()
