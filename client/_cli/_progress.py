@@ -3,17 +3,10 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+if TYPE_CHECKING:
+    from rich.progress import TaskID
 
 __all__ = ["BarProgress", "make_progress"]
 
@@ -24,6 +17,17 @@ class BarProgress:
     """Draws one bar per file larger than ``MIN_BYTES``."""
 
     def __init__(self) -> None:
+        # Imported here: rich costs every short, scripted run ~25 ms of start-up.
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
         self._bar = Progress(
             TextColumn("{task.description}"),
             BarColumn(),

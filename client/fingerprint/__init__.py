@@ -13,6 +13,9 @@ Example::
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from client.fingerprint._digest import (
     ALGORITHMS,
     CONTENT_ALGORITHM,
@@ -34,16 +37,47 @@ from client.fingerprint._result import (
     ModelFingerprint,
     TensorDigest,
 )
-from client.fingerprint._similarity import (
-    THRESHOLDS,
-    Comparison,
-    Match,
-    Thresholds,
-    compare,
-    delta_sketch,
-    match,
-)
-from client.fingerprint._sketch import SKETCH_ALGORITHM, Sketch, TensorSketch
+
+if TYPE_CHECKING:
+    from client.fingerprint._similarity import (
+        THRESHOLDS,
+        Comparison,
+        Match,
+        Thresholds,
+        compare,
+        delta_sketch,
+        match,
+    )
+    from client.fingerprint._sketch import SKETCH_ALGORITHM, Sketch, TensorSketch
+
+# Imported on first use: numpy and the sketch code cost every short
+# ``modelhash fingerprint --layers exact`` run ~40 ms of start-up.
+_LAZY = {
+    "THRESHOLDS": "client.fingerprint._similarity",
+    "Comparison": "client.fingerprint._similarity",
+    "Match": "client.fingerprint._similarity",
+    "Thresholds": "client.fingerprint._similarity",
+    "compare": "client.fingerprint._similarity",
+    "delta_sketch": "client.fingerprint._similarity",
+    "match": "client.fingerprint._similarity",
+    "SKETCH_ALGORITHM": "client.fingerprint._sketch",
+    "Sketch": "client.fingerprint._sketch",
+    "TensorSketch": "client.fingerprint._sketch",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'client.fingerprint' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "ALGORITHMS",

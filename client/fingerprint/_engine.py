@@ -7,7 +7,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import blake3
 
@@ -26,7 +26,9 @@ from client.fingerprint._pass import (
     run_pass,
 )
 from client.fingerprint._result import FileHashes, ModelFingerprint, TensorDigest
-from client.fingerprint._sketcher import Sketcher
+
+if TYPE_CHECKING:
+    from client.fingerprint._sketcher import Sketcher
 
 __all__ = ["Layers", "Outcome", "Progress", "fingerprint_file", "fingerprint_path"]
 
@@ -203,7 +205,12 @@ def _assemble(
         ],
         metadata,
     )
-    sketcher = Sketcher(model.kind, metadata) if layers == "all" else None
+    sketcher: Sketcher | None = None
+    if layers == "all":
+        # Imported here so that exact-only runs do not load numpy's sketch code.
+        from client.fingerprint._sketcher import Sketcher
+
+        sketcher = Sketcher(model.kind, metadata)
     for (prefix, pf), pf_names in zip(parsed, names, strict=True):
         formats.add(pf.format)
         if unit.weight_map is not None:

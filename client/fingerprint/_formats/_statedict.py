@@ -23,11 +23,13 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from client.errors import MalformedFileError, ModelhashError, ResourceLimitError
 from client.fingerprint._model import TensorRecord, numel
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "DTYPES",
@@ -419,6 +421,8 @@ def _materialize(
     contiguous: bool,
 ) -> Iterator[bytes]:
     """The C-order bytes of one tensor view, in chunks of about 1 MiB."""
+    import numpy as np  # only strided or byte-swapped views need it
+
     try:
         if contiguous and blob.member is not None:
             pieces = _inflate(path, blob.member, start, extent)
@@ -442,6 +446,8 @@ def _materialize(
 
 
 def _region(path: Path, blob: Blob, start: int, extent: int) -> np.ndarray:
+    import numpy as np
+
     if blob.offset is not None:
         offset = blob.offset + start
         return np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(extent,))
