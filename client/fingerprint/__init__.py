@@ -13,9 +13,9 @@ Example::
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from client._lazy import lazy_attributes as _lazy_attributes
 from client.fingerprint._digest import (
     ALGORITHMS,
     CONTENT_ALGORITHM,
@@ -66,13 +66,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'client.fingerprint' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = _lazy_attributes('client.fingerprint', _LAZY, globals())
 
 
 def __dir__() -> list[str]:
