@@ -7,6 +7,7 @@ what anyone looked up. The middleware also caps the request body size (413).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -76,8 +77,16 @@ class RequestMiddleware:
 
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await _send_413(send, limit)
+            await _send_error(send, 413, f"request body larger than {limit} bytes")
             self._observe(scope, 413, start)
+            return
+        if _wrong_body_type(scope, declared):
+            # curl's -d sends form encoding by default; say so instead of a
+            # validation error about a string that is not an object.
+            await _send_error(
+                send, 415, "send the body as JSON, with the header 'Content-Type: application/json'"
+            )
+            self._observe(scope, 415, start)
             return
 
         seen = 0
@@ -122,22 +131,42 @@ class RequestMiddleware:
         )
 
 
-def _content_length(scope: Scope) -> int | None:
+def _header(scope: Scope, wanted: bytes) -> bytes | None:
     for name, value in scope.get("headers", []):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
+        if name == wanted:
+            return bytes(value)
     return None
 
 
-async def _send_413(send: Send, limit: int) -> None:
-    body = b'{"detail":"request body larger than %d bytes"}' % limit
+def _content_length(scope: Scope) -> int | None:
+    value = _header(scope, b"content-length")
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None
+
+
+def _wrong_body_type(scope: Scope, declared: int | None) -> bool:
+    """A /v1 request with a body that says it is something other than JSON."""
+    if scope.get("method") not in {"POST", "PUT", "PATCH"} or not scope["path"].startswith("/v1/"):
+        return False
+    if declared == 0 or (declared is None and _header(scope, b"transfer-encoding") is None):
+        return False
+    ctype = _header(scope, b"content-type")
+    if ctype is None:
+        return True  # FastAPI would not parse it as JSON either
+    media = ctype.split(b";", 1)[0].strip().lower()
+    return not (media == b"application/json" or media.endswith(b"+json"))
+
+
+async def _send_error(send: Send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
     await send(
         {
             "type": "http.response.start",
-            "status": 413,
+            "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),

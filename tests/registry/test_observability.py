@@ -92,6 +92,21 @@ def test_oversized_bodies_are_413(client, keys):
     assert r.status_code == 413
 
 
+@pytest.mark.parametrize("ctype", ["application/x-www-form-urlencoded", "text/plain"])
+def test_json_sent_with_another_content_type_is_415_with_the_fix(client, keys, ctype):
+    # What `curl -d '{...}'` sends: a JSON body labelled as a form.
+    body = b'{"items": [{"sha256": "' + b"0" * 64 + b'"}]}'
+    r = client.post("/v1/check", content=body, headers={**auth(keys["reader"]), "content-type": ctype})
+    assert r.status_code == 415
+    assert "Content-Type: application/json" in r.json()["detail"]
+    for ok in ("application/json", "application/json; charset=utf-8"):
+        r = client.post("/v1/check", content=body, headers={**auth(keys["reader"]), "content-type": ok})
+        assert r.status_code == 200, r.text
+    # No declared type: FastAPI would not parse the body as JSON, so the same answer.
+    r = client.post("/v1/check", content=body, headers=auth(keys["reader"]))
+    assert r.status_code == 415
+
+
 def test_unknown_routes_and_methods_are_4xx(client, keys):
     assert client.get("/v1/nothing", headers=auth(keys["reader"])).status_code == 404
     assert client.put("/v1/check", headers=auth(keys["reader"])).status_code == 405
