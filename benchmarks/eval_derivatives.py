@@ -15,7 +15,7 @@ Two families:
   (peft LoRA, LoHa, LoKr) on other data;
 - **llm**: a tiny LlamaForCausalLM, base, fine-tunes, a peft LoRA, GGUF quantisations.
 
-    python benchmarks/eval_derivatives.py [--replicates 3] [--steps 40]
+    python benchmarks/eval_derivatives.py [--replicates 5] [--steps 40]
 
 Needs torch, transformers, diffusers, peft and gguf; never downloads weights.
 """
@@ -341,6 +341,14 @@ def build_sd(work: Path, rep: int, steps: int, base_sd: SD, cases: list[Case], f
         add(f"sibling {name}", p, "F", None, "sibling fine-tune")
         add(f"sibling {name} vs L", p, "L", None, "sibling fine-tune")
     add("merge of two siblings", save_st(merge(G, H, 0.5), d / "GH.safetensors", torch.float16), "F", None, "merge of siblings")
+    # Community merges average many fine-tunes of one base: averaging cancels each
+    # sibling's own delta and keeps what they share, so the merge's delta cosine with
+    # F rises with the number of ingredients while its coefficient does not.
+    K1 = finetune(seed * 10 + 9, base_sd)
+    K2 = finetune(seed * 10 + 11, base_sd)
+    four = {k: (G[k] + H[k] + K1[k] + K2[k]) / 4 if G[k].is_floating_point() else G[k] for k in G}
+    add("merge of four siblings", save_st(four, d / "GHK.safetensors", torch.float16), "F", None, "merge of four siblings")
+    add("merge 0.5 F + 0.5 four-sibling merge", save_st(merge(F, four, 0.5), d / "F_GHK.safetensors", torch.float16), "F", "derived")
     add("other LoRA L2", d / "L2_peft" / "adapter_model.safetensors", "L", None, "other LoRA, same base")
     add("other LoRA L2 vs LoHa", d / "L2_peft" / "adapter_model.safetensors", "LoHa", None, "other LoRA, same base")
     l2b = save_st(L2_baked, d / "L2_baked.safetensors", torch.float16)
@@ -414,7 +422,7 @@ def build_llm(work: Path, rep: int, steps: int, base: SD, cases: list[Case], fla
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--replicates", type=int, default=2)
+    ap.add_argument("--replicates", type=int, default=5)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--verbose", action="store_true", help="print every case")
     args = ap.parse_args()
@@ -508,7 +516,7 @@ def report(rows: list[tuple[Case, object, object]], reps: int, built: float, sco
     n_det = sum(1 for rs in pos.values() for _, _, m in rs if m is not None)
     n_neg = sum(len(v) for v in neg.values())
     n_fp = sum(1 for rs in neg.values() for _, _, m in rs if m is not None)
-    print(f"\nthresholds: z >= {t.z} and (delta cosine >= {t.cosine}, or cosine >= {t.carried_cosine} with coefficient in {t.carried_coefficient}); near-duplicate: cosine >= {t.near_cosine} "
+    print(f"\nthresholds: z >= {t.z} and (delta cosine >= {t.cosine} with, against a fine-tune, coefficient >= {t.min_coefficient}, or cosine >= {t.carried_cosine} with coefficient in {t.carried_coefficient}); near-duplicate: cosine >= {t.near_cosine} "
           f"and coefficient in {t.near_coefficient}; without a base, raw distance <= {t.raw_distance}; "
           f"tensors align at raw cosine >= {t.pair_cosine}; uploads farther than {t.base_distance} from the base get no delta")
     print(f"detected {n_det}/{n_pos} positives, {n_fp}/{n_neg} false positives")
@@ -521,6 +529,15 @@ def report(rows: list[tuple[Case, object, object]], reps: int, built: float, sco
         neg_floor = [x.coefficient for _, x, _ in neg_rows if x.cosine >= t.carried_cosine]  # type: ignore[attr-defined]
         print(f"cosine rule: lowest positive it catches {min(by_cos):.3f}, highest negative {neg_cos:.3f}, "
               f"threshold {t.cosine} (margin {t.cosine - neg_cos:+.3f} over the worst negative)")
+        # Against fine-tunes the cosine rule also needs the coefficient floor.
+        ft_pos = [x.coefficient for c, x, _ in pos_rows if c.flagged.endswith(":F") and x.cosine >= t.cosine]  # type: ignore[attr-defined]
+        ft_neg = [x.coefficient for c, x, _ in neg_rows if c.flagged.endswith(":F") and x.cosine >= t.cosine]  # type: ignore[attr-defined]
+        ft_neg_all = [x.coefficient for c, x, _ in neg_rows if c.flagged.endswith(":F")]  # type: ignore[attr-defined]
+        if ft_pos:
+            print(f"coefficient floor (fine-tune flags): lowest positive coefficient the cosine rule catches "
+                  f"{min(ft_pos):.3f}, highest negative coefficient {max(ft_neg_all, default=float('nan')):.3f} "
+                  f"({len(ft_neg)} negatives pass the cosine threshold, up to coefficient "
+                  f"{max(ft_neg, default=float('nan')):.3f}), floor {t.min_coefficient}")
         if carried:
             lo, hi = t.carried_coefficient
             print(f"carried rule (cosine >= {t.carried_cosine}, coefficient in [{lo}, {hi}]): catches {len(carried)} positives "

@@ -19,7 +19,9 @@ fine-tune of that base shares. Over the tensors both deltas cover:
   z = Σ w_t c_t √dof_t / √Σ w_t².
 
 A match needs ``z`` ≥ :attr:`Thresholds.z` and either ``cosine`` ≥
-:attr:`Thresholds.cosine`, or a coefficient near 1 with a lower cosine floor: the
+:attr:`Thresholds.cosine` (against a fine-tune, with a coefficient of at least
+:attr:`Thresholds.min_coefficient`: merges of many siblings reach a high cosine
+with little of the flagged delta in them), or a coefficient near 1 with a lower cosine floor: the
 upload then carries all of the flagged delta plus unrelated changes (pruning, another
 LoRA baked on top, coarse quantisation), which lower the cosine but leave the
 coefficient unbiased. z alone would flag siblings, whose deltas are genuinely (if
@@ -58,6 +60,16 @@ class Thresholds:
 
     cosine: float = 0.3
     """Minimum delta cosine for a delta match on cosine alone."""
+    min_coefficient: float = 0.3
+    """Minimum coefficient for that match against a fine-tune's delta.
+
+    Fine-tunes of one base share part of their deltas (the coefficient of a sibling
+    against the flagged item is that shared fraction, up to 0.24 measured). A merge
+    of many innocent siblings averages their own parts away, so its *cosine* with
+    the flagged delta rises with the number of ingredients (0.34 for four) while its
+    coefficient stays at the shared fraction. Not applied to flagged adapters,
+    whose deltas siblings do not share and which are baked at any strength.
+    """
     carried_cosine: float = 0.1
     """Minimum delta cosine when the coefficient shows the whole flagged delta is present."""
     carried_coefficient: tuple[float, float] = (0.7, 1.5)
@@ -297,7 +309,10 @@ def match(
             c.cosine >= t.carried_cosine
             and t.carried_coefficient[0] <= c.coefficient <= t.carried_coefficient[1]
         )
-        if (c.cosine >= t.cosine or carried) and c.z >= t.z:
+        by_cosine = c.cosine >= t.cosine and (
+            flagged.kind == "lora" or c.coefficient >= t.min_coefficient
+        )
+        if (by_cosine or carried) and c.z >= t.z:
             lo, hi = t.near_coefficient
             if upload.kind == "lora":
                 kind = "lora" if flagged.kind == "lora" else "derived"

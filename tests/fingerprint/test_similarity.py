@@ -70,8 +70,11 @@ def test_reuploads_and_derivatives_match() -> None:
     assert _verdict(F) == "near-duplicate"
     assert _verdict(_noise(F, 1e-4, 5)) == "near-duplicate"
     assert _verdict(_noise(F, 0.02, 5)) == "derived"
-    for alpha in (0.7, 0.5, 0.3):
+    # With unrelated deltas the coefficient is the merge weight itself; the floor
+    # (0.3) is the smallest share of a flagged fine-tune that is reported.
+    for alpha in (0.7, 0.5, 0.35):
         assert _verdict(_plus(BASE, (alpha, DF), (1 - alpha, DG))) == "derived"
+    assert _verdict(_plus(BASE, (0.2, DF), (0.8, DG))) is None
     m = match(_plus(BASE, (0.5, DF), (0.5, DG)), FLAGGED, BASE, base_name="base")
     assert m is not None and abs(m.evidence["coefficient"] - 0.5) < 0.05
     assert m.evidence["base"] == "base" and m.evidence["tensors_compared"] == 40
@@ -85,6 +88,29 @@ def test_innocents_do_not_match() -> None:
     assert _verdict(_model(99)) is None
     c = compare(_model(99), FLAGGED, BASE)
     assert c.cosine is None and c.base_distance is not None and c.base_distance > 1
+
+
+def test_merges_of_many_innocent_siblings_do_not_match() -> None:
+    """Siblings share part of their deltas; averaging many keeps only that part.
+
+    Each sibling is shared + own, and F is too, with the shared part a quarter of
+    each delta's energy: one sibling scores cosine 0.25, and an eight-sibling merge
+    about 0.43, past the cosine threshold, but its coefficient stays at 0.25: it
+    holds no more of F than any sibling does. F merged into such a merge still matches.
+    """
+    shared = _delta(50, BASE, 0.01 * np.sqrt(0.25))
+    own = lambda seed: _delta(seed, BASE, 0.01 * np.sqrt(0.75))  # noqa: E731
+    f_delta = {k: shared[k] + v for k, v in own(51).items()}
+    flagged = delta_sketch(_plus(BASE, (1.0, f_delta)), BASE)[0]
+    siblings = [{k: shared[k] + v for k, v in own(60 + i).items()} for i in range(8)]
+    mega = _plus(BASE, *[(1 / 8, d) for d in siblings])
+    c = compare(mega, flagged, BASE)
+    assert c.cosine is not None and c.cosine > 0.35 and c.coefficient is not None
+    assert 0.15 < c.coefficient < 0.3
+    assert _verdict(mega, flagged) is None
+    assert _verdict(_plus(BASE, (1.0, siblings[0])), flagged) is None
+    with_f = _plus(BASE, (0.4, f_delta), *[(0.6 / 8, d) for d in siblings])
+    assert _verdict(with_f, flagged) == "derived"
 
 
 def test_renamed_tensors_align_by_shape_and_similarity() -> None:
