@@ -211,6 +211,32 @@ def prune(sd: SD, frac: float) -> SD:
     return out
 
 
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out")
+
+
+def extract_lora(ft: SD, base: SD, rank: int) -> SD:
+    """A kohya LoRA of ``ft - base`` by truncated SVD, as kohya's extract_lora_from_models does."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    plain: SD = {}
+    for k, w in ft.items():
+        mod = k.removeprefix("unet/").removesuffix(".weight")
+        if not k.startswith("unet/") or not k.endswith(".weight") or not mod.endswith(LORA_TARGETS):
+            continue
+        if w.ndim not in (2, 4) or (w.ndim == 4 and tuple(w.shape[2:]) != (1, 1)):
+            continue
+        d = (w - base[k]).float()
+        u, sv, vh = torch.linalg.svd(d.reshape(d.shape[0], -1), full_matrices=False)
+        r = min(rank, sv.shape[0])
+        up, down = u[:, :r] * sv[:r], vh[:r]
+        if w.ndim == 4:
+            up, down = up.reshape(*up.shape, 1, 1), down.reshape(*down.shape, 1, 1)
+        plain[f"unet.{mod}.lora_A.weight"] = down.contiguous()
+        plain[f"unet.{mod}.lora_B.weight"] = up.contiguous()
+    # convert_state_dict_to_kohya writes alpha = rank: scale 1, the delta as extracted.
+    return convert_state_dict_to_kohya(plain)
+
+
 def write_gguf(sd: SD, path: Path, qtype: str) -> Path:
     import gguf
 
@@ -349,6 +375,10 @@ def build_sd(work: Path, rep: int, steps: int, base_sd: SD, cases: list[Case], f
     four = {k: (G[k] + H[k] + K1[k] + K2[k]) / 4 if G[k].is_floating_point() else G[k] for k in G}
     add("merge of four siblings", save_st(four, d / "GHK.safetensors", torch.float16), "F", None, "merge of four siblings")
     add("merge 0.5 F + 0.5 four-sibling merge", save_st(merge(F, four, 0.5), d / "F_GHK.safetensors", torch.float16), "F", "derived")
+    # A LoRA extracted from the flagged fine-tune keeps a low-rank part of its delta.
+    for rank in (8, 4):
+        add(f"LoRA extracted from F (SVD rank {rank}, kohya)", save_st(extract_lora(F, base_sd, rank), d / f"F_lora{rank}.safetensors", torch.float16), "F", "derived")
+    add("LoRA extracted from a sibling (rank 8)", save_st(extract_lora(G, base_sd, 8), d / "G_lora8.safetensors", torch.float16), "F", None, "LoRA extracted from a sibling")
     add("other LoRA L2", d / "L2_peft" / "adapter_model.safetensors", "L", None, "other LoRA, same base")
     add("other LoRA L2 vs LoHa", d / "L2_peft" / "adapter_model.safetensors", "LoHa", None, "other LoRA, same base")
     l2b = save_st(L2_baked, d / "L2_baked.safetensors", torch.float16)
