@@ -64,7 +64,7 @@ _LAZY = {
 }
 
 
-__getattr__ = _lazy_attributes('client', _LAZY, globals())
+__getattr__ = _lazy_attributes("client", _LAZY, globals())
 
 
 def __dir__() -> list[str]:

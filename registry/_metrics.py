@@ -2,7 +2,8 @@
 
 Labels are the method, the route *template* (``/v1/hashes/{algorithm}/{value}``) and
 the status, never a path or a hash, so neither the metrics nor the logs can reveal
-what anyone looked up. The middleware also caps the request body size (413).
+what anyone looked up. The middleware also caps the request body size (413) and
+answers a /v1 body not labelled as JSON with 415, naming the header to send.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class Metrics:
 
 
 class RequestMiddleware:
-    """Times each request, counts it, logs one JSON line, and limits the body size."""
+    """Times each request, counts it, logs one JSON line, and gates the body (size, type)."""
 
     def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int) -> None:
         self.app = app

@@ -66,7 +66,7 @@ _LAZY = {
 }
 
 
-__getattr__ = _lazy_attributes('client.fingerprint', _LAZY, globals())
+__getattr__ = _lazy_attributes("client.fingerprint", _LAZY, globals())
 
 
 def __dir__() -> list[str]:

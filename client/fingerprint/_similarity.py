@@ -21,12 +21,13 @@ fine-tune of that base shares. Over the tensors both deltas cover:
 A match needs ``z`` ≥ :attr:`Thresholds.z` and either ``cosine`` ≥
 :attr:`Thresholds.cosine` (against a fine-tune, with a coefficient of at least
 :attr:`Thresholds.min_coefficient`: merges of many siblings reach a high cosine
-with little of the flagged delta in them), or a coefficient near 1 with a lower cosine floor: the
-upload then carries all of the flagged delta plus unrelated changes (pruning, another
-LoRA baked on top, coarse quantisation), which lower the cosine but leave the
-coefficient unbiased. z alone would flag siblings, whose deltas are genuinely (if
-weakly) correlated, and cosine alone is noisy on small models. Without a base only
-near-duplicates can be found, by the relative distance of the raw sketches.
+with little of the flagged delta in them), or a coefficient near 1 with a lower
+cosine floor: the upload then carries all of the flagged delta plus unrelated
+changes (pruning, another LoRA baked on top, coarse quantisation), which lower the
+cosine but leave the coefficient unbiased. z alone would flag siblings, whose
+deltas are genuinely (if weakly) correlated, and cosine alone is noisy on small
+models. Without a base only near-duplicates can be found, by the relative distance
+of the raw sketches.
 """
 
 from __future__ import annotations
