@@ -9,6 +9,10 @@ each request one item with a sha256 nobody flagged and a sketch, of three kinds:
 
 - ``near-dup``: a flagged fine-tune plus noise (a re-save or cast): must match;
 - ``merge``: a 50/50 merge of a flagged fine-tune with a new one: must match;
+- ``merge35``: a 35/65 merge (coefficient 0.35, just above the floor of 0.3,
+  delta cosine 0.47): must match;
+- ``carried``: all of a flagged delta plus an unrelated change five times its size
+  (another LoRA baked on top, pruning): delta cosine about 0.2, must match;
 - ``sibling``: a new, innocent fine-tune of the same base: must be clean, and is
   the worst case (its full top-k is verified and rejected).
 
@@ -17,8 +21,9 @@ Latency is measured with one client at a time (no queueing), throughput with
 
 Filler flags: ``--distinct`` different 200-tensor delta blobs are generated and
 reused round-robin as their stored blobs (every row stores its own copy, so the
-stored size is real), and each gets a random unit signature, which is what the
-signature of an unrelated delta looks like. This keeps seeding to seconds.
+stored size is real), and each gets random signature bits, which is what the
+signature of an unrelated delta looks like, with the norm of a real one. This keeps
+seeding to seconds.
 
 Usage::
 
@@ -53,7 +58,7 @@ from registry._migrations import upgrade
 from registry.crud.bases import create_base
 from registry.crud.flags import create_flag
 from registry.crud.keys import CLI, create_key
-from registry.crud.sketches import SIG_DIM
+from registry.crud.sketches import SIG_BYTES, signature
 from registry.models import Fingerprint, Flag, SketchRow, SketchSignature
 
 SHAPES = [(640, 640), (640, 2048), (2048, 640), (320, 320), (1280, 1280), (1280, 5120)]
@@ -109,8 +114,10 @@ def seed(url: str, n: int, args: argparse.Namespace) -> tuple[str, Sketch, list[
                                   sketch=encode_sketch(moved(base, (1.0, d))))
                 create_flag(session, data=body, actor=CLI)
         t0 = time.perf_counter()
-        pool = [delta_sketch(moved(base, (1.0, rng)), base)[0].to_bytes()
-                for _ in range(min(args.distinct, n))]
+        deltas = [delta_sketch(moved(base, (1.0, rng)), base)[0]
+                  for _ in range(min(args.distinct, n))]
+        pool = [d.to_bytes() for d in deltas]
+        norms = [sig.norm for d in deltas if (sig := signature(d, base)) is not None]
         print(f"  {len(pool)} distinct filler blobs in {time.perf_counter() - t0:.1f}s",
               flush=True)
         with session_scope(engine) as session:
@@ -126,8 +133,7 @@ def seed(url: str, n: int, args: argparse.Namespace) -> tuple[str, Sketch, list[
         t0 = time.perf_counter()
         for start in range(0, filler, batch):
             m = min(batch, filler - start)
-            sigs = rng.standard_normal((m, SIG_DIM)).astype(np.float32)
-            sigs /= np.linalg.norm(sigs, axis=1, keepdims=True)
+            sigs = rng.integers(0, 256, (m, SIG_BYTES), dtype=np.uint8)
             flags, hashes, sketches, signatures = [], [], [], []
             for i in range(m):
                 fid = str(uuid.uuid4())
@@ -142,7 +148,9 @@ def seed(url: str, n: int, args: argparse.Namespace) -> tuple[str, Sketch, list[
                                  "blob": pool[(start + i) % len(pool)],
                                  "created_at": now})
                 signatures.append({"sketch_id": next_id + i, "base_id": base_id,
-                                   "signature": sigs[i].astype("<f4").tobytes()})
+                                   "signature": sigs[i].tobytes(),
+                                   "norm": norms[(start + i) % len(norms)],
+                                   "modules": None})
             next_id += m
             with engine.begin() as conn:
                 conn.execute(insert(Flag.__table__), flags)  # type: ignore[attr-defined]
@@ -156,7 +164,7 @@ def seed(url: str, n: int, args: argparse.Namespace) -> tuple[str, Sketch, list[
                 conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE"))
         with engine.connect() as conn:
             blob_avg = conn.execute(select(func.avg(func.length(SketchRow.blob)))).scalar_one()
-            print(f"  stored sketch: {float(blob_avg):,.0f} B blob + {4 * SIG_DIM} B "
+            print(f"  stored sketch: {float(blob_avg):,.0f} B blob + {SIG_BYTES + 8} B "
                   f"signature per flag (avg over {n:,})", flush=True)
     finally:
         engine.dispose()
@@ -173,11 +181,15 @@ def run(label: str, url: str, n: int, args: argparse.Namespace,
         print(f"  database size: {size_of() / n:,.0f} B per flag (all tables)", flush=True)
     headers = {"Authorization": f"Bearer {key}"}
     rng = np.random.default_rng(1)
-    queries: dict[str, list[str]] = {"near-dup": [], "merge": [], "sibling": []}
+    queries: dict[str, list[str]] = {
+        "near-dup": [], "merge": [], "merge35": [], "carried": [], "sibling": []
+    }
     for i in range(args.queries):
         t = targets[i % len(targets)]
         queries["near-dup"].append(encode_sketch(moved(base, (1.0, t), (0.05, rng))))
         queries["merge"].append(encode_sketch(moved(base, (0.5, t), (0.5, rng))))
+        queries["merge35"].append(encode_sketch(moved(base, (0.35, t), (0.65, rng))))
+        queries["carried"].append(encode_sketch(moved(base, (1.0, t), (5.0, rng))))
         queries["sibling"].append(encode_sketch(moved(base, (1.0, rng))))
     payload = len(queries["sibling"][0])
     print(f"  request sketch: {payload:,} base64 chars", flush=True)

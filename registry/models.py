@@ -28,6 +28,7 @@ from sqlalchemy import (
     JSON,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -320,11 +321,14 @@ class SketchRow(SQLModel, table=True):
 
 
 class SketchSignature(SQLModel, table=True):
-    """The retrieval vector of a flag sketch relative to its base. Immutable.
+    """The retrieval signature of a flag sketch relative to its base. Immutable.
 
-    A table of its own, so loading every signature reads about 1 KiB per flag and
-    never the blobs (in SQLite a column after a large blob sits at the end of its
-    overflow chain).
+    A table of its own, so loading every signature reads about 600 bytes per flag
+    and never the blobs (in SQLite a column after a large blob sits at the end of
+    its overflow chain). ``signature`` holds the sign bits, ``norm`` the projected
+    delta's norm, ``modules`` (adapters only) a digest of the base modules the
+    adapter covers: adapters covering the same modules share a bank, and an
+    upload is compared with them on those modules only.
     """
 
     __tablename__ = "sketch_signature"
@@ -336,6 +340,8 @@ class SketchSignature(SQLModel, table=True):
         sa_column=Column(String(36), ForeignKey("reference_base.id"), nullable=False, index=True)
     )
     signature: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    norm: float = Field(sa_column=Column(Float, nullable=False))
+    modules: str | None = Field(default=None, sa_column=Column(String(32), nullable=True))
 
 
 class SketchBand(SQLModel, table=True):

@@ -9,15 +9,28 @@ as sent, with ``base_id`` the base whose modules it covers, if any.
 Retrieval, two paths, then verification:
 
 - **Signature bank (delta and adapter flags).** Each stored sketch that has a base
-  also stores a :data:`SIG_DIM`-float signature: its per-tensor deltas, made
-  orthogonal to the base's tensor (as the verifier does), hashed into
-  :data:`SIG_DIM` buckets with seeded signs (a count sketch, which keeps inner
-  products), then normalised. Each process keeps, per base, a float32 matrix of
-  the signatures of every sketch relative to that base, refreshed from the
-  ``sketch`` table when its max id or row count changes. A check computes the
-  upload's delta against each base whose raw distance is within
-  ``base_distance``, scores every flag of that base with one matrix-vector
-  product, and keeps the :data:`TOP_K` best above :data:`FLOOR`.
+  also stores a :func:`signature`: its per-tensor deltas, made orthogonal to the
+  base's tensor (as the verifier does), count-sketched into :data:`SIG_BITS`
+  buckets, mixed by a Walsh-Hadamard transform, and kept as sign bits (SimHash,
+  512 bytes) with the projected norm. Adapters are signed over the base modules
+  they cover, and adapters covering the same modules share a bank, so an upload is
+  compared with them on those modules only, as the verifier does; otherwise the
+  upload's changes elsewhere would dilute the score of a LoRA baked into a
+  fine-tune. Each process keeps every bank in memory (refreshed from the table
+  when its max id or row count changes), computes the upload's signature once per
+  bank and scans the bank with XOR and popcount: the Hamming distance gives the
+  cosine (standard error about 0.025), the norms the coefficient. It keeps the
+  :data:`TOP_K` best cosines, and the best among rows whose coefficient says the
+  upload could carry all of their delta (:data:`CARRIED_WINDOW`).
+
+  The scan is linear in the flags on a base, by design. Matches worth reporting
+  sit at delta cosines of 0.1-0.4 from the flag, and unrelated flags at 0 ± the
+  noise: at such low similarity every known index (LSH banding, IVF, graphs)
+  must probe a large share of the rows to keep recall near 1. A simulation with
+  100k random signatures (Voronoi LSH, 16 tables, multi-probe) needed 75 % of the
+  rows as candidates for 99 % recall at cosine 0.3. 512 bytes of bits per row and
+  a popcount make the scan about 18 ms per 100k flags on one core, which is
+  cheaper than the candidate lists such an index would produce.
 - **LSH bands (raw and adapter flags).** :meth:`Sketch.band_keys` rows in
   ``sketch_band``, indexed: the flags sharing a band with the upload, most bands
   first. Sign bits only keep pairs at high cosine, which is what a raw
@@ -39,7 +52,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import blake3
 import numpy as np
@@ -57,15 +69,24 @@ from registry.errors import ReferenceBaseConflict
 from registry.models import Flag, ReferenceBase, SketchBand, SketchRow, SketchSignature
 
 __all__ = [
+    "CARRIED_WINDOW",
     "FLOOR",
-    "SIG_DIM",
+    "SIG_BITS",
+    "SIG_BYTES",
     "TOP_K",
+    "BankView",
     "PreparedSketch",
+    "Signature",
     "SketchHit",
     "SketchIndex",
+    "Snapshot",
+    "estimate",
     "find_matches",
     "index_for",
+    "keys_digest",
+    "lora_keys",
     "prepare_flag_sketch",
+    "retrieve",
     "signature",
     "store_base_sketch",
     "store_flag_sketch",
@@ -73,14 +94,23 @@ __all__ = [
 
 _log = logging.getLogger("modelhash.registry")
 
-SIG_DIM = 256
-"""Length of a stored signature (float32): 1 KiB per flag sketch."""
+SIG_BITS = 4096
+"""Bits in a stored signature: 512 bytes per flag sketch."""
+SIG_BYTES = SIG_BITS // 8
 TOP_K = 16
-"""Candidates kept per base from the signature bank, and from the bands."""
-FLOOR = 0.1
-"""Lowest signature cosine still worth verifying: the signature's standard error is
-about 1/√SIG_DIM ≈ 0.06, so a delta at the verifier's cosine threshold (0.3) clears
-it with probability above 0.999, one at 0.15 about 0.8 of the time."""
+"""Candidates kept per bank by cosine, and again among plausible carriers (see below)."""
+FLOOR = 0.05
+"""Lowest estimated cosine still worth verifying. Near cosine 0 the estimate's
+standard error is about π / (2√SIG_BITS) ≈ 0.025, so a delta at the lowest cosine
+any verdict accepts (0.1, for a carrier of the whole flagged delta) clears it with
+probability about 0.98, and one at the cosine threshold (0.3) always does."""
+CARRIED_WINDOW = (0.4, 2.5)
+"""Estimated coefficients of a possible carrier of the whole flagged delta.
+
+The carried rule accepts coefficients 0.7-1.5 at cosines down to 0.1; there the
+estimate is rough (its error is the cosine's error times ‖upload‖/‖flag‖), so the
+window is wide. Flags inside it get their own top-k, so a carrier at cosine 0.15
+is not crowded out by many unrelated flags at 0.2 with the wrong coefficient."""
 RECOUNT_SECONDS = 5.0
 """How stale the row count behind the in-memory index may get (see ``refresh``)."""
 PREFILTER_MARGIN = 0.5
@@ -89,8 +119,10 @@ cosine any delta verdict accepts is not sent to the full verifier."""
 LORA_COVERAGE = 0.5
 """Share of an adapter's modules a base must have (same key and shape) to be its base."""
 
-_SIG_DOMAIN = b"modelhash/registry/signature/v1\x00"
+_SIG_DOMAIN = b"modelhash/registry/signature/v2\x00"
+_SCAN_ROWS = 4096
 F32 = npt.NDArray[np.float32]
+U64 = npt.NDArray[np.uint64]
 
 
 @functools.lru_cache(maxsize=8192)
@@ -98,9 +130,28 @@ def _plan(key: str, shape: tuple[int, int], size: int) -> tuple[npt.NDArray[np.i
     """Bucket and sign of each of a tensor's ``size`` sketch values, seeded by key and shape."""
     seed = _SIG_DOMAIN + struct.pack("<QQQ", size, *shape) + key.encode("utf-8")
     raw = np.frombuffer(blake3.blake3(seed).digest(length=3 * size), dtype=np.uint8)
-    buckets = (raw[:size].astype(np.intp) * 256 + raw[size : 2 * size]) % SIG_DIM
+    buckets = (raw[:size].astype(np.intp) * 256 + raw[size : 2 * size]) % SIG_BITS
     signs = (1.0 - 2.0 * (raw[2 * size :] & 1)).astype(np.float32)
     return buckets, signs
+
+
+@functools.cache
+def _mix_signs() -> npt.NDArray[np.float64]:
+    raw = np.frombuffer(blake3.blake3(_SIG_DOMAIN + b"mix").digest(length=SIG_BITS), np.uint8)
+    out: npt.NDArray[np.float64] = (1.0 - 2.0 * (raw & 1)).astype(np.float64)
+    return out
+
+
+def _hadamard(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """Orthonormal Walsh-Hadamard transform of a vector whose length is a power of 2."""
+    n = len(x)
+    h = 1
+    while h < n:
+        y = x.reshape(-1, 2, h)
+        x = np.stack((y[:, 0] + y[:, 1], y[:, 0] - y[:, 1]), axis=1).reshape(n)
+        h *= 2
+    out: npt.NDArray[np.float64] = x / math.sqrt(n)
+    return out
 
 
 def _orthogonal(d: npt.NDArray[np.float64], b: TensorSketch | None) -> npt.NDArray[np.float64]:
@@ -114,18 +165,35 @@ def _orthogonal(d: npt.NDArray[np.float64], b: TensorSketch | None) -> npt.NDArr
     return out
 
 
-def signature(delta: Sketch, base: Sketch) -> F32 | None:
-    """The unit retrieval vector of a ``delta`` or ``lora`` sketch relative to ``base``.
+@dataclass(frozen=True)
+class Signature:
+    """A retrieval signature: SimHash sign bits of a projected delta, and its norm."""
 
-    Per tensor: the delta minus its projection on the base's tensor of the same key,
-    each value added with a seeded sign into one of :data:`SIG_DIM` buckets. The
-    dot product of two signatures estimates the pooled cosine the verifier computes
-    (standard error about 1/√SIG_DIM). None when the delta is zero or empty.
+    bits: bytes
+    norm: float
+
+    def words(self) -> U64:
+        return np.frombuffer(self.bits, dtype="<u8").astype(np.uint64)
+
+
+def signature(delta: Sketch, base: Sketch, keys: frozenset[str] | None = None) -> Signature | None:
+    """The retrieval signature of a ``delta`` or ``lora`` sketch relative to ``base``.
+
+    Per tensor (only those in ``keys``, if given): the delta minus its projection on
+    the base's tensor of the same key, as the verifier computes it; each value added
+    with a seeded sign into one of :data:`SIG_BITS` buckets (a count sketch, which
+    keeps inner products), then mixed by seeded signs and a Walsh-Hadamard
+    transform, so each coordinate is a sum over the whole delta and close to normal.
+    The bits are the coordinates' signs: two signatures that differ in h bits
+    estimate the cosine of the two deltas as cos(πh / SIG_BITS) (SimHash), and the
+    norm, with it, the coefficient. None when the delta is zero or empty.
     """
     parts: list[npt.NDArray[np.float64]] = []
     idx: list[npt.NDArray[np.intp]] = []
     sgn: list[F32] = []
     for key, t in delta.tensors.items():
+        if keys is not None and key not in keys:
+            continue
         v = _orthogonal(t.values.reshape(-1), base.tensors.get(key))
         b, s = _plan(key, t.shape, v.size)
         parts.append(v)
@@ -135,12 +203,37 @@ def signature(delta: Sketch, base: Sketch) -> F32 | None:
         return None
     vec = np.bincount(
         np.concatenate(idx), weights=np.concatenate(parts) * np.concatenate(sgn),
-        minlength=SIG_DIM,
+        minlength=SIG_BITS,
     )
     norm = float(np.linalg.norm(vec))
     if not np.isfinite(norm) or norm == 0:
         return None
-    out: F32 = (vec / norm).astype(np.float32)
+    mixed = _hadamard(vec * _mix_signs())
+    bits = np.packbits(mixed > 0, bitorder="little").tobytes()
+    return Signature(bits, norm)
+
+
+def lora_keys(lora: Sketch, base: Sketch) -> frozenset[str]:
+    """The modules of an adapter that ``base`` has (same key and shape)."""
+    return frozenset(
+        k for k, t in lora.tensors.items()
+        if (b := base.tensors.get(k)) is not None and b.shape == t.shape
+    )
+
+
+def keys_digest(keys: frozenset[str]) -> str:
+    """A short name for a set of module keys (a bank of adapters covering the same ones)."""
+    return blake3.blake3("\n".join(sorted(keys)).encode("utf-8")).hexdigest(length=16)
+
+
+def estimate(bits: U64, query: Signature) -> F32:
+    """Estimated cosines of every row of ``bits`` with ``query`` (chunked SimHash)."""
+    q = query.words()
+    h = np.empty(len(bits), dtype=np.int32)
+    for start in range(0, len(bits), _SCAN_ROWS):
+        block = bits[start : start + _SCAN_ROWS]
+        h[start : start + len(block)] = np.bitwise_count(block ^ q).sum(axis=1, dtype=np.int32)
+    out: F32 = np.cos(h.astype(np.float32) * np.float32(math.pi / SIG_BITS))
     return out
 
 
@@ -155,29 +248,46 @@ def _lora_coverage(lora: Sketch, base: Sketch) -> float:
 
 
 class _Bank:
-    """A growable float32 matrix of signatures and the sketch id of each row."""
+    """Growable signature rows (bits and norms) and the sketch id of each row."""
 
     def __init__(self) -> None:
-        self.matrix: F32 = np.zeros((0, SIG_DIM), dtype=np.float32)
+        self.bits: U64 = np.zeros((0, SIG_BITS // 64), dtype=np.uint64)
+        self.norms: F32 = np.zeros(0, dtype=np.float32)
         self.ids: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
         self.n = 0
 
-    def extend(self, ids: npt.NDArray[np.int64], rows: npt.NDArray[np.float32]) -> None:
+    def extend(self, ids: npt.NDArray[np.int64], bits: U64, norms: F32) -> None:
         need = self.n + len(ids)
         if need > len(self.ids):
             cap = max(need, 2 * len(self.ids), 1024)
-            m = np.zeros((cap, SIG_DIM), dtype=np.float32)
-            m[: self.n] = self.matrix[: self.n]
+            b = np.zeros((cap, SIG_BITS // 64), dtype=np.uint64)
+            b[: self.n] = self.bits[: self.n]
+            m = np.zeros(cap, dtype=np.float32)
+            m[: self.n] = self.norms[: self.n]
             i = np.zeros(cap, dtype=np.int64)
             i[: self.n] = self.ids[: self.n]
-            self.matrix, self.ids = m, i
+            self.bits, self.norms, self.ids = b, m, i
         if len(ids):
-            self.matrix[self.n : need] = rows
+            self.bits[self.n : need] = bits
+            self.norms[self.n : need] = norms
             self.ids[self.n : need] = ids
         self.n = need
 
-    def view(self) -> tuple[F32, npt.NDArray[np.int64]]:
-        return self.matrix[: self.n], self.ids[: self.n]
+    def view(self) -> BankView:
+        return BankView(self.bits[: self.n], self.norms[: self.n], self.ids[: self.n])
+
+
+@dataclass(frozen=True)
+class BankView:
+    """A consistent read-only view of one bank."""
+
+    bits: U64
+    norms: F32
+    ids: npt.NDArray[np.int64]
+
+
+BankKey = tuple[str, str | None]
+"""(base id, digest of the adapter modules the bank's rows cover, or None for deltas)."""
 
 
 @dataclass
@@ -187,7 +297,8 @@ class SketchIndex:
     max_id: int = 0
     count: int = 0
     bases: dict[str, tuple[str, Sketch]] = field(default_factory=dict)
-    banks: dict[str, _Bank] = field(default_factory=dict)
+    banks: dict[BankKey, _Bank] = field(default_factory=dict)
+    modules: dict[str, frozenset[str]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     counted_at: float = -math.inf
 
@@ -222,7 +333,7 @@ class SketchIndex:
                 incremental = False
             if not incremental:
                 self.max_id = self.count = 0
-                self.bases, self.banks = {}, {}
+                self.bases, self.banks, self.modules = {}, {}, {}
             self._load(session, after=self.max_id, upto=top)
             self.max_id, self.count = top, count
 
@@ -239,30 +350,65 @@ class SketchIndex:
                 self.bases[owner] = (names.get(owner, owner), Sketch.from_bytes(blob))
             except Exception:
                 _log.warning("reference base %s has an unreadable sketch; skipped", owner)
-        rows = session.exec(
-            select(SketchSignature.sketch_id, SketchSignature.base_id, SketchSignature.signature)
+        rows = session.execute(
+            sa_select(col(SketchSignature.sketch_id), col(SketchSignature.base_id),
+                      col(SketchSignature.signature), col(SketchSignature.norm),
+                      col(SketchSignature.modules))
             .where(col(SketchSignature.sketch_id) > after, col(SketchSignature.sketch_id) <= upto)
             .order_by(col(SketchSignature.sketch_id))
         )
-        pending: dict[str, tuple[list[int], list[bytes]]] = {}
-        for sid, base_id, sig in rows:
-            if not sig or len(sig) != 4 * SIG_DIM:
+        pending: dict[BankKey, tuple[list[int], list[bytes], list[float]]] = {}
+        for sid, base_id, sig, norm, modules in rows:
+            if (not sig or len(sig) != SIG_BYTES or norm is None
+                    or not math.isfinite(norm) or norm <= 0):
                 _log.warning("sketch %s has an unusable signature; skipped", sid)
                 continue
-            ids, sigs = pending.setdefault(base_id, ([], []))
+            if modules is not None and modules not in self.modules:
+                keys = self._modules_of(session, int(sid), base_id)
+                if keys is None:
+                    continue
+                self.modules[modules] = keys
+            ids, sigs, norms = pending.setdefault((base_id, modules), ([], [], []))
             ids.append(int(sid))
             sigs.append(sig)
-        for base_id, (ids, sigs) in pending.items():
-            matrix = np.frombuffer(b"".join(sigs), dtype="<f4").reshape(len(ids), SIG_DIM)
-            good = np.isfinite(matrix).all(axis=1)
-            if not good.all():
-                _log.warning("%d signatures are not finite; skipped", int((~good).sum()))
-            keep = np.asarray(ids, dtype=np.int64)[good]
-            self.banks.setdefault(base_id, _Bank()).extend(keep, matrix[good])
+            norms.append(float(norm))
+        for bank_key, (ids, sigs, norms) in pending.items():
+            bits = np.frombuffer(b"".join(sigs), dtype="<u8").reshape(len(ids), SIG_BITS // 64)
+            self.banks.setdefault(bank_key, _Bank()).extend(
+                np.asarray(ids, dtype=np.int64), bits.astype(np.uint64),
+                np.asarray(norms, dtype=np.float32),
+            )
 
-    def snapshot(self) -> tuple[dict[str, tuple[str, Sketch]], dict[str, tuple[F32, Any]]]:
+    def _modules_of(self, session: Session, sid: int, base_id: str) -> frozenset[str] | None:
+        """The module keys of an adapter bank, read from one of its sketches."""
+        base = self.bases.get(base_id)
+        blob = session.execute(
+            sa_select(col(SketchRow.blob)).where(col(SketchRow.id) == sid)
+        ).scalar_one_or_none()
+        if base is None or blob is None:
+            _log.warning("sketch %s: its base or its blob is missing; skipped", sid)
+            return None
+        try:
+            return lora_keys(Sketch.from_bytes(blob), base[1])
+        except Exception:
+            _log.warning("sketch %s has an unreadable blob; skipped", sid)
+            return None
+
+    def snapshot(self) -> Snapshot:
         with self.lock:
-            return dict(self.bases), {b: bank.view() for b, bank in self.banks.items()}
+            return Snapshot(
+                dict(self.bases), {b: bank.view() for b, bank in self.banks.items()},
+                dict(self.modules),
+            )
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a check reads of the index: base sketches, banks, adapter module sets."""
+
+    bases: dict[str, tuple[str, Sketch]]
+    banks: dict[BankKey, BankView]
+    modules: dict[str, frozenset[str]]
 
 
 _INDEXES: dict[str, SketchIndex] = {}
@@ -288,8 +434,9 @@ class PreparedSketch:
     base_id: str | None
     blob: bytes
     tensors: int
-    signature: bytes | None
+    signature: Signature | None
     bands: list[int]
+    modules: str | None = None
     near_base: tuple[str, str] | None = None
     base_distance: float | None = None
 
@@ -299,21 +446,26 @@ def prepare_flag_sketch(session: Session, sketch: Sketch) -> PreparedSketch:
 
     ``near_base`` is set when the model is a near-duplicate of a base's sketch.
     """
-    bases, _ = index_for(session).snapshot()
+    bases = index_for(session).snapshot().bases
     if sketch.kind == "lora":
         best: tuple[float, str] | None = None
         for base_id, (_name, b) in bases.items():
             cov = _lora_coverage(sketch, b)
             if cov >= LORA_COVERAGE and (best is None or cov > best[0]):
                 best = (cov, base_id)
-        sig = signature(sketch, bases[best[1]][1]) if best is not None else None
+        sig = modules = None
+        if best is not None:
+            keys = lora_keys(sketch, bases[best[1]][1])
+            sig = signature(sketch, bases[best[1]][1], keys)
+            modules = keys_digest(keys)
         return PreparedSketch(
             kind="lora",
             base_id=best[1] if best is not None and sig is not None else None,
             blob=sketch.to_bytes(),
             tensors=len(sketch),
-            signature=sig.astype("<f4").tobytes() if sig is not None else None,
+            signature=sig,
             bands=sketch.band_keys(),
+            modules=modules if sig is not None else None,
         )
     near: tuple[str, str] | None = None
     nearest: tuple[float, str, Sketch] | None = None
@@ -334,7 +486,7 @@ def prepare_flag_sketch(session: Session, sketch: Sketch) -> PreparedSketch:
                 base_id=base_id,
                 blob=delta.to_bytes(),
                 tensors=len(delta),
-                signature=sig.astype("<f4").tobytes(),
+                signature=sig,
                 bands=[],
                 near_base=near,
                 base_distance=dist,
@@ -373,7 +525,8 @@ def store_flag_sketch(session: Session, *, flag_id: str, prepared: PreparedSketc
     assert row.id is not None
     if prepared.signature is not None and prepared.base_id is not None:
         session.add(SketchSignature(
-            sketch_id=row.id, base_id=prepared.base_id, signature=prepared.signature
+            sketch_id=row.id, base_id=prepared.base_id, signature=prepared.signature.bits,
+            norm=prepared.signature.norm, modules=prepared.modules,
         ))
     for band in sorted(set(prepared.bands)):
         session.add(SketchBand(band=band, sketch_id=row.id))
@@ -415,6 +568,22 @@ def _top(scores: F32, ids: npt.NDArray[np.int64], k: int, floor: float) -> list[
     return [int(ids[i]) for i in part if scores[i] >= floor]
 
 
+def retrieve(bank: BankView, query: Signature, *, top_k: int = TOP_K,
+             floor: float = FLOOR) -> list[int]:
+    """Sketch ids of a bank worth verifying against ``query``.
+
+    The :data:`TOP_K` best estimated cosines at or above ``floor``, and the best
+    among rows whose estimated coefficient is in :data:`CARRIED_WINDOW`.
+    """
+    cos = estimate(bank.bits, query)
+    out = _top(cos, bank.ids, top_k, floor)
+    coef = cos * np.float32(query.norm) / bank.norms
+    lo, hi = CARRIED_WINDOW
+    carried = np.where((coef >= lo) & (coef <= hi), cos, np.float32(-1.0))
+    out.extend(i for i in _top(carried, bank.ids, top_k, floor) if i not in out)
+    return out
+
+
 class _Decoded:
     """A small LRU of parsed flag sketches by row id (rows never change)."""
 
@@ -452,28 +621,35 @@ def find_matches(
 
     ``exclude`` lists flag ids already matched by an exact or content hash.
     """
-    index = index_for(session)
-    bases, banks = index.snapshot()
+    snap = index_for(session).snapshot()
+    bases = snap.bases
     candidates: set[int] = set()
     upload_deltas: dict[str, tuple[Stacked, Stacked]] = {}
-    for base_id, (_name, b) in bases.items():
-        bank = banks.get(base_id)
-        if bank is None or not len(bank[1]):
+    deltas: dict[str, Sketch | None] = {}
+    for (base_id, modules), bank in snap.banks.items():
+        based = bases.get(base_id)
+        if based is None or not len(bank.ids):
             continue
-        if upload.kind == "lora":
-            if _lora_coverage(upload, b) < LORA_COVERAGE:
-                continue
-            delta = upload
-        else:
-            delta, dist = delta_sketch(upload, b)
-            if dist > THRESHOLDS.base_distance or not len(delta):
-                continue
-        vec = signature(delta, b)
-        if vec is None:
+        b = based[1]
+        if base_id not in deltas:
+            delta: Sketch | None = upload
+            if upload.kind == "lora":
+                if _lora_coverage(upload, b) < LORA_COVERAGE:
+                    delta = None
+            else:
+                delta, dist = delta_sketch(upload, b)
+                if dist > THRESHOLDS.base_distance or not len(delta):
+                    delta = None
+            deltas[base_id] = delta
+            if delta is not None:
+                upload_deltas[base_id] = (stack_sketch(delta), stack_sketch(b))
+        upload_delta = deltas[base_id]
+        if upload_delta is None:
             continue
-        upload_deltas[base_id] = (stack_sketch(delta), stack_sketch(b))
-        matrix, ids = bank
-        candidates.update(_top(matrix @ vec, ids, top_k, floor))
+        keys = snap.modules.get(modules) if modules is not None else None
+        query = signature(upload_delta, b, keys)
+        if query is not None:
+            candidates.update(retrieve(bank, query, top_k=top_k, floor=floor))
     bands = upload.band_keys()
     banded = session.exec(
         select(SketchBand.sketch_id)

@@ -92,3 +92,67 @@ def test_readyz_is_503_while_the_database_is_unreachable(url):
         assert r.status_code == 503 and r.json()["detail"] == "database unreachable"
         assert client.get("/v1/export/public-key").status_code == 503
         assert client.get("/healthz").status_code == 200
+
+
+def test_signatures_are_recomputed_when_upgrading_to_v2(fresh_url):
+    """Revision 0003 replaces every v1 signature with a v2 one computed from the blobs."""
+    from datetime import UTC, datetime
+
+    import numpy as np
+
+    from client.fingerprint import Sketch, TensorSketch, delta_sketch
+    from client.fingerprint._project import K
+    from registry.crud.sketches import SIG_BYTES, keys_digest, lora_keys, signature
+
+    rng = np.random.default_rng(3)
+    base = Sketch("model", {
+        f"unet:b{i}": TensorSketch(f"unet:b{i}", (320, 320), rng.standard_normal((K, K)))
+        for i in range(12)
+    })
+    tuned = Sketch("model", {
+        k: TensorSketch(k, t.shape, t.values + 0.02 * rng.standard_normal((K, K)))
+        for k, t in base.tensors.items()
+    })
+    delta = delta_sketch(tuned, base)[0]
+    lora = Sketch("lora", {
+        k: TensorSketch(k, t.shape, 0.02 * rng.standard_normal((K, K)))
+        for k, t in list(base.tensors.items())[:5]
+    })
+    upgrade(fresh_url, "0002")
+    engine = make_engine(fresh_url)
+    now = datetime.now(UTC)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO reference_base (id, name, created_by, created_at) "
+                "VALUES ('b1', 'base', 'test', :now)"), {"now": now})
+            rows = [(1, "base", "b1", "model", None, base), (2, "flag", "f1", "delta", "b1", delta),
+                    (3, "flag", "f2", "lora", "b1", lora), (4, "flag", "f3", "model", None, tuned)]
+            for sid, owner_type, owner, kind, base_id, sk in rows:
+                conn.execute(text(
+                    "INSERT INTO sketch (id, owner_type, owner_id, algorithm, kind, base_id, "
+                    "tensors, blob, created_at) VALUES (:id, :ot, :o, :a, :k, :b, :t, :blob, :now)"
+                ), {"id": sid, "ot": owner_type, "o": owner, "a": sk.algorithm, "k": kind,
+                    "b": base_id, "t": len(sk), "blob": sk.to_bytes(), "now": now})
+            for sid in (2, 3):
+                conn.execute(text(
+                    "INSERT INTO sketch_signature (sketch_id, base_id, signature) "
+                    "VALUES (:s, 'b1', :sig)"), {"s": sid, "sig": b"\0" * 1024})
+        assert upgrade(fresh_url) == head_revision()
+        with engine.connect() as conn:
+            got = {r[0]: r[1:] for r in conn.execute(text(
+                "SELECT sketch_id, signature, norm, modules FROM sketch_signature"))}
+        assert set(got) == {2, 3}
+        stored = {k: Sketch.from_bytes(v.to_bytes()) for k, v in
+                  {"base": base, "delta": delta, "lora": lora}.items()}
+        want_delta = signature(stored["delta"], stored["base"])
+        keys = lora_keys(stored["lora"], stored["base"])
+        want_lora = signature(stored["lora"], stored["base"], keys)
+        assert want_delta is not None and want_lora is not None
+        assert got[2] == (want_delta.bits, pytest.approx(want_delta.norm), None)
+        assert got[3] == (want_lora.bits, pytest.approx(want_lora.norm), keys_digest(keys))
+        assert len(got[2][0]) == SIG_BYTES
+        with pytest.raises(DBAPIError, match="append-only"), engine.begin() as conn:
+            conn.execute(text("DELETE FROM sketch_signature"))
+    finally:
+        engine.dispose()

@@ -25,6 +25,7 @@ from client.fingerprint import Sketch, TensorSketch, fingerprint_path
 from client.fingerprint._project import K
 from client.wire import MAX_SKETCH_BYTES, CheckResponse, decode_sketch, encode_sketch
 from registry._db import session_scope
+from registry.crud.sketches import SIG_BYTES
 from registry.models import SketchBand, SketchRow, SketchSignature
 from tests.utils.registry import auth, flag_body, random_fingerprint
 from tests.utils.sketch_models import (
@@ -155,8 +156,10 @@ def test_flags_are_stored_as_deltas_from_the_nearest_base(world, engine: Engine)
         }
         bands = session.exec(select(SketchBand).where(SketchBand.sketch_id == stranger.id)).all()
     assert f.kind == "delta" and f.base_id is not None
-    assert sigs[f.id].base_id == f.base_id and len(sigs[f.id].signature) == 4 * 256
+    assert sigs[f.id].base_id == f.base_id and len(sigs[f.id].signature) == SIG_BYTES
+    assert sigs[f.id].norm > 0 and sigs[f.id].modules is None
     assert adapter.kind == "lora" and adapter.base_id == f.base_id and adapter.id in sigs
+    assert sigs[adapter.id].modules is not None and len(sigs[adapter.id].modules) == 32
     assert stranger.kind == "model" and stranger.base_id is None and stranger.id not in sigs
     assert len(bands) == 16
     assert Sketch.from_bytes(f.blob).kind == "delta"
@@ -262,7 +265,7 @@ def test_a_bad_stored_blob_is_skipped_not_a_crash(client, keys, models, world, e
             session.flush()
             assert row.id is not None
             session.add(SketchSignature(sketch_id=row.id, base_id=good.base_id,
-                                        signature=signature))
+                                        signature=signature, norm=sig.norm))
         session.commit()
     verdict, matches = _verdict(client, keys, models["f16"])
     assert verdict == "match" and [m.flag_id for m in matches] == [world.flags["f"]]
@@ -322,19 +325,7 @@ def test_oversized_sketches_are_refused():
         decode_sketch("A" * (4 * (MAX_SKETCH_BYTES // 3) + 8))
 
 
-def test_signatures_estimate_the_verifiers_cosine():
-    """The retrieval score tracks the pooled cosine the verifier computes."""
-    from client.fingerprint import compare, delta_sketch
-    from registry.crud._stacked import pooled_cosine, stack_blob, stack_sketch
-    from registry.crud.sketches import signature
-
-    rng = np.random.default_rng(7)
-    shapes = [(320, 320), (640, 320), (1280, 640)]
-    base = Sketch("model", {
-        f"unet:b{i}": TensorSketch(f"unet:b{i}", shapes[i % 3], rng.standard_normal((K, K)))
-        for i in range(60)
-    })
-
+def _moved_factory(base: Sketch):
     def moved(*parts: tuple[float, int]) -> Sketch:
         out = {}
         for k, t in base.tensors.items():
@@ -343,17 +334,99 @@ def test_signatures_estimate_the_verifiers_cosine():
                 v = v + w * 0.02 * np.random.default_rng([seed, int(k[6:])]).standard_normal((K, K))
             out[k] = TensorSketch(k, t.shape, v)
         return Sketch("model", out)
+    return moved
 
+
+def _base_sketch(tensors: int = 60, seed: int = 7) -> Sketch:
+    rng = np.random.default_rng(seed)
+    shapes = [(320, 320), (640, 320), (1280, 640)]
+    return Sketch("model", {
+        f"unet:b{i}": TensorSketch(f"unet:b{i}", shapes[i % 3], rng.standard_normal((K, K)))
+        for i in range(tensors)
+    })
+
+
+def test_signatures_estimate_the_verifiers_cosine_and_coefficient():
+    """The retrieval estimates track the pooled cosine and coefficient the verifier computes."""
+    from client.fingerprint import compare, delta_sketch
+    from registry.crud._stacked import pooled_cosine, stack_blob, stack_sketch
+    from registry.crud.sketches import SIG_BITS, BankView, estimate, signature
+
+    base = _base_sketch()
+    moved = _moved_factory(base)
     flagged = delta_sketch(moved((1.0, 1)), base)[0]
     sig_f = signature(flagged, base)
-    assert sig_f is not None and sig_f.shape == (256,)
+    assert sig_f is not None and len(sig_f.bits) == SIG_BITS // 8 and sig_f.norm > 0
+    bank = BankView(sig_f.words()[None, :], np.array([sig_f.norm], np.float32),
+                    np.array([1], np.int64))
     for alpha in (1.0, 0.7, 0.5, 0.3, 0.0):
-        up = delta_sketch(moved((alpha, 1), (1 - alpha, 2)), base)[0]
+        up_model = moved((alpha, 1), (1 - alpha, 2))
+        up = delta_sketch(up_model, base)[0]
         sig_u = signature(up, base)
         assert sig_u is not None
         exact = pooled_cosine(stack_sketch(up), stack_blob(flagged.to_bytes()),
                               stack_sketch(base))
-        verdict = compare(up_model := moved((alpha, 1), (1 - alpha, 2)), flagged, base)
+        verdict = compare(up_model, flagged, base)
         assert verdict.cosine is not None and abs(verdict.cosine - exact) < 1e-3
-        assert up_model.kind == "model"
-        assert abs(float(sig_u @ sig_f) - exact) < 0.25, (alpha, exact, float(sig_u @ sig_f))
+        est = float(estimate(bank.bits, sig_u)[0])
+        # 60 tensors x 256 values: a standard error near 0.03 at these cosines.
+        assert abs(est - exact) < 0.12, (alpha, exact, est)
+        assert verdict.coefficient is not None
+        coef = est * sig_u.norm / sig_f.norm
+        assert abs(coef - verdict.coefficient) < 0.15, (alpha, verdict.coefficient, coef)
+
+
+def test_signatures_of_unrelated_deltas_are_near_zero():
+    """Unrelated deltas estimate cosine 0 with the standard error the floor assumes."""
+    from client.fingerprint import delta_sketch
+    from registry.crud.sketches import FLOOR, SIG_BITS, estimate, signature
+
+    base = _base_sketch(tensors=200)
+    moved = _moved_factory(base)
+    sigs = [signature(delta_sketch(moved((1.0, 100 + i)), base)[0], base) for i in range(60)]
+    assert all(s is not None for s in sigs)
+    bits = np.stack([s.words() for s in sigs if s is not None])
+    est = np.concatenate([estimate(bits[i + 1 :], s) for i, s in enumerate(sigs[:-1]) if s])
+    expected = np.pi / (2 * np.sqrt(SIG_BITS))
+    assert abs(float(est.mean())) < 0.01
+    assert 0.6 * expected < float(est.std()) < 1.5 * expected
+    assert float(np.abs(est).max()) < 2 * FLOOR + 0.05
+
+
+@pytest.mark.parametrize(
+    ("parts", "label"),
+    [
+        (((0.3, 1), (0.7, 2)), "30/70 merge"),
+        (((1.0, 1), (5.0, 2)), "whole delta plus an unrelated change 5x its size"),
+    ],
+)
+def test_weak_matches_are_retrieved_among_many_unrelated_flags(parts, label):
+    """At 100k unrelated flags on the base, the weakest accepted forms still reach the top-k.
+
+    With the 256-float v1 signature the carrier (cosine 0.2) was found in 1 of these
+    20 queries; the merge (cosine 0.39) in all 20.
+    """
+    from client.fingerprint import compare, delta_sketch
+    from registry.crud.sketches import SIG_BITS, BankView, retrieve, signature
+
+    base = _base_sketch(tensors=200)
+    moved = _moved_factory(base)
+    flagged = delta_sketch(moved((1.0, 1)), base)[0]
+    sig_f = signature(flagged, base)
+    assert sig_f is not None
+    rng = np.random.default_rng(11)
+    n = 100_000
+    filler = rng.integers(0, 2**63, (n, SIG_BITS // 64), dtype=np.uint64)
+    bits = np.concatenate([filler, sig_f.words()[None, :]])
+    norms = np.full(n + 1, sig_f.norm, dtype=np.float32)
+    ids = np.arange(n + 1, dtype=np.int64)
+    bank = BankView(bits, norms, ids)
+    found = 0
+    for seed in range(20):
+        up_model = moved((parts[0][0], 1), (parts[1][0], 1000 + seed))
+        verdict = compare(up_model, flagged, base)
+        assert verdict.cosine is not None and verdict.cosine < 0.45, label
+        query = signature(delta_sketch(up_model, base)[0], base)
+        assert query is not None
+        found += n in retrieve(bank, query)
+    assert found == 20, (label, found)
