@@ -10,7 +10,8 @@ agree, otherwise by shape and raw sketch cosine (a derivative's tensor sits at c
 ≈ 0.99 from its base's, unrelated tensors near 0), so ldm and diffusers spellings
 line up without a name table. Each delta is then made orthogonal to the base's own
 sketch, which removes uniform rescaling and weight decay, a direction every
-fine-tune of that base shares. Over the tensors both deltas cover:
+fine-tune of that base shares. Over the tensors both deltas cover (the VAE left
+out, see :data:`NOT_SCORED`):
 
 - ``cosine`` of the pooled deltas (the score);
 - ``coefficient`` ⟨u, f⟩ / ‖f‖², the estimated merge fraction or LoRA strength;
@@ -42,6 +43,7 @@ import numpy.typing as npt
 from client.fingerprint._sketch import Sketch, TensorSketch
 
 __all__ = [
+    "NOT_SCORED",
     "THRESHOLDS",
     "Comparison",
     "Match",
@@ -50,6 +52,7 @@ __all__ = [
     "compare",
     "delta_sketch",
     "match",
+    "scored",
 ]
 
 F64 = npt.NDArray[np.float64]
@@ -91,6 +94,22 @@ class Thresholds:
 
 
 THRESHOLDS = Thresholds()
+
+NOT_SCORED = ("vae:",)
+"""Key prefixes (components) left out of every delta score.
+
+A checkpoint's VAE says nothing about which fine-tune it is: replacement VAEs are
+swapped freely, and a popular one (SD 1.x's ft-MSE, say) is baked into thousands of
+unrelated checkpoints. Its delta from the base's VAE is large next to a
+fine-tune's own (a long decoder-only training run), so leaving it in would make
+every checkpoint with the same baked VAE match a flagged one that has it, and let
+a VAE swap hide a flagged fine-tune. Raw near-duplicate matching still uses it.
+"""
+
+
+def scored(key: str) -> bool:
+    """Whether a tensor key takes part in delta scores (see :data:`NOT_SCORED`)."""
+    return not key.startswith(NOT_SCORED)
 
 
 @dataclass(frozen=True)
@@ -241,7 +260,7 @@ def compare(
     n = 0
     for key, f in df.tensors.items():
         u = du.tensors.get(key)
-        if u is None or u.shape != f.shape:
+        if u is None or u.shape != f.shape or not scored(key):
             continue
         b = base.tensors.get(key) if base is not None else None
         fv = _orthogonal(_flat(f), b, f.shape)

@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from client.fingerprint._project import K
+from client.fingerprint._similarity import scored
 from client.fingerprint._sketch import MAGIC, VERSION, Sketch
 
 __all__ = ["Stacked", "orthogonal_rows", "pooled_cosine", "stack_blob", "stack_sketch"]
@@ -97,14 +98,14 @@ def orthogonal_rows(d: F64, b: F64) -> F64:
 
 
 def pooled_cosine(upload: Stacked, flagged: Stacked, base: Stacked) -> float:
-    """The pooled cosine of two deltas over the tensors both cover, each tensor made
+    """The pooled cosine of two deltas over the scored tensors both cover, each made
     orthogonal to the base's tensor of the same key and shape (as the verifier does)."""
     fi: list[int] = []
     ui: list[int] = []
     bi: list[int] = []
     for key, i in flagged.rows.items():
         j = upload.rows.get(key)
-        if j is None or upload.shapes[j] != flagged.shapes[i]:
+        if j is None or upload.shapes[j] != flagged.shapes[i] or not scored(key):
             continue
         fi.append(i)
         ui.append(j)

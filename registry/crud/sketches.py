@@ -60,7 +60,7 @@ from sqlalchemy import Engine, func
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
-from client.fingerprint._similarity import THRESHOLDS, delta_sketch
+from client.fingerprint._similarity import THRESHOLDS, delta_sketch, scored
 from client.fingerprint._similarity import Match as Verdict
 from client.fingerprint._similarity import match as verify
 from client.fingerprint._sketch import Sketch, TensorSketch
@@ -179,7 +179,8 @@ class Signature:
 def signature(delta: Sketch, base: Sketch, keys: frozenset[str] | None = None) -> Signature | None:
     """The retrieval signature of a ``delta`` or ``lora`` sketch relative to ``base``.
 
-    Per tensor (only those in ``keys``, if given): the delta minus its projection on
+    Per scored tensor (only those in ``keys``, if given; never the VAE, see
+    :data:`~client.fingerprint._similarity.NOT_SCORED`): the delta minus its projection on
     the base's tensor of the same key, as the verifier computes it; each value added
     with a seeded sign into one of :data:`SIG_BITS` buckets (a count sketch, which
     keeps inner products), then mixed by seeded signs and a Walsh-Hadamard
@@ -192,7 +193,7 @@ def signature(delta: Sketch, base: Sketch, keys: frozenset[str] | None = None) -
     idx: list[npt.NDArray[np.intp]] = []
     sgn: list[F32] = []
     for key, t in delta.tensors.items():
-        if keys is not None and key not in keys:
+        if (keys is not None and key not in keys) or not scored(key):
             continue
         v = _orthogonal(t.values.reshape(-1), base.tensors.get(key))
         b, s = _plan(key, t.shape, v.size)

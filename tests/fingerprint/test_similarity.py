@@ -162,3 +162,37 @@ def test_z_is_standard_normal_for_unrelated_deltas(seed: int) -> None:
     up = _plus(BASE, (1.0, _delta(seed + 1000, BASE, 0.01)))
     c = compare(up, FLAGGED, BASE)
     assert c.z is not None and abs(c.z) < 5
+
+
+def _with_vae(s: Sketch, vae: dict[str, np.ndarray] | None = None, n: int = 12) -> Sketch:
+    """``s`` plus ``n`` VAE tensors: the base's, moved by ``vae`` if given."""
+    rng = np.random.default_rng(1234)
+    out = dict(s.tensors)
+    for i in range(n):
+        k = f"vae:decoder_{i}"
+        v = rng.standard_normal((K, K)) + (vae[k] if vae is not None else 0.0)
+        out[k] = TensorSketch(k, SHAPES[i % len(SHAPES)], v)
+    return Sketch(s.kind, out)
+
+
+def test_a_shared_baked_vae_does_not_make_models_match() -> None:
+    """A replacement VAE is large next to a fine-tune's own delta and is baked into many
+    unrelated checkpoints: with it in the score, a sibling baking the same VAE
+    scored cosine ≈ 0.97 against the flagged model and matched as a near-duplicate."""
+    base = _with_vae(BASE)
+    vae_ft = {f"vae:decoder_{i}": 0.1 * np.random.default_rng([77, i]).standard_normal((K, K))
+              for i in range(12)}
+    flagged = delta_sketch(_with_vae(F, vae_ft), base)[0]
+    assert any(k.startswith("vae:") for k in flagged.tensors)
+
+    def verdict(upload: Sketch) -> str | None:
+        m = match(upload, flagged, base, base_name="base")
+        return m.match if m is not None else None
+
+    assert verdict(_with_vae(G, vae_ft)) is None
+    assert verdict(_with_vae(BASE, vae_ft)) is None
+    # The flagged fine-tune with its VAE swapped back, or with the VAE, still matches.
+    assert verdict(_with_vae(F)) == "near-duplicate"
+    assert verdict(_with_vae(F, vae_ft)) == "near-duplicate"
+    c = compare(_with_vae(F), flagged, base)
+    assert c.tensors == 40
