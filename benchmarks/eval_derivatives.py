@@ -67,6 +67,40 @@ def sd_models(seed: int) -> tuple[torch.nn.Module, torch.nn.Module]:
     return unet, te
 
 
+def sd_vae(seed: int) -> torch.nn.Module:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), layers_per_block=1,
+        norm_num_groups=8, sample_size=16,
+    )
+
+
+def vae_state(vae: torch.nn.Module) -> SD:
+    return {f"vae/{k}": v.detach().clone() for k, v in vae.state_dict().items()}
+
+
+def finetune_vae_decoder(start: SD, steps: int, seed: int) -> SD:
+    """Fine-tune a VAE's decoder only on reconstruction, as the popular replacement
+    SD VAEs (ft-EMA, ft-MSE) were: a large change that many checkpoints then bake in."""
+    vae = sd_vae(0)
+    vae.load_state_dict({k[4:]: v for k, v in start.items() if k.startswith("vae/")})
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(32, 3, 16, 16, generator=g)
+    vae.requires_grad_(False)
+    vae.decoder.requires_grad_(True)
+
+    def loss() -> torch.Tensor:
+        x = images[torch.randint(0, 32, (8,), generator=g)]
+        return torch.nn.functional.mse_loss(vae.decode(vae.encode(x).latent_dist.mode()).sample, x)
+
+    train(list(vae.decoder.parameters()), loss, steps, 2e-3)
+    return vae_state(vae)
+
+
 def sd_step_fn(data_seed: int) -> Callable[[torch.nn.Module, torch.nn.Module], torch.Tensor]:
     """Denoising loss on a dataset: latents around a dataset pattern, prompts from its vocabulary."""
     g = torch.Generator().manual_seed(1000 + data_seed)
@@ -182,6 +216,9 @@ def to_ldm(sd: SD) -> SD:
         if k.startswith("text_encoder/"):
             out["cond_stage_model.transformer." + k[13:]] = v
             continue
+        if k.startswith("vae/"):
+            out["first_stage_model." + k[4:]] = v
+            continue
         name = k[5:]
         for ldm, hf in _LDM_SIMPLE:
             if name.startswith(hf):
@@ -199,6 +236,50 @@ def to_ldm(sd: SD) -> SD:
 
 def merge(a: SD, b: SD, alpha: float) -> SD:
     return {k: alpha * a[k] + (1 - alpha) * b[k] if a[k].is_floating_point() else a[k] for k in a}
+
+
+def dare(base: SD, models: list[tuple[SD, float]], density: float, seed: int) -> SD:
+    """mergekit's dare_linear: each delta keeps a random ``density`` of its entries,
+    rescaled by 1/density, then the deltas are added with their weights."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k in models[0][0]:
+        b = base[k]
+        if not b.is_floating_point():
+            out[k] = b
+            continue
+        acc = torch.zeros_like(b, dtype=torch.float32)
+        for m, w in models:
+            d = (m[k] - b).float()
+            keep = torch.rand(d.shape, generator=g) < density
+            acc += w * torch.where(keep, d / density, torch.zeros_like(d))
+        out[k] = (b.float() + acc).to(b.dtype)
+    return out
+
+
+def ties(base: SD, models: list[tuple[SD, float]], density: float) -> SD:
+    """mergekit's ties: trim each delta to its top ``density`` by magnitude, elect
+    each entry's sign by the weighted sum, and average the entries that agree."""
+    out = {}
+    for k in models[0][0]:
+        b = base[k]
+        if not b.is_floating_point():
+            out[k] = b
+            continue
+        trimmed = []
+        for m, w in models:
+            d = (m[k] - b).float()
+            n = max(1, int(density * d.numel()))
+            cut = d.abs().flatten().kthvalue(d.numel() - n + 1).values if n < d.numel() else -1.0
+            trimmed.append(w * torch.where(d.abs() >= cut, d, torch.zeros_like(d)))
+        stack = torch.stack(trimmed)
+        sign = torch.sign(stack.sum(0))
+        agree = (torch.sign(stack) == sign) & (stack != 0)
+        weights = torch.tensor([w for _, w in models]).reshape(-1, *([1] * b.dim()))
+        num = (stack * agree).sum(0)
+        den = (weights * agree).sum(0).clamp_min(1e-12)
+        out[k] = (b.float() + num / den).to(b.dtype)
+    return out
 
 
 def prune(sd: SD, frac: float) -> SD:
@@ -325,7 +406,18 @@ def build_sd(work: Path, rep: int, steps: int, base_sd: SD, cases: list[Case], f
     add("F trained further", save_st(finetune(seed * 10 + 8, F, steps // 2), d / "Fmore.safetensors"), "F", "derived")
     for a in (0.7, 0.5, 0.3):
         add(f"merge {a:.1f} F + {1 - a:.1f} sibling", save_st(merge(F, G, a), d / f"merge{a}.safetensors", torch.float16), "F", "derived")
+    add("TIES merge F + sibling (density 0.5)", save_st(ties(base_sd, [(F, 1.0), (G, 1.0)], 0.5), d / "ties.safetensors", torch.float16), "F", "derived")
+    add("DARE merge 0.5 F + 0.5 sibling (density 0.5)", save_st(dare(base_sd, [(F, 0.5), (G, 0.5)], 0.5, seed), d / "dare.safetensors", torch.float16), "F", "derived")
     add("F + unrelated LoRA baked", save_st({k: F[k] + (L2_baked[k] - base_sd[k]) if F[k].is_floating_point() else F[k] for k in F}, d / "F_L2.safetensors"), "F", "derived")
+    # A fine-tune flagged with a replacement VAE baked in (as many SD checkpoints are).
+    vae_ft = finetune_vae_decoder(base_sd, 3 * steps, seed)
+    FV = {**F, **vae_ft}
+    flagged[f"sd{rep}:FV"] = save_st(FV, d / "FV.safetensors")
+    add("F + replacement VAE, fp16", save_st(FV, d / "FV16.safetensors", torch.float16), "FV", "near-duplicate")
+    add("F + replacement VAE, VAE swapped back to the original", save_st({**F, **{k: v for k, v in base_sd.items() if k.startswith("vae/")}}, d / "FV_orig.safetensors", torch.float16), "FV", "near-duplicate|derived")
+    add("sibling with the same replacement VAE", save_st({**G, **vae_ft}, d / "GV.safetensors", torch.float16), "FV", None, "another model with the same baked VAE")
+    add("base with the same replacement VAE", save_st({**base_sd, **vae_ft}, d / "baseV.safetensors", torch.float16), "FV", None, "another model with the same baked VAE")
+    add("sibling with the same replacement VAE vs F", save_st({**G, **vae_ft}, d / "GV.safetensors", torch.float16), "F", None, "another model with the same baked VAE")
     # Transformations of the flagged LoRA L.
     peft_cfg = json.loads((d / "L_peft" / "adapter_config.json").read_text())
     plain = {k.removeprefix("base_model.model."): v for k, v in L_sd.items()}
@@ -350,7 +442,7 @@ def build_sd(work: Path, rep: int, steps: int, base_sd: SD, cases: list[Case], f
             refac[mod + ".alpha"] = torch.tensor(new_alpha)
     add("L refactorised up·R, R⁻¹·down, alpha rescaled", save_st(refac, d / "L_refac.safetensors"), "L", "lora")
     add("L baked into base (peft merge_and_unload)", save_st(L_baked, d / "L_baked.safetensors", torch.float16), "L", "lora-baked")
-    half = {k: base_sd[k] + 0.5 * (L_baked[k] - base_sd[k]) if base_sd[k].is_floating_point() else base_sd[k] for k in base_sd}
+    half = {k: base_sd[k] + 0.5 * (L_baked[k] - base_sd[k]) if base_sd[k].is_floating_point() else base_sd[k] for k in L_baked}
     add("L baked at strength 0.5", save_st(half, d / "L_half.safetensors", torch.float16), "L", "lora-baked")
     on_g = {k: G[k] + (L_baked[k] - base_sd[k]) if G[k].is_floating_point() else G[k] for k in G}
     add("L baked into a sibling fine-tune", save_st(on_g, d / "L_on_G.safetensors", torch.float16), "L", "lora-baked")
@@ -367,6 +459,8 @@ def build_sd(work: Path, rep: int, steps: int, base_sd: SD, cases: list[Case], f
         add(f"sibling {name}", p, "F", None, "sibling fine-tune")
         add(f"sibling {name} vs L", p, "L", None, "sibling fine-tune")
     add("merge of two siblings", save_st(merge(G, H, 0.5), d / "GH.safetensors", torch.float16), "F", None, "merge of siblings")
+    add("TIES merge of two siblings", save_st(ties(base_sd, [(G, 1.0), (H, 1.0)], 0.5), d / "GH_ties.safetensors", torch.float16), "F", None, "TIES / DARE merge of siblings")
+    add("DARE merge of two siblings", save_st(dare(base_sd, [(G, 0.5), (H, 0.5)], 0.5, seed), d / "GH_dare.safetensors", torch.float16), "F", None, "TIES / DARE merge of siblings")
     # Community merges average many fine-tunes of one base: averaging cancels each
     # sibling's own delta and keeps what they share, so the merge's delta cosine with
     # F rises with the number of ingredients while its coefficient does not.
@@ -432,6 +526,8 @@ def build_llm(work: Path, rep: int, steps: int, base: SD, cases: list[Case], fla
     torch.save(F, d / "F.bin")
     add("F torch.save", d / "F.bin", "F", "near-duplicate")
     add("merge 0.5 F + 0.5 sibling", save_st(merge(F, G, 0.5), d / "merge.safetensors", torch.float16), "F", "derived")
+    add("TIES merge F + sibling (density 0.5)", save_st(ties(base, [(F, 1.0), (G, 1.0)], 0.5), d / "ties.safetensors", torch.bfloat16), "F", "derived")
+    add("DARE merge 0.5 F + 0.5 sibling (density 0.5)", save_st(dare(base, [(F, 0.5), (G, 0.5)], 0.5, seed), d / "dare.safetensors", torch.bfloat16), "F", "derived")
     add("L baked (peft merge_and_unload)", save_st(L_baked, d / "L_baked.safetensors", torch.bfloat16), "L", "lora-baked")
     add("L baked, GGUF Q8_0", write_gguf(L_baked, d / "L_baked_q8.gguf", "Q8_0"), "L", "lora-baked")
     base16 = save_st(base, d / "base16.safetensors", torch.float16)
@@ -463,7 +559,7 @@ def main() -> None:
         flagged: dict[str, Path] = {}
         unet, te = sd_models(1)
         train([*unet.parameters(), *te.parameters()], lambda: sd_step_fn(0)(unet, te), 4 * args.steps, 5e-4)
-        sd_base = sd_state(unet, te)
+        sd_base = {**sd_state(unet, te), **vae_state(sd_vae(1))}
         llm = llm_model(1)
         train(list(llm.parameters()), lambda: llm_step_fn(0)(llm), 4 * args.steps, 5e-4)
         llm_base = {k: v.detach().clone() for k, v in llm.state_dict().items()}
