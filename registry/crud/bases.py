@@ -16,7 +16,7 @@ from client.wire import STRONG_ALGORITHMS, BaseCreate
 from registry._db import begin_write
 from registry.crud.audit import record
 from registry.crud.keys import Principal
-from registry.crud.sketches import store_base_sketch
+from registry.crud.sketches import rebase_flag_sketches, store_base_sketch
 from registry.errors import ConflictError
 from registry.models import BaseFingerprint, ReferenceBase
 
@@ -41,8 +41,10 @@ def create_base(session: Session, *, data: BaseCreate, actor: Principal) -> Refe
         for d in strong:
             session.add(BaseFingerprint(base_id=base.id, algorithm=d.algorithm, value=d.hex))
         sketch = data.parsed_sketch()
+        rebased = 0
         if sketch is not None:
             store_base_sketch(session, base_id=base.id, sketch=sketch)
+            rebased = rebase_flag_sketches(session, base_id=base.id, base=sketch)
         record(
             session,
             actor=actor,
@@ -52,7 +54,8 @@ def create_base(session: Session, *, data: BaseCreate, actor: Principal) -> Refe
             detail={
                 "name": data.name,
                 "fingerprint": {d.algorithm: d.hex for d in strong},
-                **({"sketch_tensors": len(sketch)} if sketch is not None else {}),
+                **({"sketch_tensors": len(sketch), "rebased_flags": rebased}
+                   if sketch is not None else {}),
             },
         )
         session.commit()

@@ -86,6 +86,7 @@ __all__ = [
     "keys_digest",
     "lora_keys",
     "prepare_flag_sketch",
+    "rebase_flag_sketches",
     "retrieve",
     "signature",
     "store_base_sketch",
@@ -533,6 +534,59 @@ def store_flag_sketch(session: Session, *, flag_id: str, prepared: PreparedSketc
         session.add(SketchBand(band=band, sketch_id=row.id))
     session.flush()
     return row
+
+
+def rebase_flag_sketches(session: Session, *, base_id: str, base: Sketch) -> int:
+    """Store deltas against a new base for the flags whose sketches had no base.
+
+    A flag sketched before its reference base was registered was stored raw (or, for
+    an adapter, without a base) and could only find near-duplicates. For each such
+    flag within ``THRESHOLDS.base_distance`` of ``base`` (or an adapter covering
+    enough of its modules), a new ``delta`` or ``lora`` row relative to ``base`` is
+    added next to the raw one, with its signature (sketch rows are append-only).
+    A flag that is a near-duplicate of the base itself gets none: its delta would
+    be noise. Returns the number of rows added. Runs in the caller's transaction.
+    """
+    done = set(session.exec(
+        select(SketchRow.owner_id).where(SketchRow.owner_type == "flag",
+                                         SketchRow.base_id == base_id)
+    ).all())
+    rows = session.exec(
+        select(SketchRow.owner_id, SketchRow.kind, SketchRow.algorithm, SketchRow.blob)
+        .where(SketchRow.owner_type == "flag", col(SketchRow.base_id).is_(None),
+               col(SketchRow.kind).in_(("model", "lora")))
+        .order_by(col(SketchRow.id))
+    ).all()
+    added = 0
+    for flag_id, kind, algorithm, blob in rows:
+        if flag_id in done or algorithm != base.algorithm:
+            continue
+        try:
+            sketch = Sketch.from_bytes(blob)
+        except Exception:
+            _log.warning("flag %s has an unreadable sketch; not re-based", flag_id)
+            continue
+        prepared: PreparedSketch | None = None
+        if kind == "lora":
+            if _lora_coverage(sketch, base) >= LORA_COVERAGE:
+                keys = lora_keys(sketch, base)
+                sig = signature(sketch, base, keys)
+                if sig is not None:
+                    prepared = PreparedSketch(kind="lora", base_id=base_id, blob=blob,
+                                              tensors=len(sketch), signature=sig, bands=[],
+                                              modules=keys_digest(keys))
+        else:
+            delta, dist = delta_sketch(sketch, base)
+            sig = signature(delta, base) if len(delta) else None
+            if dist <= THRESHOLDS.base_distance and dist > THRESHOLDS.raw_distance and sig:
+                prepared = PreparedSketch(kind="delta", base_id=base_id,
+                                          blob=delta.to_bytes(), tensors=len(delta),
+                                          signature=sig, bands=[], base_distance=dist)
+        if prepared is not None:
+            store_flag_sketch(session, flag_id=flag_id, prepared=prepared, algorithm=algorithm)
+            done.add(flag_id)
+            added += 1
+    return added
 
 
 def store_base_sketch(session: Session, *, base_id: str, sketch: Sketch) -> SketchRow:

@@ -430,3 +430,49 @@ def test_weak_matches_are_retrieved_among_many_unrelated_flags(parts, label):
         assert query is not None
         found += n in retrieve(bank, query)
     assert found == 20, (label, found)
+
+
+def test_flags_sketched_before_their_base_are_rebased_when_it_arrives(
+    client: TestClient, keys: dict[str, str], tmp_path: Path, engine: Engine
+):
+    """Until the base exists, only near-duplicates match; registering it re-bases the flags."""
+    b = base_model(300)
+    df, dg = random_delta(b, 301), random_delta(b, 302)
+    adapter, ldelta = lora(b, 303)
+    ms = {name: _model(tmp_path, name, sd) for name, sd in {
+        "base": b,
+        "f": plus(b, (1.0, df)),
+        "f16": cast(plus(b, (1.0, df))),
+        "merge": plus(b, (0.5, df), (0.5, dg)),
+        "lora": adapter,
+        "baked_on_g": plus(b, (1.0, dg), (1.0, ldelta)),
+        "g": plus(b, (1.0, dg)),
+    }.items()}
+    sub = keys["submitter"]
+    f_id, l_id = _flag(client, sub, ms["f"]), _flag(client, sub, ms["lora"])
+
+    def matched(name: str) -> dict[str, str]:
+        verdict, matches = _verdict(client, keys, ms[name])
+        return {m.flag_id: m.match for m in matches if m.flag_id in (f_id, l_id)}
+
+    assert matched("f16") == {f_id: "near-duplicate"}
+    assert matched("merge") == {} and matched("baked_on_g") == {}
+    r = client.post("/v1/bases", json={"name": f"late-base-{uuid.uuid4().hex[:8]}",
+                                       "fingerprint": ms["base"].fingerprint,
+                                       "sketch": ms["base"].sketch},
+                    headers=auth(keys["admin"]))
+    assert r.status_code == 201, r.text
+    base_id = r.json()["id"]
+    assert matched("merge") == {f_id: "derived"}
+    assert matched("baked_on_g") == {l_id: "lora-baked"}
+    assert matched("f16") == {f_id: "near-duplicate"}
+    assert matched("g") == {}
+    with session_scope(engine) as session:
+        rows = session.exec(select(SketchRow).where(col(SketchRow.owner_id).in_([f_id, l_id]))).all()
+        kinds = sorted((r.owner_id == f_id, r.kind, r.base_id == base_id) for r in rows)
+        sigs = session.exec(select(SketchSignature).where(
+            col(SketchSignature.sketch_id).in_([r.id for r in rows]))).all()
+    # The raw rows stay (append-only); one row relative to the base is added per flag.
+    assert kinds == [(False, "lora", False), (False, "lora", True),
+                     (True, "delta", True), (True, "model", False)]
+    assert len(sigs) == 2 and all(s.base_id == base_id for s in sigs)
