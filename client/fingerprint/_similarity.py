@@ -22,7 +22,8 @@ out, see :data:`NOT_SCORED`):
 A match needs ``z`` ≥ :attr:`Thresholds.z` and either ``cosine`` ≥
 :attr:`Thresholds.cosine` (against a fine-tune, with a coefficient of at least
 :attr:`Thresholds.min_coefficient`: merges of many siblings reach a high cosine
-with little of the flagged delta in them), or a coefficient near 1 with a lower
+with little of the flagged delta in them; against an adapter, ``cosine`` ≥
+:attr:`Thresholds.lora_cosine`, as adapters for similar tasks share a direction), or a coefficient near 1 with a lower
 cosine floor: the upload then carries all of the flagged delta plus unrelated
 changes (pruning, another LoRA baked on top, coarse quantisation), which lower the
 cosine but leave the coefficient unbiased. z alone would flag siblings, whose
@@ -73,6 +74,18 @@ class Thresholds:
     the flagged delta rises with the number of ingredients (0.34 for four) while its
     coefficient stays at the shared fraction. Not applied to flagged adapters,
     whose deltas siblings do not share and which are baked at any strength.
+    """
+    lora_cosine: float = 0.6
+    """Minimum delta cosine for a match on cosine alone against a flagged adapter.
+
+    Adapters trained on similar tasks share a direction: in the evaluation, other
+    LoRAs on the same tiny Llama reached cosine 0.53 (coefficient 0.47) with a
+    flagged one and matched in 4 of 10 cases at the fine-tune threshold of 0.3. No
+    coefficient floor separates them: a flagged LoRA baked at half strength into a
+    fine-tune with as large a delta sits at cosine 0.45, coefficient 0.5. Such a
+    partial carrier is therefore reported only above this cosine, or at strength
+    0.7 or more through the carried rule; a false match on an innocent adapter
+    costs more than that recall.
     """
     carried_cosine: float = 0.1
     """Minimum delta cosine when the coefficient shows the whole flagged delta is present."""
@@ -329,9 +342,10 @@ def match(
             c.cosine >= t.carried_cosine
             and t.carried_coefficient[0] <= c.coefficient <= t.carried_coefficient[1]
         )
-        by_cosine = c.cosine >= t.cosine and (
-            flagged.kind == "lora" or c.coefficient >= t.min_coefficient
-        )
+        if flagged.kind == "lora":
+            by_cosine = c.cosine >= t.lora_cosine
+        else:
+            by_cosine = c.cosine >= t.cosine and c.coefficient >= t.min_coefficient
         if (by_cosine or carried) and c.z >= t.z:
             lo, hi = t.near_coefficient
             if upload.kind == "lora":

@@ -128,9 +128,21 @@ def test_lora_forms_and_baked() -> None:
     dl = {k: v for k, v in _delta(11, BASE, 0.01).items() if k in keys}
     lora = Sketch("lora", {k: TensorSketch(k, BASE.tensors[k].shape, dl[k]) for k in keys})
     assert _verdict(_plus(BASE, (1.0, dl)), lora) == "lora-baked"
-    half = match(_plus(G, (0.5, dl)), lora, BASE)
+    half = match(_plus(G, (0.5, {k: 2 * v for k, v in dl.items()})), lora, BASE)
     assert half is not None and half.match == "lora-baked"
-    assert abs(half.evidence["coefficient"] - 0.5) < 0.1
+    assert abs(half.evidence["coefficient"] - 1.0) < 0.1
+    strong = match(_plus(G, (0.8, dl)), lora, BASE)
+    assert strong is not None and strong.match == "lora-baked"
+    # Half strength into a fine-tune whose delta is as large (cosine 0.45): not
+    # reported, as other adapters sharing a direction with the flagged one score alike.
+    weak = compare(_plus(G, (0.5, dl)), lora, BASE)
+    assert weak.cosine is not None and 0.4 < weak.cosine < 0.5
+    assert match(_plus(G, (0.5, dl)), lora, BASE) is None
+    # Another adapter sharing a direction with the flagged one, as measured: cosine 0.5.
+    shared = {k: 0.45 * dl[k] + 0.8 * v for k, v in _delta(13, BASE, 0.01).items() if k in keys}
+    assert _verdict(_plus(BASE, (1.0, shared)), lora) is None
+    both = {k: 0.5 * dl[k] + 0.5 * v for k, v in _delta(14, BASE, 0.01).items() if k in keys}
+    assert _verdict(_plus(BASE, (1.0, both)), lora) == "lora-baked"
     again = Sketch("lora", {k: TensorSketch(k, t.shape, 2 * t.values) for k, t in lora.tensors.items()})
     assert _verdict(again, lora) == "lora"
     other = {k: v for k, v in _delta(12, BASE, 0.01).items() if k in keys}
