@@ -6,7 +6,10 @@ item, fingerprints every result with modelhash, and scores each against the flag
 item the way the registry would (flagged fine-tunes stored as a delta against their
 reference base, flagged adapters as their LoRA sketch). Prints, per transformation,
 the score distribution and detection rate, per negative class the false-positive
-rate, and the thresholds with their margins.
+rate, and the thresholds with their margins. A second pass then flags every flagged
+item in one SQLite registry and checks every upload with the registry's own
+retrieval and verification (``find_matches``), against all flags at once, and
+reports what it found, what it missed, and any match of another flag.
 
 Two families:
 
@@ -444,6 +447,8 @@ def build_sd(work: Path, rep: int, steps: int, base_sd: SD, cases: list[Case], f
     add("L baked into base (peft merge_and_unload)", save_st(L_baked, d / "L_baked.safetensors", torch.float16), "L", "lora-baked")
     half = {k: base_sd[k] + 0.5 * (L_baked[k] - base_sd[k]) if base_sd[k].is_floating_point() else base_sd[k] for k in L_baked}
     add("L baked at strength 0.5", save_st(half, d / "L_half.safetensors", torch.float16), "L", "lora-baked")
+    mixed = {k: base_sd[k] + 0.5 * (L_baked[k] - base_sd[k]) + 0.5 * (L2_baked[k] - base_sd[k]) if base_sd[k].is_floating_point() else base_sd[k] for k in L_baked}
+    add("L and another LoRA baked at 0.5 each", save_st(mixed, d / "L_L2_half.safetensors", torch.float16), "L", "lora-baked")
     on_g = {k: G[k] + (L_baked[k] - base_sd[k]) if G[k].is_floating_point() else G[k] for k in G}
     add("L baked into a sibling fine-tune", save_st(on_g, d / "L_on_G.safetensors", torch.float16), "L", "lora-baked")
     torch.save(to_ldm({k: v.half() for k, v in L_baked.items()}), d / "L_baked_ldm.ckpt")
@@ -465,7 +470,7 @@ def build_sd(work: Path, rep: int, steps: int, base_sd: SD, cases: list[Case], f
     # sibling's own delta and keeps what they share, so the merge's delta cosine with
     # F rises with the number of ingredients while its coefficient does not.
     K1 = finetune(seed * 10 + 9, base_sd)
-    K2 = finetune(seed * 10 + 11, base_sd)
+    K2 = finetune(5000 + seed, base_sd)  # seed * 10 + 11 would be the next replicate's F data
     four = {k: (G[k] + H[k] + K1[k] + K2[k]) / 4 if G[k].is_floating_point() else G[k] for k in G}
     add("merge of four siblings", save_st(four, d / "GHK.safetensors", torch.float16), "F", None, "merge of four siblings")
     add("merge 0.5 F + 0.5 four-sibling merge", save_st(merge(F, four, 0.5), d / "F_GHK.safetensors", torch.float16), "F", "derived")
@@ -476,6 +481,8 @@ def build_sd(work: Path, rep: int, steps: int, base_sd: SD, cases: list[Case], f
     add("other LoRA L2", d / "L2_peft" / "adapter_model.safetensors", "L", None, "other LoRA, same base")
     add("other LoRA L2 vs LoHa", d / "L2_peft" / "adapter_model.safetensors", "LoHa", None, "other LoRA, same base")
     l2b = save_st(L2_baked, d / "L2_baked.safetensors", torch.float16)
+    pair = {k: base_sd[k] + 0.5 * (L2_baked[k] - base_sd[k]) + 0.5 * (loha_baked[k] - base_sd[k]) if base_sd[k].is_floating_point() else base_sd[k] for k in L_baked}
+    add("two other adapters (L2, LoHa) baked at 0.5 each vs L", save_st(pair, d / "L2_LoHa_half.safetensors", torch.float16), "L", None, "two other adapters baked at 0.5 each")
     for flag in ("L", "LoHa", "LoKr", "F"):
         add(f"other LoRA L2 baked vs {flag}", l2b, flag, None, "other LoRA baked")
     for s in (1, 2):
@@ -501,14 +508,20 @@ def build_llm(work: Path, rep: int, steps: int, base: SD, cases: list[Case], fla
 
     F = finetune(seed * 10 + 1, base)
     G = finetune(seed * 10 + 2, base)
-    m = llm_model(0)
-    m.load_state_dict(base)
-    torch.manual_seed(seed)
-    pm = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
-    loss = llm_step_fn(seed * 10 + 3)
-    train(list(pm.parameters()), lambda: loss(pm), steps, 1e-3)
-    pm.save_pretrained(str(d / "L_peft"))
-    L_baked = {k: v.detach().clone() for k, v in pm.merge_and_unload().state_dict().items()}
+
+    def adapter(data: int, folder: Path) -> SD:
+        m = llm_model(0)
+        m.load_state_dict(base)
+        torch.manual_seed(data)
+        pm = get_peft_model(m, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
+        loss = llm_step_fn(data)
+        train(list(pm.parameters()), lambda: loss(pm), steps, 1e-3)
+        pm.save_pretrained(str(folder))
+        return {k: v.detach().clone() for k, v in pm.merge_and_unload().state_dict().items()}
+
+    L_baked = adapter(seed * 10 + 3, d / "L_peft")
+    L2_baked = adapter(seed * 10 + 4, d / "L2_peft")
+    L3_baked = adapter(seed * 10 + 5, d / "L3_peft")
 
     flagged[f"llm{rep}:F"] = save_st(F, d / "F.safetensors")
     flagged[f"llm{rep}:L"] = d / "L_peft" / "adapter_model.safetensors"
@@ -530,6 +543,8 @@ def build_llm(work: Path, rep: int, steps: int, base: SD, cases: list[Case], fla
     add("DARE merge 0.5 F + 0.5 sibling (density 0.5)", save_st(dare(base, [(F, 0.5), (G, 0.5)], 0.5, seed), d / "dare.safetensors", torch.bfloat16), "F", "derived")
     add("L baked (peft merge_and_unload)", save_st(L_baked, d / "L_baked.safetensors", torch.bfloat16), "L", "lora-baked")
     add("L baked, GGUF Q8_0", write_gguf(L_baked, d / "L_baked_q8.gguf", "Q8_0"), "L", "lora-baked")
+    mixed = {k: base[k] + 0.5 * (L_baked[k] - base[k]) + 0.5 * (L2_baked[k] - base[k]) if base[k].is_floating_point() else base[k] for k in L_baked}
+    add("L and another LoRA baked at 0.5 each", save_st(mixed, d / "L_L2_half.safetensors", torch.bfloat16), "L", "lora-baked")
     base16 = save_st(base, d / "base16.safetensors", torch.float16)
     add("base vs F", base16, "F", None, "base of the flagged item")
     add("base vs L", base16, "L", None, "base of the flagged item")
@@ -541,6 +556,10 @@ def build_llm(work: Path, rep: int, steps: int, base: SD, cases: list[Case], fla
     p = save_st({k: v.detach() for k, v in r.state_dict().items()}, d / "rand.safetensors", torch.float16)
     add("random init vs F", p, "F", None, "random init, same architecture")
     add("random init vs L", p, "L", None, "random init, same architecture")
+    add("other LoRA L2 vs L", d / "L2_peft" / "adapter_model.safetensors", "L", None, "other LoRA, same base")
+    add("other LoRA L2 baked vs L", save_st(L2_baked, d / "L2_baked.safetensors", torch.bfloat16), "L", None, "other LoRA baked")
+    pair = {k: base[k] + 0.5 * (L2_baked[k] - base[k]) + 0.5 * (L3_baked[k] - base[k]) if base[k].is_floating_point() else base[k] for k in L_baked}
+    add("two other LoRAs baked at 0.5 each vs L", save_st(pair, d / "L2_L3_half.safetensors", torch.bfloat16), "L", None, "two other adapters baked at 0.5 each")
 
 
 # ---------------------------------------------------------------- scoring and the table
@@ -551,6 +570,8 @@ def main() -> None:
     ap.add_argument("--replicates", type=int, default=5)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--verbose", action="store_true", help="print every case")
+    ap.add_argument("--no-registry", action="store_true",
+                    help="skip the second pass through a registry (retrieval + verification)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -574,12 +595,14 @@ def main() -> None:
             cases.append(Case("x", f"x{rep}:sd L vs llm L", flagged[f"sd{rep}:L"], f"llm{rep}:L", None, "unrelated model"))
         built = time.perf_counter() - t0
         sketches: dict[Path, Sketch] = {}
+        summaries: dict[Path, dict[str, str]] = {}
 
         def sk(p: Path) -> Sketch:
             if p not in sketches:
                 fp = fingerprint_file(p)
                 assert fp.sketch is not None
                 sketches[p] = fp.sketch
+                summaries[p] = fp.summary()
             return sketches[p]
 
         base_sk = {fam: sk(p) for fam, p in bases.items()}
@@ -599,6 +622,80 @@ def main() -> None:
                 print(f"{c.name:55} -> {c.flagged:10} {m.match if m else '-':15} cos={cmp.cosine} z={cmp.z} coef={cmp.coefficient} n={cmp.tensors} bd={cmp.base_distance}")
         scored = time.perf_counter() - t0 - built
         report(rows, args.replicates, built, scored, len(sketches))
+        if not args.no_registry:
+            registry_pass(work, bases, flagged, cases, sk, summaries, rows)
+
+
+def registry_pass(work: Path, bases: dict[str, Path], flagged: dict[str, Path], cases: list[Case],
+                  sk: Callable[[Path], Sketch], summaries: dict[Path, dict[str, str]],
+                  rows: list[tuple[Case, object, object]]) -> None:
+    """Every case again, through a registry: flag every flagged item in one SQLite
+    registry (both bases registered first), then check each upload with
+    ``find_matches``, the retrieval and verification a check runs."""
+    from client.wire import BaseCreate, FlagCreate, encode_sketch
+    from registry._db import make_engine, session_scope
+    from registry._migrations import upgrade
+    from registry.crud.bases import create_base
+    from registry.crud.flags import create_flag
+    from registry.crud.keys import CLI
+    from registry.crud.sketches import find_matches
+
+    url = f"sqlite:///{work / 'registry.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    t0 = time.perf_counter()
+    try:
+        with session_scope(engine) as session:
+            for fam, p in bases.items():
+                create_base(session, data=BaseCreate(name=f"{fam}-base", fingerprint=summaries[p], sketch=encode_sketch(sk(p))), actor=CLI)
+        ids: dict[str, str] = {}
+        for key, p in flagged.items():
+            with session_scope(engine) as session:
+                flag, _ = create_flag(session, data=FlagCreate(category="other", fingerprint=summaries[p], sketch=encode_sketch(sk(p))), actor=CLI)
+                ids[key] = flag.id
+        names = {v: k for k, v in ids.items()}
+        direct = {id(c): m for c, _, m in rows}
+        found = missed = false_pos = disagree = 0
+        others: list[tuple[Case, str, str]] = []
+        for c in cases:
+            with session_scope(engine) as session:
+                hits = {h.flag_id: h.verdict.match for h in find_matches(session, sk(c.path))}
+            target = ids[c.flagged]
+            m = direct[id(c)]
+            if c.expect is not None:
+                if hits.get(target) in c.expect.split("|"):
+                    found += 1
+                else:
+                    missed += 1
+                    print(f"  registry missed: {c.name} -> {c.flagged} (direct: {m.match if m else None})")  # type: ignore[attr-defined]
+            elif target in hits:
+                false_pos += 1
+                print(f"  registry false positive: {c.name} -> {c.flagged} as {hits[target]}")
+            if (target in hits) != (m is not None):
+                disagree += 1
+            others += [(c, names.get(f, f), t) for f, t in hits.items() if f != target]
+        n_pos = sum(1 for c in cases if c.expect is not None)
+        n_neg = len(cases) - n_pos
+        print(f"\nregistry pass ({len(flagged)} flags, {len(bases)} bases, SQLite, {time.perf_counter() - t0:.0f} s): "
+              f"detected {found}/{n_pos} positives, {false_pos}/{n_neg} false positives, "
+              f"{disagree} verdicts differ from the direct comparison")
+        # F and FV (F with a replacement VAE) are one fine-tune: each matches the other's
+        # derivatives, as it should. Anything else is listed.
+        rep_of = lambda key: key.split(":")[0]  # noqa: E731
+        kind_of = lambda key: key.split(":")[1]  # noqa: E731
+        same = [o for o in others if rep_of(o[1]) == rep_of(o[0].flagged)
+                and {kind_of(o[1]), kind_of(o[0].flagged)} <= {"F", "FV"}]
+        print(f"matches of another flag than the case's own: {len(others)}, of which {len(same)} "
+              "are the same fine-tune flagged with and without its replacement VAE; the rest:")
+        flagged_files = {p: k for k, p in flagged.items()}
+        own = [o for o in others if flagged_files.get(o[0].path) == o[1]]
+        if own:
+            print(f"  ({len(own)} of them: the upload is itself the flagged file of that flag)")
+        for c, flag, kind in others:
+            if (c, flag, kind) not in same and (c, flag, kind) not in own:
+                print(f"  {c.name} (case flag {c.flagged}) -> {flag} ({kind})")
+    finally:
+        engine.dispose()
 
 
 def _fmt(xs: list[float], f: str = ".3f") -> str:
@@ -642,7 +739,7 @@ def report(rows: list[tuple[Case, object, object]], reps: int, built: float, sco
     n_det = sum(1 for rs in pos.values() for _, _, m in rs if m is not None)
     n_neg = sum(len(v) for v in neg.values())
     n_fp = sum(1 for rs in neg.values() for _, _, m in rs if m is not None)
-    print(f"\nthresholds: z >= {t.z} and (delta cosine >= {t.cosine} with, against a fine-tune, coefficient >= {t.min_coefficient}, or cosine >= {t.carried_cosine} with coefficient in {t.carried_coefficient}); near-duplicate: cosine >= {t.near_cosine} "
+    print(f"\nthresholds: z >= {t.z} and (delta cosine >= {t.cosine} with coefficient >= {t.min_coefficient} against a fine-tune, delta cosine >= {t.lora_cosine} against an adapter, or cosine >= {t.carried_cosine} with coefficient in {t.carried_coefficient}); near-duplicate: cosine >= {t.near_cosine} "
           f"and coefficient in {t.near_coefficient}; without a base, raw distance <= {t.raw_distance}; "
           f"tensors align at raw cosine >= {t.pair_cosine}; uploads farther than {t.base_distance} from the base get no delta")
     print(f"detected {n_det}/{n_pos} positives, {n_fp}/{n_neg} false positives")
@@ -650,11 +747,17 @@ def report(rows: list[tuple[Case, object, object]], reps: int, built: float, sco
     pos_rows = [r for rs in pos.values() for r in rs if r[1].cosine is not None]  # type: ignore[attr-defined]
     if pos_rows and neg_rows:
         neg_cos = max(x.cosine for _, x, _ in neg_rows)  # type: ignore[attr-defined]
-        by_cos = [x.cosine for _, x, _ in pos_rows if x.cosine >= t.cosine]  # type: ignore[attr-defined]
+        by_cos = [x.cosine for c, x, _ in pos_rows if x.cosine >= t.cosine and not c.flagged.endswith((":L", ":LoHa", ":LoKr"))]  # type: ignore[attr-defined]
         carried = [x for _, x, _ in pos_rows if x.cosine < t.cosine]  # type: ignore[attr-defined]
         neg_floor = [x.coefficient for _, x, _ in neg_rows if x.cosine >= t.carried_cosine]  # type: ignore[attr-defined]
-        print(f"cosine rule: lowest positive it catches {min(by_cos):.3f}, highest negative {neg_cos:.3f}, "
+        neg_cos = max(x.cosine for c, x, _ in neg_rows if not c.flagged.endswith((":L", ":LoHa", ":LoKr")))  # type: ignore[attr-defined]
+        print(f"cosine rule (fine-tune flags): lowest positive it catches {min(by_cos):.3f}, highest negative {neg_cos:.3f}, "
               f"threshold {t.cosine} (margin {t.cosine - neg_cos:+.3f} over the worst negative)")
+        lora_pos = [x.cosine for c, x, _ in pos_rows if c.flagged.endswith((":L", ":LoHa", ":LoKr")) and x.cosine >= t.lora_cosine]  # type: ignore[attr-defined]
+        lora_neg = [x.cosine for c, x, _ in neg_rows if c.flagged.endswith((":L", ":LoHa", ":LoKr"))]  # type: ignore[attr-defined]
+        if lora_pos and lora_neg:
+            print(f"adapter flags: lowest positive cosine the cosine rule catches {min(lora_pos):.3f}, highest negative "
+                  f"{max(lora_neg):.3f}, threshold {t.lora_cosine} (margin {t.lora_cosine - max(lora_neg):+.3f})")
         # Against fine-tunes the cosine rule also needs the coefficient floor.
         ft_pos = [x.coefficient for c, x, _ in pos_rows if c.flagged.endswith(":F") and x.cosine >= t.cosine]  # type: ignore[attr-defined]
         ft_neg = [x.coefficient for c, x, _ in neg_rows if c.flagged.endswith(":F") and x.cosine >= t.cosine]  # type: ignore[attr-defined]
