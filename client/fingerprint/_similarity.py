@@ -23,10 +23,11 @@ A match needs ``z`` ≥ :attr:`Thresholds.z` and either ``cosine`` ≥
 :attr:`Thresholds.cosine` (against a fine-tune, with a coefficient of at least
 :attr:`Thresholds.min_coefficient`: merges of many siblings reach a high cosine
 with little of the flagged delta in them; against an adapter, ``cosine`` ≥
-:attr:`Thresholds.lora_cosine`, as adapters for similar tasks share a direction), or a coefficient near 1 with a lower
-cosine floor: the upload then carries all of the flagged delta plus unrelated
-changes (pruning, another LoRA baked on top, coarse quantisation), which lower the
-cosine but leave the coefficient unbiased. z alone would flag siblings, whose
+:attr:`Thresholds.lora_cosine`, as adapters for similar tasks share a
+direction), or a coefficient near 1 with a lower cosine floor: the upload then
+carries all of the flagged delta plus unrelated changes (pruning, another LoRA
+baked on top, coarse quantisation), which lower the cosine but leave the
+coefficient unbiased. z alone would flag siblings, whose
 deltas are genuinely (if weakly) correlated, and cosine alone is noisy on small
 models. Without a base only near-duplicates can be found, by the relative distance
 of the raw sketches.
