@@ -243,6 +243,17 @@ class _SketchCarrier(BaseModel):
         return self
 
 
+class _Submission(_SketchCarrier):
+    """A flag or base submission: a ``fingerprint`` map with at least one strong hash."""
+
+    @field_validator("fingerprint", check_fields=False)
+    @classmethod
+    def _valid_fingerprint(cls, value: dict[str, str]) -> dict[str, str]:
+        digests = digests_from_map(value)
+        _require_strong(digests, "the fingerprint")
+        return {d.algorithm: d.hex for d in digests}
+
+
 class _Wire(BaseModel):
     """Answers: ignore fields a newer server adds."""
 
@@ -378,7 +389,7 @@ class RangeResult(_Wire):
     values: list[str]
 
 
-class FlagCreate(_SketchCarrier):
+class FlagCreate(_Submission):
     """A new flag: what the model is, why it is flagged, and its fingerprint map."""
 
     model_config = ConfigDict(extra="forbid")
@@ -404,12 +415,6 @@ class FlagCreate(_SketchCarrier):
         "derivatives and re-saves of the model match too.",
     )
 
-    @field_validator("fingerprint")
-    @classmethod
-    def _valid_fingerprint(cls, value: dict[str, str]) -> dict[str, str]:
-        digests = digests_from_map(value)
-        _require_strong(digests, "the fingerprint")
-        return {d.algorithm: d.hex for d in digests}
 
 
 class ReasonBody(BaseModel):
@@ -447,7 +452,7 @@ class FlagDetail(_Wire):
     opinions: list[Opinion] | None = None
 
 
-class BaseCreate(_SketchCarrier):
+class BaseCreate(_Submission):
     """A reference base: a public model that is never flagged."""
 
     model_config = ConfigDict(extra="forbid")
@@ -464,12 +469,6 @@ class BaseCreate(_SketchCarrier):
         "sketch; flags' deltas are measured against it.",
     )
 
-    @field_validator("fingerprint")
-    @classmethod
-    def _valid_fingerprint(cls, value: dict[str, str]) -> dict[str, str]:
-        digests = digests_from_map(value)
-        _require_strong(digests, "the fingerprint")
-        return {d.algorithm: d.hex for d in digests}
 
 
 class BasePublic(_Wire):

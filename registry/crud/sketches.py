@@ -18,12 +18,13 @@ Retrieval, two paths, then verification:
   upload's changes elsewhere would dilute the score of a LoRA baked into a
   fine-tune. An adapter is not tied to the base it was filed under: a checkpoint
   is compared with it relative to the checkpoint's own nearest base, when that
-  base has the adapter's modules. Each process keeps every bank in memory (refreshed from the table
-  when its max id or row count changes), computes the upload's signature once per
-  bank and scans the bank with XOR and popcount: the Hamming distance gives the
-  cosine (standard error about 0.025), the norms the coefficient. It keeps the
-  :data:`TOP_K` best cosines, and the best among rows whose coefficient says the
-  upload could carry all of their delta (:data:`CARRIED_WINDOW`).
+  base has the adapter's modules. Each process keeps every bank in memory
+  (refreshed from the table when its max id or row count changes), computes the
+  upload's signature once per bank and scans the bank with XOR and popcount: the
+  Hamming distance gives the cosine (standard error about 0.025), the norms the
+  coefficient. It keeps the :data:`TOP_K` best cosines, and the best among rows
+  whose coefficient says the upload could carry all of their delta
+  (:data:`CARRIED_WINDOW`).
 
   The scan is linear in the flags on a base, by design. Matches worth reporting
   sit at delta cosines of 0.1-0.4 from the flag, and unrelated flags at 0 ± the
@@ -242,13 +243,17 @@ def estimate(bits: U64, query: Signature) -> F32:
 
 
 def _lora_coverage(lora: Sketch, base: Sketch) -> float:
-    if not len(lora):
-        return 0.0
+    return len(lora_keys(lora, base)) / len(lora) if len(lora) else 0.0
+
+
+def _covers(base: Sketch, keys: frozenset[str], like: Sketch) -> bool:
+    """Whether ``base`` has enough of ``keys`` with the shapes they have in ``like``."""
     hits = sum(
-        1 for k, t in lora.tensors.items()
-        if (b := base.tensors.get(k)) is not None and b.shape == t.shape
+        1 for k in keys
+        if (b := base.tensors.get(k)) is not None and (t := like.tensors.get(k)) is not None
+        and b.shape == t.shape
     )
-    return hits / len(lora)
+    return hits >= LORA_COVERAGE * len(keys)
 
 
 class _Bank:
@@ -570,8 +575,8 @@ def rebase_flag_sketches(session: Session, *, base_id: str, base: Sketch) -> int
             continue
         prepared: PreparedSketch | None = None
         if kind == "lora":
-            if _lora_coverage(sketch, base) >= LORA_COVERAGE:
-                keys = lora_keys(sketch, base)
+            keys = lora_keys(sketch, base)
+            if len(sketch) and len(keys) >= LORA_COVERAGE * len(sketch):
                 sig = signature(sketch, base, keys)
                 if sig is not None:
                     prepared = PreparedSketch(kind="lora", base_id=base_id, blob=blob,
@@ -674,6 +679,7 @@ class _UploadDeltas:
         self.bases = bases
         self.deltas: dict[str, tuple[Sketch, float] | None] = {}
         self.stacks: dict[str, tuple[Stacked, Stacked]] = {}
+        self._nearest: tuple[str | None] | None = None
 
     def _compute(self, base_id: str) -> tuple[Sketch, float] | None:
         if base_id not in self.deltas:
@@ -693,9 +699,11 @@ class _UploadDeltas:
         return found[0] if found is not None else None
 
     def nearest(self) -> str | None:
-        """The base the upload is nearest to, within ``base_distance``."""
-        near = [(d[1], i) for i in self.bases if (d := self._compute(i)) is not None]
-        return min(near)[1] if near else None
+        """The base the upload is nearest to, within ``base_distance`` (computed once)."""
+        if self._nearest is None:
+            near = [(d[1], i) for i in self.bases if (d := self._compute(i)) is not None]
+            self._nearest = (min(near)[1] if near else None,)
+        return self._nearest[0]
 
     def stacked(self, base_id: str) -> tuple[Stacked, Stacked] | None:
         if base_id not in self.stacks:
@@ -726,16 +734,17 @@ def find_matches(
     # baked into is compared on the adapter's modules relative to the checkpoint's
     # nearest base (when that base has those modules), whichever base of the same
     # layout the adapter was filed under.
-    nearest = deltas.nearest() if upload.kind != "lora" else None
     verify_with: dict[int, str] = {}
     for (bank_base, modules), bank in snap.banks.items():
         if bank_base not in bases or not len(bank.ids):
             continue
         keys = snap.modules.get(modules) if modules is not None else None
         base_id = bank_base
-        if keys is not None and nearest is not None and nearest != bank_base:
-            b = bases[nearest][1]
-            if sum(1 for k in keys if k in b.tensors) >= LORA_COVERAGE * len(keys):
+        if keys is not None and upload.kind != "lora":
+            nearest = deltas.nearest()
+            if nearest is not None and nearest != bank_base and _covers(
+                bases[nearest][1], keys, bases[bank_base][1]
+            ):
                 base_id = nearest
         upload_delta = deltas.get(base_id)
         if upload_delta is None:
