@@ -315,6 +315,32 @@ def report(label: str, results: list[Result]) -> None:
         )
 
 
+@contextmanager
+def pg_schema(pg_url: str, prefix: str) -> Iterator[tuple[str, Callable[[], int]]]:
+    """A fresh PostgreSQL schema, dropped afterwards: its URL, and a function giving
+    the bytes its tables take."""
+    schema = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(pg_url)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+
+    def size() -> int:
+        with admin.connect() as conn:
+            return int(conn.execute(text(
+                "SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = :s AND c.relkind = 'r'"
+            ), {"s": schema}).scalar_one())
+
+    url = make_url(pg_url).update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        yield url.render_as_string(hide_password=False), size
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default="sqlite,postgresql")
@@ -341,20 +367,8 @@ def main() -> None:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         elif backend == "postgresql":
-            schema = f"modelhash_bench_{uuid.uuid4().hex[:8]}"
-            admin = create_engine(args.pg_url)
-            with admin.begin() as conn:
-                conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-            url = make_url(args.pg_url).update_query_dict({"options": f"-csearch_path={schema}"})
-            try:
-                report(
-                    "PostgreSQL",
-                    run_backend("postgresql", url.render_as_string(hide_password=False), args),
-                )
-            finally:
-                with admin.begin() as conn:
-                    conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-                admin.dispose()
+            with pg_schema(args.pg_url, "modelhash_bench") as (url, _size):
+                report("PostgreSQL", run_backend("postgresql", url, args))
         else:
             raise SystemExit(f"unknown backend {backend!r}")
 

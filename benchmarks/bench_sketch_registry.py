@@ -46,9 +46,8 @@ from typing import Any
 
 import httpx
 import numpy as np
-from bench_registry import PG_DEFAULT, drive, server
-from sqlalchemy import create_engine, func, insert, select, text
-from sqlalchemy.engine import make_url
+from bench_registry import PG_DEFAULT, drive, pg_schema, server
+from sqlalchemy import func, insert, select, text
 
 from client.fingerprint import Sketch, TensorSketch, delta_sketch
 from client.fingerprint._project import K
@@ -260,28 +259,8 @@ def main() -> None:
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
             elif backend == "postgresql":
-                schema = f"modelhash_sketch_bench_{uuid.uuid4().hex[:8]}"
-                admin = create_engine(args.pg_url)
-                with admin.begin() as conn:
-                    conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-                url = make_url(args.pg_url).update_query_dict(
-                    {"options": f"-csearch_path={schema}"}
-                ).render_as_string(hide_password=False)
-
-                def pg_size(schema: str = schema, admin: Any = admin) -> int:
-                    with admin.connect() as conn:
-                        return int(conn.execute(text(
-                            "SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c "
-                            "JOIN pg_namespace n ON n.oid = c.relnamespace "
-                            "WHERE n.nspname = :s AND c.relkind = 'r'"
-                        ), {"s": schema}).scalar_one())
-
-                try:
-                    run("PostgreSQL", url, n, args, size_of=pg_size)
-                finally:
-                    with admin.begin() as conn:
-                        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-                    admin.dispose()
+                with pg_schema(args.pg_url, "modelhash_sketch_bench") as (url, size):
+                    run("PostgreSQL", url, n, args, size_of=size)
             else:
                 raise SystemExit(f"unknown backend {backend!r}")
 
