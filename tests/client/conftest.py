@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from typer.testing import CliRunner
 
 from client._cli import app
 from tests.fingerprint.conftest import tiny_state_dict
+from tests.utils.registry import stop
 
 _SCRIPT = Path(sys.executable).with_name("modelhash")
 MODELHASH = (
@@ -131,10 +131,4 @@ def live_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveRegi
             time.sleep(0.1)
         yield LiveRegistry(url, keys["admin"], keys["submitter"], keys["reader"], proc, log)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc)

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.utils.registry import auth, flag_body, random_fingerprint
+from tests.utils.registry import auth, flag_body, random_fingerprint, stop
 
 _SCRIPT = Path(sys.executable).with_name("modelhash")
 MODELHASH = (
@@ -83,13 +83,7 @@ def serve(cwd: Path, *db: str, name: str = "server") -> Iterator[Server]:
             time.sleep(0.1)
         yield server
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(proc)
 
 
 def test_one_command_serves_a_fresh_sqlite_registry(tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
+import subprocess
 import uuid
 from typing import Any
 
@@ -92,3 +94,14 @@ def drop_pg_schema(schema: str) -> None:
             conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
     finally:
         engine.dispose()
+
+
+def stop(proc: subprocess.Popen[Any]) -> None:
+    """Stop a server process: SIGTERM, then SIGKILL if it has not exited in 15 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
