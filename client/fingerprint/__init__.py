@@ -47,6 +47,7 @@ if TYPE_CHECKING:
         compare,
         delta_sketch,
         match,
+        shared_direction,
     )
     from client.fingerprint._sketch import SKETCH_ALGORITHM, Sketch, TensorSketch
 
@@ -60,6 +61,7 @@ _LAZY = {
     "compare": "client.fingerprint._similarity",
     "delta_sketch": "client.fingerprint._similarity",
     "match": "client.fingerprint._similarity",
+    "shared_direction": "client.fingerprint._similarity",
     "SKETCH_ALGORITHM": "client.fingerprint._sketch",
     "Sketch": "client.fingerprint._sketch",
     "TensorSketch": "client.fingerprint._sketch",
@@ -99,4 +101,5 @@ __all__ = [
     "match",
     "parse_hash",
     "parse_hash_as",
+    "shared_direction",
 ]

@@ -31,6 +31,13 @@ coefficient unbiased. z alone would flag siblings, whose
 deltas are genuinely (if weakly) correlated, and cosine alone is noisy on small
 models. Without a base only near-duplicates can be found, by the relative distance
 of the raw sketches.
+
+Deltas of one base share a direction beyond weight decay: every fine-tune or
+adapter moves away from what the base learnt in a similar way. Given known-innocent
+derivatives of the base (public fine-tunes, public adapters), :func:`shared_direction`
+estimates it as the mean of their unit deltas, and ``compare(..., shared=...)``
+removes it from both deltas before scoring, so what is left is what makes each
+derivative itself.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ __all__ = [
     "delta_sketch",
     "match",
     "scored",
+    "shared_direction",
 ]
 
 F64 = npt.NDArray[np.float64]
@@ -88,6 +96,23 @@ class Thresholds:
     0.7 or more through the carried rule; a false match on an innocent adapter
     costs more than that recall.
     """
+    shared_min_coefficient: float = 0.25
+    """:attr:`min_coefficient` when the base's shared direction was removed.
+
+    The floor above compensates for the part of their deltas that siblings share.
+    Once that part is estimated from known-innocent references and removed (see
+    :func:`shared_direction`), siblings' coefficients fall (0.29 to 0.15 in the
+    evaluation) and so do true merge fractions, which it had inflated (a 30/70 merge:
+    0.41 to 0.33); the floor sits in the middle of the new gap.
+    """
+    shared_lora_cosine: float = 0.5
+    """:attr:`lora_cosine` when the base's shared adapter direction was removed
+    (other adapters: 0.57 to 0.37; a flagged LoRA mixed with another: 0.77 to 0.64)."""
+    shared_min_samples: int = 4
+    """Known-innocent references a shared direction needs before it is used.
+
+    With fewer, the mean is mostly the samples' own deltas and removes too little of
+    what they share for the lower thresholds above to be safe."""
     carried_cosine: float = 0.1
     """Minimum delta cosine when the coefficient shows the whole flagged delta is present."""
     carried_coefficient: tuple[float, float] = (0.7, 1.5)
@@ -121,6 +146,10 @@ a VAE swap hide a flagged fine-tune. Raw near-duplicate matching still uses it.
 """
 
 
+SHARED_COVERAGE = 0.5
+"""Share of the compared tensors a shared direction must cover to be removed."""
+
+
 def scored(key: str) -> bool:
     """Whether a tensor key takes part in delta scores (see :data:`NOT_SCORED`)."""
     return not key.startswith(NOT_SCORED)
@@ -138,6 +167,7 @@ class Comparison:
     base_distance: float | None = None
     raw_distance: float | None = None
     raw_coverage: float = 0.0
+    shared_removed: bool = False
 
 
 @dataclass(frozen=True)
@@ -214,8 +244,10 @@ def _cos(a: F64, b: F64) -> float:
 def delta_sketch(model: Sketch, base: Sketch) -> tuple[Sketch, float]:
     """``model`` minus ``base`` on aligned tensors, keyed by the base's keys.
 
-    Also returns the relative distance ‖model - base‖ / ‖base‖ over those tensors;
-    an empty delta and infinity when nothing aligns.
+    Also returns the relative distance ‖model - base‖ / ‖base‖ over the aligned
+    tensors that are scored (never the VAE, see :data:`NOT_SCORED`: a swapped VAE
+    must not change which base a model is nearest to); an empty delta and infinity
+    when nothing aligns.
     """
     pairs = align(model, base)
     out: dict[str, TensorSketch] = {}
@@ -224,8 +256,9 @@ def delta_sketch(model: Sketch, base: Sketch) -> tuple[Sketch, float]:
         b = base.tensors[bk]
         d = model.tensors[mk].values - b.values
         out[bk] = TensorSketch(bk, b.shape, d)
-        num += float(np.sum(d * d))
-        den += float(np.sum(b.values * b.values))
+        if scored(bk):
+            num += float(np.sum(d * d))
+            den += float(np.sum(b.values * b.values))
     dist = math.sqrt(num / den) if den > 0 else math.inf
     return Sketch("delta", out), dist
 
@@ -249,6 +282,73 @@ def _deltas(s: Sketch, base: Sketch | None) -> tuple[Sketch | None, float | None
     return delta_sketch(s, base)
 
 
+def _pooled(delta: Sketch, base: Sketch) -> dict[str, F64]:
+    """A delta's scored tensors, each made orthogonal to the base's tensor of its key."""
+    out: dict[str, F64] = {}
+    for key, t in delta.tensors.items():
+        b = base.tensors.get(key)
+        if scored(key) and b is not None and b.shape == t.shape:
+            out[key] = _orthogonal(_flat(t), b, t.shape)
+    return out
+
+
+def shared_direction(
+    samples: list[Sketch], base: Sketch, *, thresholds: Thresholds = THRESHOLDS
+) -> Sketch | None:
+    """The direction that known-innocent derivatives of ``base`` share, or None.
+
+    ``samples`` are raw sketches of fine-tunes of ``base`` (kind ``model``) or
+    adapters on it (kind ``lora``). Each sample's delta, made orthogonal to the base
+    tensor by tensor as :func:`compare` does, is scaled to unit norm over its scored
+    tensors, and the result is their mean, tensor by tensor (a tensor's mean is over
+    the samples that cover it). Samples that are not derivatives of ``base`` (too
+    far, or the base itself) are skipped; None with fewer than
+    :attr:`Thresholds.shared_min_samples` left. Unrelated deltas of a base are close to
+    orthogonal, so the mean keeps only what they have in common; in the evaluation
+    one such direction carried most of the similarity between innocent adapters.
+    The result is a ``delta`` sketch keyed by the base's keys.
+    """
+    sums: dict[str, F64] = {}
+    counts: dict[str, int] = {}
+    used = 0
+    for sample in samples:
+        if sample.kind == "model":
+            delta, dist = delta_sketch(sample, base)
+            if not (thresholds.raw_distance < dist <= thresholds.base_distance):
+                continue
+        elif sample.kind == "lora":
+            delta = sample
+        else:
+            continue
+        vecs = _pooled(delta, base)
+        norm = math.sqrt(sum(float(v @ v) for v in vecs.values()))
+        if not vecs or not math.isfinite(norm) or norm == 0:
+            continue
+        used += 1
+        for key, v in vecs.items():
+            sums[key] = sums.get(key, 0.0) + v / norm
+            counts[key] = counts.get(key, 0) + 1
+    if used < thresholds.shared_min_samples:
+        return None
+    return Sketch("delta", {
+        k: TensorSketch(k, base.tensors[k].shape, (sums[k] / counts[k]).reshape(
+            base.tensors[k].values.shape
+        ))
+        for k in sums
+    })
+
+
+def _without(vecs: dict[str, F64], shared: Sketch, keys: list[str]) -> dict[str, F64]:
+    """``vecs`` (on ``keys``) minus their projection on the shared direction over those keys."""
+    s = {k: _flat(t) for k in keys if (t := shared.tensors.get(k)) is not None
+         and t.values.size == vecs[k].size}
+    ss = sum(float(v @ v) for v in s.values())
+    if ss == 0:
+        return vecs
+    proj = sum(float(vecs[k] @ v) for k, v in s.items()) / ss
+    return {k: (vecs[k] - proj * s[k]) if k in s else vecs[k] for k in keys}
+
+
 def compare(
     upload: Sketch,
     flagged: Sketch,
@@ -256,11 +356,13 @@ def compare(
     *,
     base_name: str | None = None,
     thresholds: Thresholds = THRESHOLDS,
+    shared: Sketch | None = None,
 ) -> Comparison:
     """Every score of ``upload`` against ``flagged``, relative to ``base`` if given.
 
     ``flagged`` is a raw model sketch, a ``delta`` against ``base``, or a ``lora``;
-    ``upload`` is a raw model sketch or a ``lora``.
+    ``upload`` is a raw model sketch or a ``lora``. ``shared``, from
+    :func:`shared_direction`, is removed from both deltas before scoring.
     """
     raw_distance, coverage = _raw(upload, flagged)
     du, up_dist = _deltas(upload, base)
@@ -269,23 +371,38 @@ def compare(
         return Comparison(
             base_distance=up_dist, raw_distance=raw_distance, raw_coverage=coverage
         )
-    dot = uu = ff = 0.0
-    zsum = wsum = 0.0
-    n = 0
+    fvs: dict[str, F64] = {}
+    uvs: dict[str, F64] = {}
+    dofs: dict[str, float] = {}
     for key, f in df.tensors.items():
         u = du.tensors.get(key)
         if u is None or u.shape != f.shape or not scored(key):
             continue
         b = base.tensors.get(key) if base is not None else None
-        fv = _orthogonal(_flat(f), b, f.shape)
-        uv = _orthogonal(_flat(u), b, f.shape)
+        fvs[key] = _orthogonal(_flat(f), b, f.shape)
+        uvs[key] = _orthogonal(_flat(u), b, f.shape)
+        dofs[key] = f.dof
+    # The shared direction is removed only where it covers most of the compared
+    # tensors: the lower thresholds that follow assume it is gone.
+    removed = shared is not None and bool(fvs) and (
+        sum(1 for k in fvs if k in shared.tensors) >= SHARED_COVERAGE * len(fvs)
+    )
+    if removed:
+        assert shared is not None
+        keys = list(fvs)
+        fvs, uvs = _without(fvs, shared, keys), _without(uvs, shared, keys)
+    dot = uu = ff = 0.0
+    zsum = wsum = 0.0
+    n = 0
+    for key, fv in fvs.items():
+        uv = uvs[key]
         nf, nu = float(np.linalg.norm(fv)), float(np.linalg.norm(uv))
         if nf == 0:
             continue
         d = float(uv @ fv)
         dot, uu, ff = dot + d, uu + nu * nu, ff + nf * nf
         c = d / (nu * nf) if nu > 0 else 0.0
-        zsum += nf * c * math.sqrt(f.dof)
+        zsum += nf * c * math.sqrt(dofs[key])
         wsum += nf * nf
         n += 1
     if n == 0:
@@ -302,6 +419,7 @@ def compare(
         base_distance=up_dist,
         raw_distance=raw_distance,
         raw_coverage=coverage,
+        shared_removed=removed,
     )
 
 
@@ -328,6 +446,7 @@ def match(
     *,
     base_name: str | None = None,
     thresholds: Thresholds = THRESHOLDS,
+    shared: Sketch | None = None,
 ) -> Match | None:
     """The verdict for ``upload`` against one flagged item, or None if it does not match.
 
@@ -336,7 +455,7 @@ def match(
     (the flagged adapter in another form) and ``lora-baked`` (the flagged adapter
     merged into a checkpoint).
     """
-    c = compare(upload, flagged, base, base_name=base_name, thresholds=thresholds)
+    c = compare(upload, flagged, base, base_name=base_name, thresholds=thresholds, shared=shared)
     t = thresholds
     if c.cosine is not None and c.z is not None and c.coefficient is not None:
         carried = (
@@ -344,9 +463,10 @@ def match(
             and t.carried_coefficient[0] <= c.coefficient <= t.carried_coefficient[1]
         )
         if flagged.kind == "lora":
-            by_cosine = c.cosine >= t.lora_cosine
+            by_cosine = c.cosine >= (t.shared_lora_cosine if c.shared_removed else t.lora_cosine)
         else:
-            by_cosine = c.cosine >= t.cosine and c.coefficient >= t.min_coefficient
+            floor = t.shared_min_coefficient if c.shared_removed else t.min_coefficient
+            by_cosine = c.cosine >= t.cosine and c.coefficient >= floor
         if (by_cosine or carried) and c.z >= t.z:
             lo, hi = t.near_coefficient
             if upload.kind == "lora":
@@ -376,6 +496,8 @@ def _evidence(c: Comparison) -> dict[str, Any]:
             z=round(c.z or 0.0, 2),
             coefficient=round(c.coefficient or 0.0, 4),
         )
+    if c.shared_removed:
+        out["shared_direction_removed"] = True
     if c.base_distance is not None:
         out["base_distance"] = round(c.base_distance, 4)
     if c.raw_distance is not None:

@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.fingerprint import Sketch, TensorSketch, compare, delta_sketch, match
+from client.fingerprint import Sketch, TensorSketch, compare, delta_sketch, match, shared_direction
 from client.fingerprint._project import K
 
 SHAPES = [(320, 320), (320, 768), (640, 320), (1280, 640)]
@@ -208,3 +208,53 @@ def test_a_shared_baked_vae_does_not_make_models_match() -> None:
     assert verdict(_with_vae(F, vae_ft)) == "near-duplicate"
     c = compare(_with_vae(F), flagged, base)
     assert c.tensors == 40
+
+
+def _values(s: Sketch) -> dict[str, np.ndarray]:
+    return {k: t.values for k, t in s.tensors.items()}
+
+
+def test_a_shared_direction_learnt_from_innocent_derivatives_is_removed() -> None:
+    """Fine-tunes that share a direction look alike until it is learnt and removed."""
+    common = _delta(500, BASE, 0.01)
+    ft = {i: _plus(BASE, (1.0, _delta(510 + i, BASE, 0.01)), (0.8, common)) for i in range(10)}
+    flagged = delta_sketch(ft[0], BASE)[0]
+    refs = [ft[i] for i in range(4, 10)]
+    shared = shared_direction([*refs, BASE, _model(77)], BASE)  # the base and a stranger are skipped
+    assert shared is not None and set(shared.tensors) == set(BASE.tensors)
+    assert shared_direction([BASE, _model(77)], BASE) is None
+    sibling = compare(ft[1], flagged, BASE)
+    assert sibling.cosine is not None and sibling.cosine > 0.35  # 0.64 / 1.64
+    assert match(ft[1], flagged, BASE) is not None
+    cleaned = compare(ft[1], flagged, BASE, shared=shared)
+    assert cleaned.cosine is not None and abs(cleaned.cosine) < 0.15
+    assert match(ft[1], flagged, BASE, shared=shared) is None
+    # What makes the flagged fine-tune itself is kept: re-uploads and merges still match.
+    m = match(_noise(ft[0], 1e-4, 3), flagged, BASE, shared=shared)
+    assert m is not None and m.match == "near-duplicate"
+    assert m.evidence["shared_direction_removed"] is True
+    merged = _plus(BASE, (0.5, _values(delta_sketch(ft[0], BASE)[0])),
+                   (0.5, _values(delta_sketch(ft[1], BASE)[0])))
+    m = match(merged, flagged, BASE, shared=shared)
+    c = compare(merged, flagged, BASE, shared=shared)
+    assert m is not None and m.match == "derived"
+    assert c.coefficient is not None and abs(c.coefficient - 0.5) < 0.1
+
+
+def test_a_shared_direction_of_adapters_covers_their_modules() -> None:
+    keys = list(BASE.tensors)[:10]
+
+    def adapter(seed: int, common: float) -> Sketch:
+        own, shared = _delta(seed, BASE, 0.01), _delta(600, BASE, 0.01)
+        return Sketch("lora", {k: TensorSketch(k, BASE.tensors[k].shape, own[k] + common * shared[k])
+                               for k in keys})
+
+    refs = [adapter(610 + i, 1.3) for i in range(6)]
+    shared = shared_direction(refs, BASE)
+    assert shared is not None and set(shared.tensors) == set(keys)
+    flagged, other = adapter(601, 1.3), adapter(602, 1.3)
+    assert match(other, flagged, BASE) is not None  # cosine 0.63 over the adapter threshold
+    assert match(other, flagged, BASE, shared=shared) is None
+    baked = _plus(BASE, (1.0, _values(flagged)))
+    m = match(baked, flagged, BASE, shared=shared)
+    assert m is not None and m.match == "lora-baked"
