@@ -104,9 +104,10 @@ def base_body(
     """A validated reference-base submission."""
     data = _fingerprint_fields(fingerprint)
     if isinstance(fingerprint, ModelFingerprint) and (
-        fingerprint.sketch is None or fingerprint.sketch.kind != "model"
+        fingerprint.sketch is None or fingerprint.sketch.kind not in ("model", "lora")
     ):
-        data.pop("sketch", None)  # only a checkpoint's raw sketch can be a base
+        # A checkpoint is a base of deltas; a public adapter is a reference adapter.
+        data.pop("sketch", None)
     data.update(name=name, description=description)
     try:
         return BaseCreate.model_validate(data)

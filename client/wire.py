@@ -453,10 +453,15 @@ class FlagDetail(_Wire):
 
 
 class BaseCreate(_Submission):
-    """A reference base: a public model that is never flagged."""
+    """A reference base: a public model that is never flagged.
+
+    A public fine-tune is a base of its own too; a public adapter (a ``lora``
+    sketch) is never a base of deltas. Both teach the registry what the
+    derivatives of their base share, which is removed before scoring.
+    """
 
     model_config = ConfigDict(extra="forbid")
-    _sketch_kinds: ClassVar[tuple[str, ...]] = ("model",)
+    _sketch_kinds: ClassVar[tuple[str, ...]] = ("model", "lora")
 
     name: Text = Field(min_length=1, max_length=200)
     description: Text | None = Field(default=None, max_length=4000)
@@ -466,7 +471,8 @@ class BaseCreate(_Submission):
         default=None,
         max_length=_SKETCH_B64_MAX,
         description="Optional: base64 of Sketch.to_bytes() of the base's raw (model) "
-        "sketch; flags' deltas are measured against it.",
+        "sketch, which flags' deltas are measured against, or of a public adapter's "
+        "(lora) sketch, a known-innocent adapter.",
     )
 
 

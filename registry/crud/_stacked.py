@@ -97,18 +97,22 @@ def orthogonal_rows(d: F64, b: F64) -> F64:
     return out
 
 
-def pooled_cosine(upload: Stacked, flagged: Stacked, base: Stacked) -> float:
+def pooled_cosine(upload: Stacked, flagged: Stacked, base: Stacked,
+                  shared: Stacked | None = None) -> float:
     """The pooled cosine of two deltas over the scored tensors both cover, each made
-    orthogonal to the base's tensor of the same key and shape (as the verifier does)."""
+    orthogonal to the base's tensor of the same key and shape, and without the
+    ``shared`` direction over those tensors, if given (as the verifier does)."""
     fi: list[int] = []
     ui: list[int] = []
     bi: list[int] = []
+    ks: list[str] = []
     for key, i in flagged.rows.items():
         j = upload.rows.get(key)
         if j is None or upload.shapes[j] != flagged.shapes[i] or not scored(key):
             continue
         fi.append(i)
         ui.append(j)
+        ks.append(key)
         k = base.rows.get(key)
         bi.append(k if k is not None and base.shapes[k] == flagged.shapes[i] else -1)
     if not fi:
@@ -121,5 +125,15 @@ def pooled_cosine(upload: Stacked, flagged: Stacked, base: Stacked) -> float:
         b[has] = base.values[np.array(bi)[has]]
         f = orthogonal_rows(f, b)
         u = orthogonal_rows(u, b)
+    if shared is not None:
+        s = np.zeros_like(f)
+        for row, key in enumerate(ks):
+            k = shared.rows.get(key)
+            if k is not None and shared.shapes[k] == flagged.shapes[fi[row]]:
+                s[row] = shared.values[k]
+        ss = float(np.sum(s * s))
+        if ss > 0:
+            f = f - (float(np.sum(f * s)) / ss) * s
+            u = u - (float(np.sum(u * s)) / ss) * s
     uu, ff = float(np.sum(u * u)), float(np.sum(f * f))
     return float(np.sum(u * f)) / float(np.sqrt(uu * ff)) if uu > 0 and ff > 0 else 0.0

@@ -2,6 +2,11 @@
 
 Only a base's strong hashes are kept: they are what a flag is compared against, and
 a truncated hash could refuse an innocent flag by chance.
+
+A reference may also be a public fine-tune (it is then a base of its own as well)
+or a public adapter (never a base of deltas). Both are known-innocent derivatives:
+the similarity layer learns from them the direction that all derivatives of a base
+share, and removes it before scoring (see :class:`registry.crud.sketches.SharedDirections`).
 """
 
 from __future__ import annotations
@@ -44,7 +49,9 @@ def create_base(session: Session, *, data: BaseCreate, actor: Principal) -> Refe
         rebased = 0
         if sketch is not None:
             store_base_sketch(session, base_id=base.id, sketch=sketch)
-            rebased = rebase_flag_sketches(session, base_id=base.id, base=sketch)
+            # A reference adapter is not a base of deltas: no flag is re-based on it.
+            if sketch.kind == "model":
+                rebased = rebase_flag_sketches(session, base_id=base.id, base=sketch)
         record(
             session,
             actor=actor,
@@ -54,8 +61,8 @@ def create_base(session: Session, *, data: BaseCreate, actor: Principal) -> Refe
             detail={
                 "name": data.name,
                 "fingerprint": {d.algorithm: d.hex for d in strong},
-                **({"sketch_tensors": len(sketch), "rebased_flags": rebased}
-                   if sketch is not None else {}),
+                **({"sketch_tensors": len(sketch), "sketch_kind": sketch.kind,
+                    "rebased_flags": rebased} if sketch is not None else {}),
             },
         )
         session.commit()

@@ -63,7 +63,13 @@ from sqlalchemy import Engine, func
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
-from client.fingerprint._similarity import THRESHOLDS, delta_sketch, scored
+from client.fingerprint._similarity import (
+    THRESHOLDS,
+    compare,
+    delta_sketch,
+    scored,
+    shared_direction,
+)
 from client.fingerprint._similarity import Match as Verdict
 from client.fingerprint._similarity import match as verify
 from client.fingerprint._sketch import Sketch, TensorSketch
@@ -79,6 +85,7 @@ __all__ = [
     "TOP_K",
     "BankView",
     "PreparedSketch",
+    "SharedDirections",
     "Signature",
     "SketchHit",
     "SketchIndex",
@@ -306,8 +313,10 @@ class SketchIndex:
     max_id: int = 0
     count: int = 0
     bases: dict[str, tuple[str, Sketch]] = field(default_factory=dict)
+    adapters: dict[str, tuple[str, Sketch]] = field(default_factory=dict)
     banks: dict[BankKey, _Bank] = field(default_factory=dict)
     modules: dict[str, frozenset[str]] = field(default_factory=dict)
+    shared: SharedDirections = field(default_factory=lambda: SharedDirections({}, {}))
     lock: threading.Lock = field(default_factory=threading.Lock)
     counted_at: float = -math.inf
 
@@ -342,9 +351,12 @@ class SketchIndex:
                 incremental = False
             if not incremental:
                 self.max_id = self.count = 0
-                self.bases, self.banks, self.modules = {}, {}, {}
+                self.bases, self.adapters, self.banks, self.modules = {}, {}, {}, {}
+            known = (len(self.bases), len(self.adapters))
             self._load(session, after=self.max_id, upto=top)
             self.max_id, self.count = top, count
+            if not incremental or known != (len(self.bases), len(self.adapters)):
+                self.shared = SharedDirections(dict(self.bases), dict(self.adapters))
 
     def _load(self, session: Session, *, after: int, upto: int) -> None:
         names = dict(session.exec(select(ReferenceBase.id, ReferenceBase.name)).all())
@@ -356,9 +368,14 @@ class SketchIndex:
         )
         for _sid, owner, blob in base_rows:
             try:
-                self.bases[owner] = (names.get(owner, owner), Sketch.from_bytes(blob))
+                sketch = Sketch.from_bytes(blob)
             except Exception:
                 _log.warning("reference base %s has an unreadable sketch; skipped", owner)
+                continue
+            # A public adapter registered as a reference is never a base for deltas:
+            # it only teaches the registry what adapters on a base have in common.
+            into = self.adapters if sketch.kind == "lora" else self.bases
+            into[owner] = (names.get(owner, owner), sketch)
         rows = session.execute(
             sa_select(col(SketchSignature.sketch_id), col(SketchSignature.base_id),
                       col(SketchSignature.signature), col(SketchSignature.norm),
@@ -407,17 +424,79 @@ class SketchIndex:
         with self.lock:
             return Snapshot(
                 dict(self.bases), {b: bank.view() for b, bank in self.banks.items()},
-                dict(self.modules),
+                dict(self.modules), dict(self.adapters), self.shared,
             )
+
+
+class SharedDirections:
+    """Per base, the direction its known-innocent derivatives share, computed on first use.
+
+    The samples are the registered references themselves. A reference model's
+    *parent* is the nearest base registered before it, within
+    ``THRESHOLDS.base_distance`` (register a foundation model before its public
+    fine-tunes); the models whose parent a base is (public fine-tunes registered as
+    bases) give the direction removed when scoring against its flagged fine-tunes,
+    and the reference adapters that cover its modules the one removed when scoring
+    against its flagged adapters (see
+    :func:`~client.fingerprint._similarity.shared_direction`). A new reference
+    replaces the whole object, so a check never sees a half-updated one.
+    """
+
+    def __init__(self, bases: dict[str, tuple[str, Sketch]],
+                 adapters: dict[str, tuple[str, Sketch]]) -> None:
+        self._bases = bases  # in registration order
+        self._adapters = adapters
+        self._cache: dict[tuple[str, str], Sketch | None] = {}
+        self._parents: dict[str, str] | None = None
+        self._lock = threading.Lock()
+
+    def _children(self, base_id: str) -> list[Sketch]:
+        with self._lock:
+            if self._parents is None:
+                parents: dict[str, str] = {}
+                earlier: list[tuple[str, Sketch]] = []
+                t = THRESHOLDS
+                for bid, (_name, sketch) in self._bases.items():
+                    near = []
+                    for pid, p in earlier:
+                        delta, dist = delta_sketch(sketch, p)
+                        if t.raw_distance < dist <= t.base_distance:
+                            near.append((base_rank(delta, dist), pid))
+                    if near:
+                        parents[bid] = min(near)[1]
+                    earlier.append((bid, sketch))
+                self._parents = parents
+            return [self._bases[c][1] for c, p in self._parents.items() if p == base_id]
+
+    def get(self, base_id: str, kind: str) -> Sketch | None:
+        """The shared direction for flags of ``kind`` (``lora`` or not) relative to a base."""
+        key = (base_id, "lora" if kind == "lora" else "model")
+        with self._lock:
+            if key in self._cache:
+                return self._cache[key]
+        base = self._bases.get(base_id)
+        found: Sketch | None = None
+        if base is not None:
+            if key[1] == "lora":
+                samples = [a for _n, a in self._adapters.values()
+                           if _lora_coverage(a, base[1]) >= LORA_COVERAGE]
+            else:
+                samples = self._children(base_id)
+            found = shared_direction(samples, base[1]) if samples else None
+        with self._lock:
+            self._cache[key] = found
+        return found
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """What a check reads of the index: base sketches, banks, adapter module sets."""
+    """What a check reads of the index: bases, banks, adapter module sets, references."""
 
     bases: dict[str, tuple[str, Sketch]]
     banks: dict[BankKey, BankView]
     modules: dict[str, frozenset[str]]
+    adapters: dict[str, tuple[str, Sketch]] = field(default_factory=dict)
+    shared: SharedDirections = field(default_factory=lambda: SharedDirections({}, {}))
 
 
 _INDEXES: dict[str, SketchIndex] = {}
@@ -455,8 +534,10 @@ def prepare_flag_sketch(session: Session, sketch: Sketch) -> PreparedSketch:
 
     ``near_base`` is set when the model is a near-duplicate of a base's sketch.
     """
-    bases = index_for(session).snapshot().bases
+    snap = index_for(session).snapshot()
+    bases = snap.bases
     if sketch.kind == "lora":
+        near_adapter = _near_adapter(sketch, snap.adapters)
         best: tuple[float, str] | None = None
         for base_id, (_name, b) in bases.items():
             cov = _lora_coverage(sketch, b)
@@ -475,19 +556,20 @@ def prepare_flag_sketch(session: Session, sketch: Sketch) -> PreparedSketch:
             signature=sig,
             bands=sketch.band_keys(),
             modules=modules if sig is not None else None,
+            near_base=near_adapter,
         )
     near: tuple[str, str] | None = None
-    nearest: tuple[float, str, Sketch] | None = None
+    nearest: tuple[tuple[int, float], str, Sketch, float] | None = None
     for base_id, (name, b) in bases.items():
         if near is None and verify(sketch, b) is not None:
             near = (base_id, name)
         delta, dist = delta_sketch(sketch, b)
         if dist <= THRESHOLDS.base_distance and len(delta) and (
-            nearest is None or dist < nearest[0]
+            nearest is None or base_rank(delta, dist) < nearest[0]
         ):
-            nearest = (dist, base_id, delta)
+            nearest = (base_rank(delta, dist), base_id, delta, dist)
     if nearest is not None:
-        dist, base_id, delta = nearest
+        _rank, base_id, delta, dist = nearest
         sig = signature(delta, bases[base_id][1])
         if sig is not None:
             return PreparedSketch(
@@ -509,6 +591,27 @@ def prepare_flag_sketch(session: Session, sketch: Sketch) -> PreparedSketch:
         bands=sketch.band_keys(),
         near_base=near,
     )
+
+
+def base_rank(delta: Sketch, dist: float) -> tuple[int, float]:
+    """Sort key of a candidate base for a model: most scored tensors aligned, then nearest.
+
+    Coverage comes first: a base that lacks part of the model (a UNet-only public
+    fine-tune, for a full checkpoint) measures its distance over fewer tensors and
+    would otherwise win over the model's real ancestor.
+    """
+    return (-sum(1 for k in delta.tensors if scored(k)), dist)
+
+
+def _near_adapter(lora: Sketch, adapters: dict[str, tuple[str, Sketch]]) -> tuple[str, str] | None:
+    """The reference adapter ``lora`` is a copy of (raw near-duplicate), if any."""
+    t = THRESHOLDS
+    for ref_id, (name, ref) in adapters.items():
+        c = compare(lora, ref)
+        if (c.raw_distance is not None and c.raw_distance <= t.raw_distance
+                and c.raw_coverage >= t.raw_coverage):
+            return ref_id, name
+    return None
 
 
 def refuse_near_base(prepared: PreparedSketch | None, *, force: bool) -> None:
@@ -602,7 +705,7 @@ def store_base_sketch(session: Session, *, base_id: str, sketch: Sketch) -> Sket
         owner_type="base",
         owner_id=base_id,
         algorithm=sketch.algorithm,
-        kind="model",
+        kind=sketch.kind,
         base_id=None,
         tensors=len(sketch),
         blob=sketch.to_bytes(),
@@ -679,6 +782,7 @@ class _UploadDeltas:
         self.bases = bases
         self.deltas: dict[str, tuple[Sketch, float] | None] = {}
         self.stacks: dict[str, tuple[Stacked, Stacked]] = {}
+        self.shared_stacks: dict[int, Stacked] = {}
         self._nearest: tuple[str | None] | None = None
 
     def _compute(self, base_id: str) -> tuple[Sketch, float] | None:
@@ -701,9 +805,17 @@ class _UploadDeltas:
     def nearest(self) -> str | None:
         """The base the upload is nearest to, within ``base_distance`` (computed once)."""
         if self._nearest is None:
-            near = [(d[1], i) for i in self.bases if (d := self._compute(i)) is not None]
+            near = [(base_rank(*d), i) for i in self.bases if (d := self._compute(i)) is not None]
             self._nearest = (min(near)[1] if near else None,)
         return self._nearest[0]
+
+    def stacked_shared(self, shared: Sketch | None) -> Stacked | None:
+        if shared is None:
+            return None
+        key = id(shared)
+        if key not in self.shared_stacks:
+            self.shared_stacks[key] = stack_sketch(shared)
+        return self.shared_stacks[key]
 
     def stacked(self, base_id: str) -> tuple[Stacked, Stacked] | None:
         if base_id not in self.stacks:
@@ -794,15 +906,17 @@ def find_matches(
             continue
         try:
             mine = deltas.stacked(base_id) if base_id is not None else None
+            shared = snap.shared.get(base_id, kind) if base_id is not None else None
             if (
                 kind in ("delta", "lora") and mine is not None
-                and pooled_cosine(mine[0], stack_blob(blob), mine[1]) < least
+                and pooled_cosine(mine[0], stack_blob(blob), mine[1],
+                                  deltas.stacked_shared(shared)) < least
             ):
                 continue
             flagged = _DECODED.get(int(sid), blob)
             verdict = verify(
                 upload, flagged, base[1] if base else None,
-                base_name=base[0] if base else None,
+                base_name=base[0] if base else None, shared=shared,
             )
         except Exception:
             _log.exception("sketch %s of flag %s could not be compared; skipped", sid, flag_id)

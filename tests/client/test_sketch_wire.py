@@ -24,12 +24,14 @@ def test_a_fingerprint_with_a_sketch_sends_it(tmp_path: Path) -> None:
     assert exact.fingerprint is not None and check_item(exact.fingerprint).sketch is None
 
 
-def test_an_adapter_is_flagged_with_its_sketch_but_is_no_base(tmp_path: Path) -> None:
+def test_an_adapter_is_sent_with_its_sketch_as_a_flag_and_as_a_reference(tmp_path: Path) -> None:
     adapter, _ = lora(base_model(3), 4)
     (o,) = fingerprint_path(write(tmp_path, "lora", adapter), layers="all")
-    assert o.fingerprint is not None
-    assert flag_body(o.fingerprint, "other", "high", None, None, False).sketch is not None
-    assert base_body(o.fingerprint, "b", None).sketch is None
+    assert o.fingerprint is not None and o.fingerprint.sketch is not None
+    assert o.fingerprint.sketch.kind == "lora"
+    sent = flag_body(o.fingerprint, "other", "high", None, None, False).sketch
+    assert sent is not None
+    assert base_body(o.fingerprint, "b", None).sketch == sent
 
 
 def test_requests_with_sketches_are_cut_by_size(tmp_path: Path) -> None:

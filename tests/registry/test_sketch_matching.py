@@ -25,16 +25,19 @@ from client.fingerprint import Sketch, TensorSketch, fingerprint_path
 from client.fingerprint._project import K
 from client.wire import MAX_SKETCH_BYTES, CheckResponse, decode_sketch, encode_sketch
 from registry._db import session_scope
-from registry.crud.sketches import SIG_BYTES
+from registry.crud.sketches import SIG_BYTES, SharedDirections
 from registry.models import SketchBand, SketchRow, SketchSignature
 from tests.utils.registry import auth, flag_body, random_fingerprint
 from tests.utils.sketch_models import (
+    MODULES,
     base_model,
     cast,
     lora,
     lora_resaved,
+    lora_sum,
     plus,
     random_delta,
+    sketch_of,
     write,
 )
 
@@ -312,10 +315,10 @@ def test_bad_sketches_are_422_everywhere(client, keys, text, needle):
         assert needle in r.text, (path, r.text)
 
 
-def test_a_base_sketch_must_be_a_model(client, keys):
+def test_a_base_sketch_must_be_a_model_or_an_adapter(client, keys):
     fp = random_fingerprint()
     r = client.post("/v1/bases", json={"name": uuid.uuid4().hex, "fingerprint": fp,
-                                       "sketch": _blob(_tiny("lora"))},
+                                       "sketch": _blob(_tiny("delta"))},
                     headers=auth(keys["admin"]))
     assert r.status_code == 422 and "kind" in r.text
 
@@ -485,3 +488,157 @@ def test_flags_sketched_before_their_base_are_rebased_when_it_arrives(
     assert [(r.kind, r.base_id is not None and r.base_id != base_id) for r in l_rows] == [
         ("lora", True)
     ]
+
+
+def _add_base(client: TestClient, keys: dict[str, str], m: Model, prefix: str) -> str:
+    r = client.post("/v1/bases", json={"name": f"{prefix}-{uuid.uuid4().hex[:8]}",
+                                       "fingerprint": m.fingerprint, "sketch": m.sketch},
+                    headers=auth(keys["admin"]))
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
+
+
+def test_references_remove_what_innocent_fine_tunes_share(
+    client: TestClient, keys: dict[str, str], tmp_path: Path
+):
+    """Fine-tunes that share a direction match each other until public ones are registered.
+
+    Every fine-tune here is its own delta plus 0.8 of a common one, so two siblings
+    sit at delta cosine 0.39 (coefficient 0.39), over the fine-tune thresholds. Six
+    public fine-tunes registered as references teach the registry that direction.
+    """
+    b = base_model(400)
+    common = random_delta(b, 401)
+    own = {i: random_delta(b, 410 + i) for i in range(10)}
+    ft = {i: plus(b, (1.0, own[i]), (0.8, common)) for i in own}
+    ms = {name: _model(tmp_path, name, sd) for name, sd in {
+        "base": b, "f": ft[0], "f16": cast(ft[0]), "g": ft[1], "h16": cast(ft[2]),
+        "merge": plus(b, (0.5, own[0]), (0.5, own[1]), (0.8, common)),
+        **{f"ref{i}": ft[4 + i] for i in range(6)},
+    }.items()}
+    _add_base(client, keys, ms["base"], "shared-ft-base")
+    f_id = _flag(client, keys["submitter"], ms["f"])
+
+    def matched(name: str) -> dict[str, str]:
+        _, matches = _verdict(client, keys, ms[name])
+        return {m.flag_id: m.match for m in matches if m.flag_id == f_id}
+
+    assert matched("g") == {f_id: "derived"}  # the false match the references remove
+    for i in range(6):
+        _add_base(client, keys, ms[f"ref{i}"], "public-fine-tune")
+    assert matched("g") == {} and matched("h16") == {}
+    assert matched("merge") == {f_id: "derived"}
+    assert matched("f16") == {f_id: "near-duplicate"}
+    _, matches = _verdict(client, keys, ms["merge"])
+    evidence = next(m.evidence for m in matches if m.flag_id == f_id)
+    assert evidence.model_dump().get("shared_direction_removed") is True
+
+
+def test_reference_adapters_remove_what_innocent_adapters_share(
+    client: TestClient, keys: dict[str, str], tmp_path: Path, engine: Engine
+):
+    """Adapters that share a direction: the same, with public adapters as references.
+
+    Each adapter is its own rank-4 LoRA plus 1.3 of a common one (cosine 0.63 between
+    two of them, over the adapter threshold of 0.6). A reference adapter is never a
+    base: the flagged adapter stays filed under the model base, and a copy of a
+    reference adapter cannot be flagged unless forced.
+    """
+    b = base_model(500)
+    attn2 = [m for m in MODULES if "attn2" in m]
+    common, cdelta = lora(b, 501, modules=attn2)
+    parts = {i: lora(b, 510 + i, modules=attn2) for i in range(10)}
+    adapters = {i: lora_sum((1.0, parts[i][0]), (1.3, common)) for i in parts}
+
+    def baked(*ws: tuple[float, int]) -> dict[str, np.ndarray]:
+        return plus(b, *((w, parts[i][1]) for w, i in ws),
+                    (sum(w for w, _ in ws) * 1.3, cdelta))
+
+    ms = {name: _model(tmp_path, name, sd) for name, sd in {
+        "base": b, "l": adapters[0], "l_resaved": lora_resaved(adapters[0], 7),
+        "other": adapters[1], "others_half": baked((0.5, 1), (0.5, 2)),
+        "baked": baked((1.0, 0)), "mixed": baked((0.5, 0), (0.5, 1)),
+        **{f"ref{i}": adapters[4 + i] for i in range(6)},
+    }.items()}
+    _add_base(client, keys, ms["base"], "shared-lora-base")
+    l_id = _flag(client, keys["submitter"], ms["l"])
+
+    def matched(name: str) -> dict[str, str]:
+        _, matches = _verdict(client, keys, ms[name])
+        return {m.flag_id: m.match for m in matches if m.flag_id == l_id}
+
+    assert matched("other") == {l_id: "lora"}  # the false matches the references remove
+    assert matched("others_half") == {l_id: "lora-baked"}
+    refs = [_add_base(client, keys, ms[f"ref{i}"], "public-adapter") for i in range(6)]
+    assert matched("other") == {} and matched("others_half") == {}
+    assert matched("l_resaved") == {l_id: "lora"}
+    assert matched("baked") == {l_id: "lora-baked"}
+    assert matched("mixed") == {l_id: "lora-baked"}
+    copy = _model(tmp_path, "ref0_resaved", lora_resaved(adapters[4], 9))
+    r = client.post("/v1/flags", json=flag_body(copy.fingerprint, sketch=copy.sketch),
+                    headers=auth(keys["submitter"]))
+    assert r.status_code == 409 and "public-adapter" in r.json()["detail"], r.text
+    r = client.post("/v1/flags", json=flag_body(copy.fingerprint, sketch=copy.sketch, force=True),
+                    headers=auth(keys["admin"]))
+    assert r.status_code == 201, r.text
+    # A flagged adapter is filed under a model base (here the first one registered
+    # with its layout), never under a reference adapter.
+    with session_scope(engine) as session:
+        rows = session.exec(select(SketchRow).where(
+            col(SketchRow.owner_id).in_([l_id, r.json()["id"]]))).all()
+    assert len(rows) == 2
+    assert all(row.base_id is not None and row.base_id not in refs for row in rows)
+
+
+def test_a_reference_teaches_only_the_base_it_was_registered_under(tmp_path: Path):
+    """Public fine-tunes are samples for the base registered before them, not for each other."""
+    b = base_model(600)
+    common = random_delta(b, 601)
+    sketches = {"base": sketch_of(write(tmp_path, "base", b))}
+    for i in range(5):
+        sketches[f"ref{i}"] = sketch_of(write(
+            tmp_path, f"ref{i}", plus(b, (1.0, random_delta(b, 610 + i)), (0.8, common))))
+    shared = SharedDirections({k: (k, s) for k, s in sketches.items()}, {})
+    assert shared.get("base", "model") is not None
+    # ref0's "derivatives" would be the foundation and its siblings: none count.
+    assert shared.get("ref0", "model") is None
+    assert shared.get("base", "lora") is None  # no reference adapters
+    # With three public fine-tunes there are too few samples for a direction.
+    three = SharedDirections({k: (k, sketches[k]) for k in ("base", "ref0", "ref1", "ref2")}, {})
+    assert three.get("base", "model") is None
+
+
+def test_a_partial_reference_is_not_taken_for_a_full_checkpoints_base(
+    client: TestClient, keys: dict[str, str], tmp_path: Path, engine: Engine
+):
+    """UNet-only public fine-tunes must not become the base of a full flagged checkpoint.
+
+    Measured over the tensors they share, the flagged model is closer to such a
+    sibling than to its real base once its VAE is replaced; stored relative to the
+    sibling, every other fine-tune of the base would look derived from it.
+    """
+    rng = np.random.default_rng(701)
+    b = base_model(700)
+    vae = {f"vae.decoder.up_blocks.0.resnets.{i}.conv1.weight":
+           (rng.standard_normal((64, 64)) / 8).astype(np.float32) for i in range(4)}
+    full = {**b, **vae}
+    common = random_delta(b, 702)
+    own = {i: random_delta(b, 710 + i) for i in range(8)}
+    vae_ft = {k: v + (rng.standard_normal(v.shape) * 0.3 * np.abs(v).mean()).astype(np.float32)
+              for k, v in vae.items()}
+    ms = {name: _model(tmp_path, name, sd) for name, sd in {
+        "base": full,
+        "fv": {**plus(b, (1.0, own[0]), (0.8, common)), **vae_ft},
+        "g": {**plus(b, (1.0, own[1]), (0.8, common)), **vae},
+        "gv": {**plus(b, (1.0, own[1]), (0.8, common)), **vae_ft},
+        **{f"ref{i}": plus(b, (1.0, own[2 + i]), (0.8, common)) for i in range(4)},
+    }.items()}
+    base_id = _add_base(client, keys, ms["base"], "full-base")
+    refs = [_add_base(client, keys, ms[f"ref{i}"], "unet-only-fine-tune") for i in range(4)]
+    fv_id = _flag(client, keys["submitter"], ms["fv"])
+    with session_scope(engine) as session:
+        row = session.exec(select(SketchRow).where(SketchRow.owner_id == fv_id)).one()
+    assert row.kind == "delta" and row.base_id == base_id and row.base_id not in refs
+    for name in ("g", "gv"):
+        _, matches = _verdict(client, keys, ms[name])
+        assert fv_id not in {m.flag_id for m in matches}, name

@@ -92,6 +92,29 @@ def lora(base: StateDict, seed: int, rank: int = 4, size: float = 0.03,
     return adapter, delta
 
 
+def lora_sum(*parts: tuple[float, StateDict]) -> StateDict:
+    """One kohya LoRA whose effective delta is the weighted sum of the parts' deltas.
+
+    The factors are stacked along the rank (up: side by side, down: one above the
+    other), with alpha equal to the total rank, as :func:`lora` makes them.
+    """
+    first = parts[0][1]
+    out: StateDict = {}
+    for k in first:
+        if not k.endswith(".lora_up.weight"):
+            continue
+        stem = k.removesuffix(".lora_up.weight")
+        ups, downs = [], []
+        for w, a in parts:
+            scale = float(a[f"{stem}.alpha"]) / a[k].shape[1]
+            ups.append(a[k] * (w * scale))
+            downs.append(a[f"{stem}.lora_down.weight"])
+        out[k] = np.concatenate(ups, axis=1).astype(np.float32)
+        out[f"{stem}.lora_down.weight"] = np.concatenate(downs, axis=0).astype(np.float32)
+        out[f"{stem}.alpha"] = np.array(float(out[k].shape[1]), dtype=np.float32)
+    return out
+
+
 def lora_resaved(adapter: StateDict, seed: int) -> StateDict:
     """The same adapter re-factorised (up·R, R⁻¹·down) and stored in float16."""
     rng = np.random.default_rng(seed)
