@@ -31,11 +31,16 @@ def test_cli_finds_derivatives_through_sketches(
             "g": plus(b, (1.0, dg)),
             "lora": adapter,
             "baked": plus(b, (1.0, ldelta)),
+            "public_lora": lora(b, 1004)[0],
         }.items()
     }
     name = f"e2e-base-{uuid.uuid4().hex[:6]}"
     out = admin("bases", "add", paths["base"], "--name", name)
     assert out.exit_code == 0, out.stderr
+    # A public adapter is registered the same way, as a reference adapter.
+    out = admin("bases", "add", paths["public_lora"], "--name", f"{name}-public-lora", "--json")
+    assert out.exit_code == 0, out.stderr
+    assert json.loads(out.stdout)["name"] == f"{name}-public-lora"
     for flagged in ("f", "lora"):
         out = submitter("flag", paths[flagged], "--category", "other", "--json")
         assert out.exit_code == 0, out.stderr
