@@ -42,11 +42,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from client.fingerprint import fingerprint_file
-from client.fingerprint._similarity import THRESHOLDS, compare, delta_sketch, match
+from client.fingerprint._similarity import (
+    THRESHOLDS,
+    compare,
+    delta_sketch,
+    match,
+    shared_direction,
+)
 from client.fingerprint._sketch import Sketch
 
 torch.set_num_threads(2)
 SD = dict[str, torch.Tensor]
+N_REFS = 6
+"""Known-innocent fine-tunes and adapters per family, registered as references
+(``--references`` sets how many of them are used)."""
 
 
 # ---------------------------------------------------------------- models and data
@@ -352,7 +361,8 @@ class Case:
     group: str  # transformation name or negative class
 
 
-def build_sd(work: Path, rep: int, steps: int, base_sd: SD, cases: list[Case], flagged: dict[str, Path]) -> None:
+def build_sd(work: Path, rep: int, steps: int, base_sd: SD, cases: list[Case], flagged: dict[str, Path],
+             refs: list[Path]) -> None:
     from peft import LoHaConfig, LoKrConfig, LoraConfig, get_peft_model
     from peft.utils import get_peft_model_state_dict
 
@@ -390,6 +400,13 @@ def build_sd(work: Path, rep: int, steps: int, base_sd: SD, cases: list[Case], f
     loha_baked, _ = adapter(LoHaConfig(r=4, alpha=8, target_modules=target), seed * 10 + 6, d / "LoHa_peft")
     lokr_baked, _ = adapter(LoKrConfig(r=4, alpha=8, target_modules=target), seed * 10 + 7, d / "LoKr_peft")
 
+    if rep == 0:
+        # Known-innocent public derivatives of the base, registered as references: the
+        # registry learns from them what every fine-tune and adapter of the base shares.
+        for i in range(N_REFS):
+            refs.append(save_st(finetune(9000 + i, base_sd), d / f"ref_F{i}.safetensors", torch.float16))
+            adapter(LoraConfig(r=4, lora_alpha=8, target_modules=target, init_lora_weights="gaussian"), 9100 + i, d / f"ref_L{i}")
+            refs.append(d / f"ref_L{i}" / "adapter_model.safetensors")
     flagged[f"sd{rep}:F"] = save_st(F, d / "F.safetensors")
     flagged[f"sd{rep}:L"] = d / "L_peft" / "adapter_model.safetensors"
     flagged[f"sd{rep}:LoHa"] = d / "LoHa_peft" / "adapter_model.safetensors"
@@ -492,7 +509,8 @@ def build_sd(work: Path, rep: int, steps: int, base_sd: SD, cases: list[Case], f
             add(f"random init {s} vs {flag}", p, flag, None, "random init, same architecture")
 
 
-def build_llm(work: Path, rep: int, steps: int, base: SD, cases: list[Case], flagged: dict[str, Path]) -> None:
+def build_llm(work: Path, rep: int, steps: int, base: SD, cases: list[Case], flagged: dict[str, Path],
+              refs: list[Path]) -> None:
     from peft import LoraConfig, get_peft_model
 
     d = work / f"llm{rep}"
@@ -523,6 +541,11 @@ def build_llm(work: Path, rep: int, steps: int, base: SD, cases: list[Case], fla
     L2_baked = adapter(seed * 10 + 4, d / "L2_peft")
     L3_baked = adapter(seed * 10 + 5, d / "L3_peft")
 
+    if rep == 0:
+        for i in range(N_REFS):
+            refs.append(save_st(finetune(9200 + i, base), d / f"ref_F{i}.safetensors", torch.bfloat16))
+            adapter(9300 + i, d / f"ref_L{i}")
+            refs.append(d / f"ref_L{i}" / "adapter_model.safetensors")
     flagged[f"llm{rep}:F"] = save_st(F, d / "F.safetensors")
     flagged[f"llm{rep}:L"] = d / "L_peft" / "adapter_model.safetensors"
 
@@ -570,6 +593,9 @@ def main() -> None:
     ap.add_argument("--replicates", type=int, default=5)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--verbose", action="store_true", help="print every case")
+    ap.add_argument("--references", type=int, default=N_REFS,
+                    help=f"known-innocent fine-tunes and adapters used per family (0 to {N_REFS}; 0: no "
+                    "shared direction is removed)")
     ap.add_argument("--no-registry", action="store_true",
                     help="skip the second pass through a registry (retrieval + verification)")
     args = ap.parse_args()
@@ -578,6 +604,7 @@ def main() -> None:
         work = Path(tmp)
         cases: list[Case] = []
         flagged: dict[str, Path] = {}
+        refs: dict[str, list[Path]] = {"sd": [], "llm": []}
         unet, te = sd_models(1)
         train([*unet.parameters(), *te.parameters()], lambda: sd_step_fn(0)(unet, te), 4 * args.steps, 5e-4)
         sd_base = {**sd_state(unet, te), **vae_state(sd_vae(1))}
@@ -586,8 +613,10 @@ def main() -> None:
         llm_base = {k: v.detach().clone() for k, v in llm.state_dict().items()}
         bases = {"sd": save_st(sd_base, work / "sd_base.safetensors"), "llm": save_st(llm_base, work / "llm_base.safetensors")}
         for rep in range(args.replicates):
-            build_sd(work, rep, args.steps, sd_base, cases, flagged)
-            build_llm(work, rep, args.steps, llm_base, cases, flagged)
+            build_sd(work, rep, args.steps, sd_base, cases, flagged, refs["sd"])
+            build_llm(work, rep, args.steps, llm_base, cases, flagged, refs["llm"])
+        # Each family's references alternate: fine-tune, adapter, fine-tune, ...
+        refs = {fam: v[: 2 * max(0, min(args.references, N_REFS))] for fam, v in refs.items()}
         # Unrelated models: the other family's uploads against each flagged item.
         for rep in range(args.replicates):
             cases.append(Case("x", f"x{rep}:llm F vs sd F", flagged[f"llm{rep}:F"], f"sd{rep}:F", None, "unrelated model"))
@@ -606,6 +635,12 @@ def main() -> None:
             return sketches[p]
 
         base_sk = {fam: sk(p) for fam, p in bases.items()}
+        # Per family and flagged kind, the direction the references share (fine-tune
+        # references for flagged fine-tunes, adapter references for flagged adapters).
+        shared = {
+            (fam, kind): shared_direction([s for p in refs[fam] if (s := sk(p)).kind == kind], base_sk[fam])
+            for fam in bases for kind in ("model", "lora")
+        }
         stored: dict[str, Sketch] = {}
         for key, p in flagged.items():
             s = sk(p)
@@ -615,22 +650,26 @@ def main() -> None:
         for c in cases:
             fam = c.flagged.split(":")[0].rstrip("0123456789")
             up = sk(c.path)
-            cmp = compare(up, stored[c.flagged], base_sk[fam], base_name=f"{fam}-base")
-            m = match(up, stored[c.flagged], base_sk[fam], base_name=f"{fam}-base")
+            sh = shared[fam, "lora" if stored[c.flagged].kind == "lora" else "model"]
+            cmp = compare(up, stored[c.flagged], base_sk[fam], base_name=f"{fam}-base", shared=sh)
+            m = match(up, stored[c.flagged], base_sk[fam], base_name=f"{fam}-base", shared=sh)
             rows.append((c, cmp, m))
             if args.verbose:
                 print(f"{c.name:55} -> {c.flagged:10} {m.match if m else '-':15} cos={cmp.cosine} z={cmp.z} coef={cmp.coefficient} n={cmp.tensors} bd={cmp.base_distance}")
         scored = time.perf_counter() - t0 - built
-        report(rows, args.replicates, built, scored, len(sketches))
+        n_refs = {fam: len(v) for fam, v in refs.items()}
+        print(f"references (known-innocent derivatives, half fine-tunes, half adapters): {n_refs}")
+        report(rows, args.replicates, built, scored, len(sketches), shared_removed=args.references >= THRESHOLDS.shared_min_samples)
         if not args.no_registry:
-            registry_pass(work, bases, flagged, cases, sk, summaries, rows)
+            registry_pass(work, bases, refs, flagged, cases, sk, summaries, rows)
 
 
-def registry_pass(work: Path, bases: dict[str, Path], flagged: dict[str, Path], cases: list[Case],
+def registry_pass(work: Path, bases: dict[str, Path], refs: dict[str, list[Path]],
+                  flagged: dict[str, Path], cases: list[Case],
                   sk: Callable[[Path], Sketch], summaries: dict[Path, dict[str, str]],
                   rows: list[tuple[Case, object, object]]) -> None:
     """Every case again, through a registry: flag every flagged item in one SQLite
-    registry (both bases registered first), then check each upload with
+    registry (both bases and the references registered first), then check each upload with
     ``find_matches``, the retrieval and verification a check runs."""
     from client.wire import BaseCreate, FlagCreate, encode_sketch
     from registry._db import make_engine, session_scope
@@ -648,6 +687,11 @@ def registry_pass(work: Path, bases: dict[str, Path], flagged: dict[str, Path], 
         with session_scope(engine) as session:
             for fam, p in bases.items():
                 create_base(session, data=BaseCreate(name=f"{fam}-base", fingerprint=summaries[p], sketch=encode_sketch(sk(p))), actor=CLI)
+        for fam, paths in refs.items():
+            for i, p in enumerate(paths):
+                sketch = encode_sketch(sk(p))
+                with session_scope(engine) as session:
+                    create_base(session, data=BaseCreate(name=f"{fam}-reference-{i}", fingerprint=summaries[p], sketch=sketch), actor=CLI)
         ids: dict[str, str] = {}
         for key, p in flagged.items():
             with session_scope(engine) as session:
@@ -676,18 +720,20 @@ def registry_pass(work: Path, bases: dict[str, Path], flagged: dict[str, Path], 
             others += [(c, names.get(f, f), t) for f, t in hits.items() if f != target]
         n_pos = sum(1 for c in cases if c.expect is not None)
         n_neg = len(cases) - n_pos
-        print(f"\nregistry pass ({len(flagged)} flags, {len(bases)} bases, SQLite, {time.perf_counter() - t0:.0f} s): "
+        print(f"\nregistry pass ({len(flagged)} flags, {len(bases)} bases, {sum(map(len, refs.values()))} references, SQLite, {time.perf_counter() - t0:.0f} s): "
               f"detected {found}/{n_pos} positives, {false_pos}/{n_neg} false positives, "
               f"{disagree} verdicts differ from the direct comparison")
         # F and FV (F with a replacement VAE) are one fine-tune: each matches the other's
         # derivatives, as it should. Anything else is listed.
         rep_of = lambda key: key.split(":")[0]  # noqa: E731
         kind_of = lambda key: key.split(":")[1]  # noqa: E731
-        same = [o for o in others if rep_of(o[1]) == rep_of(o[0].flagged)
-                and {kind_of(o[1]), kind_of(o[0].flagged)} <= {"F", "FV"}]
+        flagged_files = {p: k for k, p in flagged.items()}
+        # The upload's own flag: the case's, or the flag whose file the upload is.
+        own_flag = lambda c: flagged_files.get(c.path, c.flagged)  # noqa: E731
+        same = [o for o in others if rep_of(o[1]) == rep_of(own_flag(o[0]))
+                and {kind_of(o[1]), kind_of(own_flag(o[0]))} <= {"F", "FV"}]
         print(f"matches of another flag than the case's own: {len(others)}, of which {len(same)} "
               "are the same fine-tune flagged with and without its replacement VAE; the rest:")
-        flagged_files = {p: k for k, p in flagged.items()}
         own = [o for o in others if flagged_files.get(o[0].path) == o[1]]
         if own:
             print(f"  ({len(own)} of them: the upload is itself the flagged file of that flag)")
@@ -704,8 +750,12 @@ def _fmt(xs: list[float], f: str = ".3f") -> str:
     return f"{min(xs):{f}} / {statistics.median(xs):{f}} / {max(xs):{f}}"
 
 
-def report(rows: list[tuple[Case, object, object]], reps: int, built: float, scored: float, n_files: int) -> None:
+def report(rows: list[tuple[Case, object, object]], reps: int, built: float, scored: float, n_files: int,
+           shared_removed: bool) -> None:
     t = THRESHOLDS
+    # With the references' shared direction removed, the lower thresholds apply.
+    lora_cos = t.shared_lora_cosine if shared_removed else t.lora_cosine
+    floor = t.shared_min_coefficient if shared_removed else t.min_coefficient
     pos: dict[str, list[tuple[Case, object, object]]] = defaultdict(list)
     neg: dict[str, list[tuple[Case, object, object]]] = defaultdict(list)
     for r in rows:
@@ -739,7 +789,7 @@ def report(rows: list[tuple[Case, object, object]], reps: int, built: float, sco
     n_det = sum(1 for rs in pos.values() for _, _, m in rs if m is not None)
     n_neg = sum(len(v) for v in neg.values())
     n_fp = sum(1 for rs in neg.values() for _, _, m in rs if m is not None)
-    print(f"\nthresholds: z >= {t.z} and (delta cosine >= {t.cosine} with coefficient >= {t.min_coefficient} against a fine-tune, delta cosine >= {t.lora_cosine} against an adapter, or cosine >= {t.carried_cosine} with coefficient in {t.carried_coefficient}); near-duplicate: cosine >= {t.near_cosine} "
+    print(f"\nthresholds: z >= {t.z} and (delta cosine >= {t.cosine} with coefficient >= {floor} against a fine-tune, delta cosine >= {lora_cos} against an adapter, or cosine >= {t.carried_cosine} with coefficient in {t.carried_coefficient}); near-duplicate: cosine >= {t.near_cosine} "
           f"and coefficient in {t.near_coefficient}; without a base, raw distance <= {t.raw_distance}; "
           f"tensors align at raw cosine >= {t.pair_cosine}; uploads farther than {t.base_distance} from the base get no delta")
     print(f"detected {n_det}/{n_pos} positives, {n_fp}/{n_neg} false positives")
@@ -753,11 +803,11 @@ def report(rows: list[tuple[Case, object, object]], reps: int, built: float, sco
         neg_cos = max(x.cosine for c, x, _ in neg_rows if not c.flagged.endswith((":L", ":LoHa", ":LoKr")))  # type: ignore[attr-defined]
         print(f"cosine rule (fine-tune flags): lowest positive it catches {min(by_cos):.3f}, highest negative {neg_cos:.3f}, "
               f"threshold {t.cosine} (margin {t.cosine - neg_cos:+.3f} over the worst negative)")
-        lora_pos = [x.cosine for c, x, _ in pos_rows if c.flagged.endswith((":L", ":LoHa", ":LoKr")) and x.cosine >= t.lora_cosine]  # type: ignore[attr-defined]
+        lora_pos = [x.cosine for c, x, _ in pos_rows if c.flagged.endswith((":L", ":LoHa", ":LoKr")) and x.cosine >= lora_cos]  # type: ignore[attr-defined]
         lora_neg = [x.cosine for c, x, _ in neg_rows if c.flagged.endswith((":L", ":LoHa", ":LoKr"))]  # type: ignore[attr-defined]
         if lora_pos and lora_neg:
             print(f"adapter flags: lowest positive cosine the cosine rule catches {min(lora_pos):.3f}, highest negative "
-                  f"{max(lora_neg):.3f}, threshold {t.lora_cosine} (margin {t.lora_cosine - max(lora_neg):+.3f})")
+                  f"{max(lora_neg):.3f}, threshold {lora_cos} (margin {lora_cos - max(lora_neg):+.3f})")
         # Against fine-tunes the cosine rule also needs the coefficient floor.
         ft_pos = [x.coefficient for c, x, _ in pos_rows if c.flagged.endswith(":F") and x.cosine >= t.cosine]  # type: ignore[attr-defined]
         ft_neg = [x.coefficient for c, x, _ in neg_rows if c.flagged.endswith(":F") and x.cosine >= t.cosine]  # type: ignore[attr-defined]
@@ -766,7 +816,7 @@ def report(rows: list[tuple[Case, object, object]], reps: int, built: float, sco
             print(f"coefficient floor (fine-tune flags): lowest positive coefficient the cosine rule catches "
                   f"{min(ft_pos):.3f}, highest negative coefficient {max(ft_neg_all, default=float('nan')):.3f} "
                   f"({len(ft_neg)} negatives pass the cosine threshold, up to coefficient "
-                  f"{max(ft_neg, default=float('nan')):.3f}), floor {t.min_coefficient}")
+                  f"{max(ft_neg, default=float('nan')):.3f}), floor {floor}")
         if carried:
             lo, hi = t.carried_coefficient
             print(f"carried rule (cosine >= {t.carried_cosine}, coefficient in [{lo}, {hi}]): catches {len(carried)} positives "
