@@ -477,12 +477,16 @@ class SharedDirections:
         base = self._bases.get(base_id)
         found: Sketch | None = None
         if base is not None:
-            if key[1] == "lora":
-                samples = [a for _n, a in self._adapters.values()
-                           if _lora_coverage(a, base[1]) >= LORA_COVERAGE]
-            else:
-                samples = self._children(base_id)
-            found = shared_direction(samples, base[1]) if samples else None
+            try:
+                if key[1] == "lora":
+                    samples = [a for _n, a in self._adapters.values()
+                               if _lora_coverage(a, base[1]) >= LORA_COVERAGE]
+                else:
+                    samples = self._children(base_id)
+                found = shared_direction(samples, base[1]) if samples else None
+            except Exception:
+                # Without it the fixed thresholds apply: a check loses nothing.
+                _log.exception("shared direction of base %s could not be computed", base_id)
         with self._lock:
             self._cache[key] = found
         return found

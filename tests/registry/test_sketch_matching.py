@@ -642,3 +642,21 @@ def test_a_partial_reference_is_not_taken_for_a_full_checkpoints_base(
     for name in ("g", "gv"):
         _, matches = _verdict(client, keys, ms[name])
         assert fv_id not in {m.flag_id for m in matches}, name
+
+
+def test_a_shared_direction_that_cannot_be_computed_falls_back_to_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    """A failure there must not cost a check its candidates: the fixed thresholds apply."""
+    import registry.crud.sketches as sketches
+
+    def broken(*_: object, **__: object) -> None:
+        raise ValueError("boom")
+
+    monkeypatch.setattr(sketches, "shared_direction", broken)
+    b = base_model(800)
+    refs = {f"r{i}": (f"r{i}", sketch_of(write(tmp_path, f"r{i}", plus(b, (1.0, random_delta(b, 801 + i))))))
+            for i in range(4)}
+    shared = SharedDirections({"b": ("b", sketch_of(write(tmp_path, "b", b))), **refs}, {})
+    assert shared.get("b", "model") is None
+    assert "could not be computed" in caplog.text
