@@ -140,6 +140,12 @@ def _verdict(client: TestClient, keys: dict[str, str], m: Model) -> tuple[str, l
     return result.verdict, result.matches
 
 
+def _matched(client: TestClient, keys: dict[str, str], m: Model, *flag_ids: str) -> dict[str, str]:
+    """The match types of ``m`` against these flags only (flag id -> type)."""
+    _, matches = _verdict(client, keys, m)
+    return {x.flag_id: x.match for x in matches if x.flag_id in flag_ids}
+
+
 def test_flags_are_stored_as_deltas_from_the_nearest_base(world, engine: Engine):
     with session_scope(engine) as session:
         rows = {
@@ -459,8 +465,7 @@ def test_flags_sketched_before_their_base_are_rebased_when_it_arrives(
     f_id, l_id = _flag(client, sub, ms["f"]), _flag(client, sub, ms["lora"])
 
     def matched(name: str) -> dict[str, str]:
-        _, matches = _verdict(client, keys, ms[name])
-        return {m.flag_id: m.match for m in matches if m.flag_id in (f_id, l_id)}
+        return _matched(client, keys, ms[name], f_id, l_id)
 
     assert matched("f16") == {f_id: "near-duplicate"}
     assert matched("merge") == {} and matched("baked_on_g") == {}
@@ -520,8 +525,7 @@ def test_references_remove_what_innocent_fine_tunes_share(
     f_id = _flag(client, keys["submitter"], ms["f"])
 
     def matched(name: str) -> dict[str, str]:
-        _, matches = _verdict(client, keys, ms[name])
-        return {m.flag_id: m.match for m in matches if m.flag_id == f_id}
+        return _matched(client, keys, ms[name], f_id)
 
     assert matched("g") == {f_id: "derived"}  # the false match the references remove
     for i in range(6):
@@ -564,8 +568,7 @@ def test_reference_adapters_remove_what_innocent_adapters_share(
     l_id = _flag(client, keys["submitter"], ms["l"])
 
     def matched(name: str) -> dict[str, str]:
-        _, matches = _verdict(client, keys, ms[name])
-        return {m.flag_id: m.match for m in matches if m.flag_id == l_id}
+        return _matched(client, keys, ms[name], l_id)
 
     assert matched("other") == {l_id: "lora"}  # the false matches the references remove
     assert matched("others_half") == {l_id: "lora-baked"}
