@@ -483,6 +483,11 @@ class BasePublic(_Wire):
     description: str | None
     fingerprints: dict[str, list[str]]
     created_at: datetime
+    sketch_kind: str | None = Field(
+        default=None,
+        description="The stored sketch's kind: model (a base, which public fine-tunes "
+        "also are), lora (a reference adapter), or null when none was sent.",
+    )
 
 
 class KeyCreate(BaseModel):

@@ -56,7 +56,8 @@ def bases_list(
         _print_json([b.model_dump(mode="json") for b in bases])
     else:
         for b in bases:
-            typer.echo(f"{b.id}  {b.name}")
+            role = "  (reference adapter)" if b.sketch_kind == "lora" else ""
+            typer.echo(f"{b.id}  {b.name}{role}")
 
 
 @keys_app.command("list")

@@ -23,9 +23,9 @@ from registry.crud.audit import record
 from registry.crud.keys import Principal
 from registry.crud.sketches import rebase_flag_sketches, store_base_sketch
 from registry.errors import ConflictError
-from registry.models import BaseFingerprint, ReferenceBase
+from registry.models import BaseFingerprint, ReferenceBase, SketchRow
 
-__all__ = ["base_fingerprints", "create_base", "list_bases", "matching_base"]
+__all__ = ["base_fingerprints", "base_sketch_kinds", "create_base", "list_bases", "matching_base"]
 
 
 def create_base(session: Session, *, data: BaseCreate, actor: Principal) -> ReferenceBase:
@@ -75,6 +75,18 @@ def create_base(session: Session, *, data: BaseCreate, actor: Principal) -> Refe
 def list_bases(session: Session) -> list[ReferenceBase]:
     """Every reference base, by name."""
     return list(session.exec(select(ReferenceBase).order_by(col(ReferenceBase.name))))
+
+
+def base_sketch_kinds(session: Session, *, base_ids: list[str]) -> dict[str, str]:
+    """``base_id -> kind`` of its stored sketch (``model`` or ``lora``), for those that have one."""
+    if not base_ids:
+        return {}
+    rows = session.exec(
+        select(SketchRow.owner_id, SketchRow.kind).where(
+            SketchRow.owner_type == "base", col(SketchRow.owner_id).in_(base_ids)
+        )
+    )
+    return {owner: kind for owner, kind in rows}
 
 
 def base_fingerprints(session: Session, *, base_ids: list[str]) -> dict[str, dict[str, list[str]]]:

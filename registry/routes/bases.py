@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from client.wire import BaseCreate, BasePublic
-from registry.crud.bases import base_fingerprints, create_base, list_bases
+from registry.crud.bases import base_fingerprints, base_sketch_kinds, create_base, list_bases
 from registry.deps import AdminDep, ReaderDep, SessionDep
 from registry.routes._common import errors
 
@@ -19,12 +19,14 @@ def add_base(body: BaseCreate, session: SessionDep, principal: AdminDep) -> Base
     """Register a reference base (admins). Only its strong hashes are kept."""
     base = create_base(session, data=body, actor=principal)
     hashes = base_fingerprints(session, base_ids=[base.id])
+    kinds = base_sketch_kinds(session, base_ids=[base.id])
     return BasePublic(
         id=base.id,
         name=base.name,
         description=base.description,
         fingerprints=hashes[base.id],
         created_at=base.created_at,
+        sketch_kind=kinds.get(base.id),
     )
 
 
@@ -33,6 +35,7 @@ def all_bases(session: SessionDep, _: ReaderDep) -> list[BasePublic]:
     """Every reference base, by name."""
     bases = list_bases(session)
     hashes = base_fingerprints(session, base_ids=[b.id for b in bases])
+    kinds = base_sketch_kinds(session, base_ids=[b.id for b in bases])
     return [
         BasePublic(
             id=b.id,
@@ -40,6 +43,7 @@ def all_bases(session: SessionDep, _: ReaderDep) -> list[BasePublic]:
             description=b.description,
             fingerprints=hashes[b.id],
             created_at=b.created_at,
+            sketch_kind=kinds.get(b.id),
         )
         for b in bases
     ]

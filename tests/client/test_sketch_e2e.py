@@ -41,6 +41,11 @@ def test_cli_finds_derivatives_through_sketches(
     out = admin("bases", "add", paths["public_lora"], "--name", f"{name}-public-lora", "--json")
     assert out.exit_code == 0, out.stderr
     assert json.loads(out.stdout)["name"] == f"{name}-public-lora"
+    assert json.loads(out.stdout)["sketch_kind"] == "lora"
+    out = admin("bases", "list")
+    assert out.exit_code == 0, out.stderr
+    assert f"{name}-public-lora  (reference adapter)" in out.stdout
+    assert f"{name}\n" in out.stdout  # the base itself, unmarked
     for flagged in ("f", "lora"):
         out = submitter("flag", paths[flagged], "--category", "other", "--json")
         assert out.exit_code == 0, out.stderr

@@ -500,6 +500,9 @@ def _add_base(client: TestClient, keys: dict[str, str], m: Model, prefix: str) -
                                        "fingerprint": m.fingerprint, "sketch": m.sketch},
                     headers=auth(keys["admin"]))
     assert r.status_code == 201, r.text
+    assert r.json()["sketch_kind"] == decode_sketch(m.sketch).kind
+    listed = client.get("/v1/bases", headers=auth(keys["reader"])).json()
+    assert {b["id"]: b["sketch_kind"] for b in listed}[r.json()["id"]] == r.json()["sketch_kind"]
     return str(r.json()["id"])
 
 
