@@ -24,8 +24,9 @@ app.add_typer(bases_app, name="bases")
 
 @bases_app.command("add")
 def bases_add(
-    path: Annotated[Path, typer.Argument(help="The base model's weight file or folder.",
-                                         show_default=False)],
+    path: Annotated[Path, typer.Argument(
+        help="The base model's weight file or folder; or a public fine-tune or LoRA of a "
+        "registered base, as a known-innocent reference.", show_default=False)],
     name: Annotated[str, typer.Option(help="Its public name, e.g. 'stable-diffusion-v1-5'.",
                                       show_default=False)],
     description: Annotated[str | None, typer.Option(help="Where it comes from.")] = None,
@@ -33,7 +34,7 @@ def bases_add(
     registry: RegistryOption = None,
     api_key: ApiKeyOption = None,
 ) -> None:
-    """Register a reference base (needs an admin key); it is fingerprinted on this machine."""
+    """Register a reference base, or a public fine-tune or LoRA of one (admin key)."""
     fingerprint = local_fingerprint(path)
     with client_for(registry, api_key) as client:
         base = guarded(lambda: client.add_base(fingerprint, name=name, description=description))
