@@ -1,6 +1,6 @@
 """Alembic environment for the registry.
 
-Run from ``registry._migrations`` (``modelhash db upgrade``), which passes an open
+Run from ``modelhash.registry._migrations`` (``modelhash db upgrade``), which passes an open
 connection in ``config.attributes``; run by the ``alembic`` command with
 ``-x url=...`` or from the settings otherwise. The target metadata is the registry's
 models, so autogenerate and the drift test compare against them.
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from sqlmodel import SQLModel
 
-import registry.models as _models  # noqa: F401  (registers the tables)
+import modelhash.registry.models as _models  # noqa: F401  (registers the tables)
 from alembic import context
-from registry._db import make_engine
-from registry._settings import Settings
+from modelhash.registry._db import make_engine
+from modelhash.registry._settings import Settings
 
 config = context.config
 target_metadata = SQLModel.metadata

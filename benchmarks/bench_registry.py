@@ -44,10 +44,10 @@ import httpx
 from sqlalchemy import create_engine, insert, text
 from sqlalchemy.engine import make_url
 
-from registry._db import make_engine, session_scope
-from registry._migrations import upgrade
-from registry.crud.keys import CLI, create_key
-from registry.models import Fingerprint, Flag, WeakHash
+from modelhash.registry._db import make_engine, session_scope
+from modelhash.registry._migrations import upgrade
+from modelhash.registry.crud.keys import CLI, create_key
+from modelhash.registry.models import Fingerprint, Flag, WeakHash
 
 PG_DEFAULT = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
@@ -150,7 +150,7 @@ def server(url: str) -> Iterator[str]:
     cmd = (
         [str(exe)]
         if exe.exists()
-        else [sys.executable, "-c", "from client._cli import main; main()"]
+        else [sys.executable, "-c", "from modelhash._cli import main; main()"]
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELHASH_")}
     proc = subprocess.Popen(

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from registry.crud.sketches import SIG_BITS, BankView, Signature, retrieve
+from modelhash.registry.crud.sketches import SIG_BITS, BankView, Signature, retrieve
 
 
 def _bank(n: int, rng: np.random.Generator) -> BankView:

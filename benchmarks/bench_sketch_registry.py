@@ -49,16 +49,16 @@ import numpy as np
 from bench_registry import PG_DEFAULT, drive, pg_schema, server
 from sqlalchemy import func, insert, select, text
 
-from client.fingerprint import Sketch, TensorSketch, delta_sketch
-from client.fingerprint._project import K
-from client.wire import BaseCreate, FlagCreate, encode_sketch
-from registry._db import make_engine, session_scope
-from registry._migrations import upgrade
-from registry.crud.bases import create_base
-from registry.crud.flags import create_flag
-from registry.crud.keys import CLI, create_key
-from registry.crud.sketches import SIG_BYTES, signature
-from registry.models import Fingerprint, Flag, SketchRow, SketchSignature
+from modelhash.fingerprint import Sketch, TensorSketch, delta_sketch
+from modelhash.fingerprint._project import K
+from modelhash.registry._db import make_engine, session_scope
+from modelhash.registry._migrations import upgrade
+from modelhash.registry.crud.bases import create_base
+from modelhash.registry.crud.flags import create_flag
+from modelhash.registry.crud.keys import CLI, create_key
+from modelhash.registry.crud.sketches import SIG_BYTES, signature
+from modelhash.registry.models import Fingerprint, Flag, SketchRow, SketchSignature
+from modelhash.wire import BaseCreate, FlagCreate, encode_sketch
 
 SHAPES = [(640, 640), (640, 2048), (2048, 640), (320, 320), (1280, 1280), (1280, 5120)]
 

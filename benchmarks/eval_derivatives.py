@@ -41,15 +41,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from client.fingerprint import fingerprint_file
-from client.fingerprint._similarity import (
+from modelhash.fingerprint import fingerprint_file
+from modelhash.fingerprint._similarity import (
     THRESHOLDS,
     compare,
     delta_sketch,
     match,
     shared_direction,
 )
-from client.fingerprint._sketch import Sketch
+from modelhash.fingerprint._sketch import Sketch
 
 torch.set_num_threads(2)
 SD = dict[str, torch.Tensor]
@@ -671,13 +671,13 @@ def registry_pass(work: Path, bases: dict[str, Path], refs: dict[str, list[Path]
     """Every case again, through a registry: flag every flagged item in one SQLite
     registry (both bases and the references registered first), then check each upload with
     ``find_matches``, the retrieval and verification a check runs."""
-    from client.wire import BaseCreate, FlagCreate, encode_sketch
-    from registry._db import make_engine, session_scope
-    from registry._migrations import upgrade
-    from registry.crud.bases import create_base
-    from registry.crud.flags import create_flag
-    from registry.crud.keys import CLI
-    from registry.crud.sketches import find_matches
+    from modelhash.registry._db import make_engine, session_scope
+    from modelhash.registry._migrations import upgrade
+    from modelhash.registry.crud.bases import create_base
+    from modelhash.registry.crud.flags import create_flag
+    from modelhash.registry.crud.keys import CLI
+    from modelhash.registry.crud.sketches import find_matches
+    from modelhash.wire import BaseCreate, FlagCreate, encode_sketch
 
     url = f"sqlite:///{work / 'registry.db'}"
     upgrade(url)

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from client.fingerprint import fingerprint_file
+from modelhash.fingerprint import fingerprint_file
 
 
 def sd15() -> dict[str, tuple[int, ...]]:

@@ -4,8 +4,8 @@ Platforms install this package alone; it never imports the server.
 
 Example::
 
-    from client import RegistryClient
-    from client.fingerprint import fingerprint_file
+    from modelhash import RegistryClient
+    from modelhash.fingerprint import fingerprint_file
 
     with RegistryClient("https://registry.example", api_key="mh_...") as registry:
         (decision,) = registry.screen([fingerprint_file("upload.safetensors")])
@@ -15,56 +15,62 @@ Example::
 
 from __future__ import annotations
 
+if __name__ != "modelhash":  # pragma: no cover - the repo's client/ folder on sys.path
+    raise ImportError(
+        f"this package imports as 'modelhash', not {__name__!r}: install it "
+        "(pip install -e .) and use 'import modelhash'"
+    )
+
 __version__ = "0.1.0"
 
 from typing import TYPE_CHECKING
 
-from client._lazy import lazy_attributes as _lazy_attributes
+from modelhash._lazy import lazy_attributes as _lazy_attributes
 
 if TYPE_CHECKING:
-    from client._async import AsyncRegistryClient
-    from client._cache import MirrorIndex, OfflineCache, SyncReport
-    from client._client import RegistryClient
-    from client._config import DEFAULT_REGISTRY, ClientSettings
-    from client._hf import HubReport, hub_check, parse_repo_ref
-    from client._policy import Decision, Unreachable
-    from client._retry import Retry
-    from client._scan import Checker, PathResult, check_paths
-    from client._stream import StreamFingerprinter
-    from client._upload import DEFAULT_MAX_UPLOAD, UploadVerdict, scan_upload, scan_upload_async
-    from client._webhook import RepoEvent, WebhookReceiver, background_checker
+    from modelhash._async import AsyncRegistryClient
+    from modelhash._cache import MirrorIndex, OfflineCache, SyncReport
+    from modelhash._client import RegistryClient
+    from modelhash._config import DEFAULT_REGISTRY, ClientSettings
+    from modelhash._hf import HubReport, hub_check, parse_repo_ref
+    from modelhash._policy import Decision, Unreachable
+    from modelhash._retry import Retry
+    from modelhash._scan import Checker, PathResult, check_paths
+    from modelhash._stream import StreamFingerprinter
+    from modelhash._upload import DEFAULT_MAX_UPLOAD, UploadVerdict, scan_upload, scan_upload_async
+    from modelhash._webhook import RepoEvent, WebhookReceiver, background_checker
 
-# Imported on first use: ``modelhash fingerprint`` and ``import client.fingerprint``
+# Imported on first use: ``modelhash fingerprint`` and ``import modelhash.fingerprint``
 # should not pay for httpx, asyncio and the wire schema.
 _LAZY = {
-    "AsyncRegistryClient": "client._async",
-    "MirrorIndex": "client._cache",
-    "OfflineCache": "client._cache",
-    "SyncReport": "client._cache",
-    "RegistryClient": "client._client",
-    "DEFAULT_REGISTRY": "client._config",
-    "ClientSettings": "client._config",
-    "HubReport": "client._hf",
-    "hub_check": "client._hf",
-    "parse_repo_ref": "client._hf",
-    "Decision": "client._policy",
-    "Unreachable": "client._policy",
-    "Retry": "client._retry",
-    "Checker": "client._scan",
-    "PathResult": "client._scan",
-    "check_paths": "client._scan",
-    "StreamFingerprinter": "client._stream",
-    "DEFAULT_MAX_UPLOAD": "client._upload",
-    "UploadVerdict": "client._upload",
-    "scan_upload": "client._upload",
-    "scan_upload_async": "client._upload",
-    "RepoEvent": "client._webhook",
-    "WebhookReceiver": "client._webhook",
-    "background_checker": "client._webhook",
+    "AsyncRegistryClient": "modelhash._async",
+    "MirrorIndex": "modelhash._cache",
+    "OfflineCache": "modelhash._cache",
+    "SyncReport": "modelhash._cache",
+    "RegistryClient": "modelhash._client",
+    "DEFAULT_REGISTRY": "modelhash._config",
+    "ClientSettings": "modelhash._config",
+    "HubReport": "modelhash._hf",
+    "hub_check": "modelhash._hf",
+    "parse_repo_ref": "modelhash._hf",
+    "Decision": "modelhash._policy",
+    "Unreachable": "modelhash._policy",
+    "Retry": "modelhash._retry",
+    "Checker": "modelhash._scan",
+    "PathResult": "modelhash._scan",
+    "check_paths": "modelhash._scan",
+    "StreamFingerprinter": "modelhash._stream",
+    "DEFAULT_MAX_UPLOAD": "modelhash._upload",
+    "UploadVerdict": "modelhash._upload",
+    "scan_upload": "modelhash._upload",
+    "scan_upload_async": "modelhash._upload",
+    "RepoEvent": "modelhash._webhook",
+    "WebhookReceiver": "modelhash._webhook",
+    "background_checker": "modelhash._webhook",
 }
 
 
-__getattr__ = _lazy_attributes("client", _LAZY, globals())
+__getattr__ = _lazy_attributes("modelhash", _LAZY, globals())
 
 
 def __dir__() -> list[str]:

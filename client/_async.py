@@ -2,7 +2,7 @@
 
 Example::
 
-    from client import AsyncRegistryClient
+    from modelhash import AsyncRegistryClient
 
     async with AsyncRegistryClient() as registry:
         results = await registry.check([fingerprint.summary()])
@@ -19,10 +19,10 @@ from typing import Any, TypeVar
 
 import httpx
 
-from client import _calls
-from client._calls import Call, Checkable, check_batches, check_items, decode
-from client._policy import Decision, Unreachable, decide, unchecked
-from client._requests import (
+from modelhash import _calls
+from modelhash._calls import Call, Checkable, check_batches, check_items, decode
+from modelhash._policy import Decision, Unreachable, decide, unchecked
+from modelhash._requests import (
     DEFAULT_TIMEOUT,
     PAGE,
     base_body,
@@ -31,10 +31,10 @@ from client._requests import (
     hash_candidates,
     transport_reason,
 )
-from client._retry import Retry
-from client.errors import RegistryError, RegistryUnreachableError
-from client.fingerprint import ModelFingerprint
-from client.wire import (
+from modelhash._retry import Retry
+from modelhash.errors import RegistryError, RegistryUnreachableError
+from modelhash.fingerprint import ModelFingerprint
+from modelhash.wire import (
     BasePublic,
     ChangeEvent,
     ChangesPage,
@@ -123,8 +123,8 @@ class AsyncRegistryClient:
     async def check(self, fingerprints: Iterable[Checkable]) -> list[CheckResult]:
         """Check models against the list: one result per fingerprint, in order.
 
-        Each fingerprint is a :class:`~client.fingerprint.ModelFingerprint`, a
-        file's :class:`~client.fingerprint.FileHashes`, or a ``summary()``-style map;
+        Each fingerprint is a :class:`~modelhash.fingerprint.ModelFingerprint`, a
+        file's :class:`~modelhash.fingerprint.FileHashes`, or a ``summary()``-style map;
         each needs a strong hash (sha256, blake3 or content). Batches larger than the
         registry's limit are split; ``index`` in the answers counts across batches.
         """

@@ -24,13 +24,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from client._calls import Checkable, check_items
-from client._client import RegistryClient
-from client._config import default_cache_dir
-from client._export import ExportVerificationError, key_id, load_public_key, verify_export
-from client.errors import InputError, MirrorError
-from client.fingerprint import CONTENT_ALGORITHM
-from client.wire import STRONG_ALGORITHMS, CheckResult, Match, MatchEvidence
+from modelhash._calls import Checkable, check_items
+from modelhash._client import RegistryClient
+from modelhash._config import default_cache_dir
+from modelhash._export import ExportVerificationError, key_id, load_public_key, verify_export
+from modelhash.errors import InputError, MirrorError
+from modelhash.fingerprint import CONTENT_ALGORITHM
+from modelhash.wire import STRONG_ALGORITHMS, CheckResult, Match, MatchEvidence
 
 __all__ = ["MIRROR_FORMAT", "MirrorIndex", "OfflineCache", "SyncReport"]
 

@@ -14,7 +14,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from client.errors import (
+from modelhash.errors import (
     ConflictError,
     ForbiddenError,
     InputError,
@@ -24,8 +24,8 @@ from client.errors import (
     RejectedError,
     UnauthorizedError,
 )
-from client.fingerprint import FileHashes, ModelFingerprint
-from client.wire import (
+from modelhash.fingerprint import FileHashes, ModelFingerprint
+from modelhash.wire import (
     MAX_CHECK_ITEMS,
     BaseCreate,
     BasePublic,
@@ -59,7 +59,7 @@ __all__ = [
 T = TypeVar("T")
 
 #: What ``check`` accepts for one model: a fingerprint, one file's hashes, a flat
-#: ``summary()``-style map, or a ready :class:`~client.wire.CheckItem`.
+#: ``summary()``-style map, or a ready :class:`~modelhash.wire.CheckItem`.
 Checkable = ModelFingerprint | FileHashes | Mapping[str, str | None] | CheckItem
 
 _ITEM_FIELDS = frozenset(CheckItem.model_fields) | {"content-blake3-v1"}

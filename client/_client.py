@@ -2,8 +2,8 @@
 
 Example::
 
-    from client import RegistryClient
-    from client.fingerprint import fingerprint_file
+    from modelhash import RegistryClient
+    from modelhash.fingerprint import fingerprint_file
 
     with RegistryClient() as registry:          # MODELHASH_REGISTRY, MODELHASH_API_KEY
         (result,) = registry.check([fingerprint_file("upload.safetensors")])
@@ -12,7 +12,7 @@ Example::
 
 One client keeps one connection pool: create it once and reuse it. Idempotent
 calls are retried with backoff and jitter (see :class:`client.Retry`); every
-failure is a :class:`client.errors.RegistryError` subclass.
+failure is a :class:`modelhash.errors.RegistryError` subclass.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from typing import Any, TypeVar
 
 import httpx
 
-from client import _calls
-from client._calls import Call, Checkable, check_batches, check_items, decode
-from client._policy import Decision, Unreachable, decide, unchecked
-from client._requests import (
+from modelhash import _calls
+from modelhash._calls import Call, Checkable, check_batches, check_items, decode
+from modelhash._policy import Decision, Unreachable, decide, unchecked
+from modelhash._requests import (
     DEFAULT_TIMEOUT,
     PAGE,
     base_body,
@@ -36,10 +36,10 @@ from client._requests import (
     hash_candidates,
     transport_reason,
 )
-from client._retry import Retry
-from client.errors import RegistryError, RegistryUnreachableError
-from client.fingerprint import ModelFingerprint
-from client.wire import (
+from modelhash._retry import Retry
+from modelhash.errors import RegistryError, RegistryUnreachableError
+from modelhash.fingerprint import ModelFingerprint
+from modelhash.wire import (
     BasePublic,
     ChangeEvent,
     ChangesPage,
@@ -128,8 +128,8 @@ class RegistryClient:
     def check(self, fingerprints: Iterable[Checkable]) -> list[CheckResult]:
         """Check models against the list: one result per fingerprint, in order.
 
-        Each fingerprint is a :class:`~client.fingerprint.ModelFingerprint`, a
-        file's :class:`~client.fingerprint.FileHashes`, or a ``summary()``-style map;
+        Each fingerprint is a :class:`~modelhash.fingerprint.ModelFingerprint`, a
+        file's :class:`~modelhash.fingerprint.FileHashes`, or a ``summary()``-style map;
         each needs a strong hash (sha256, blake3 or content). Batches larger than the
         registry's limit are split; ``index`` in the answers counts across batches.
         """

@@ -3,7 +3,7 @@
 A mirror fetches ``GET /v1/export`` and the registry's public key once (out of band
 is best), then checks every later export before trusting it::
 
-    from client._export import verify_export
+    from modelhash._export import verify_export
 
     payload = verify_export(export_json, public_key_pem)
     for flag in payload["flags"]:
@@ -26,7 +26,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from client.errors import ExportVerificationError
+from modelhash.errors import ExportVerificationError
 
 __all__ = [
     "EXPORT_FORMAT",

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client._scan import Checker, PathResult, check_paths
-from client.errors import HubError, HubNotFoundError, InputError, ModelhashError
-from client.fingerprint import Progress
+from modelhash._scan import Checker, PathResult, check_paths
+from modelhash.errors import HubError, HubNotFoundError, InputError, ModelhashError
+from modelhash.fingerprint import Progress
 
 __all__ = ["HubReport", "hub_check", "parse_repo_ref"]
 

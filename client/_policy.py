@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
 
-from client.errors import (
+from modelhash.errors import (
     RegistryError,
     RegistryHTTPError,
     RegistryResponseError,
     RegistryUnreachableError,
 )
-from client.wire import CheckResult, Match
+from modelhash.wire import CheckResult, Match
 
 __all__ = ["Decision", "Unreachable", "decide", "is_outage", "unchecked"]
 

@@ -8,11 +8,11 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
-from client import __version__
-from client._config import ClientSettings
-from client.errors import InputError, InvalidHashError
-from client.fingerprint import Digest, ModelFingerprint, parse_hash
-from client.wire import BaseCreate, FlagCreate, encode_sketch
+from modelhash import __version__
+from modelhash._config import ClientSettings
+from modelhash.errors import InputError, InvalidHashError
+from modelhash.fingerprint import Digest, ModelFingerprint, parse_hash
+from modelhash.wire import BaseCreate, FlagCreate, encode_sketch
 
 __all__ = [
     "DEFAULT_TIMEOUT",

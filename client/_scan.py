@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from client._calls import Checkable, file_map, with_sketch
-from client.fingerprint import Layers, Outcome, Progress, fingerprint_path
-from client.wire import CheckResult, Match
+from modelhash._calls import Checkable, file_map, with_sketch
+from modelhash.fingerprint import Layers, Outcome, Progress, fingerprint_path
+from modelhash.wire import CheckResult, Match
 
 __all__ = [
     "Checker",

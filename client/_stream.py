@@ -29,13 +29,13 @@ try:  # the same CRC32 the engine uses; identical answers either way
 except ImportError:  # pragma: no cover
     from zlib import crc32
 
-from client._scan import fingerprint_exact
-from client.errors import MalformedFileError, ModelhashError, UploadTooLargeError
-from client.fingerprint import FileHashes, ModelFingerprint, Outcome, TensorDigest
-from client.fingerprint._content import canonical_names, content_digest
-from client.fingerprint._describe import describe
-from client.fingerprint._formats._safetensors import MAX_HEADER, SafetensorsReader
-from client.fingerprint._pass import SpanHasher
+from modelhash._scan import fingerprint_exact
+from modelhash.errors import MalformedFileError, ModelhashError, UploadTooLargeError
+from modelhash.fingerprint import FileHashes, ModelFingerprint, Outcome, TensorDigest
+from modelhash.fingerprint._content import canonical_names, content_digest
+from modelhash.fingerprint._describe import describe
+from modelhash.fingerprint._formats._safetensors import MAX_HEADER, SafetensorsReader
+from modelhash.fingerprint._pass import SpanHasher
 
 __all__ = ["StreamFingerprinter"]
 
@@ -100,7 +100,7 @@ def _claimed_size(header: bytes, n: int) -> int:
 
 class StreamFingerprinter:
     """Feed the bytes of one file in order with :meth:`feed`; :meth:`finish` gives the
-    :class:`~client.fingerprint.Outcome` that ``fingerprint_path`` would.
+    :class:`~modelhash.fingerprint.Outcome` that ``fingerprint_path`` would.
 
     ``name`` is used in results and for the file-name suffix some formats are
     recognised by. More than ``max_bytes`` raises UploadTooLargeError at once.

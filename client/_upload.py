@@ -2,7 +2,7 @@
 
 Example, in any web framework that hands you the body as chunks::
 
-    from client import RegistryClient, scan_upload
+    from modelhash import RegistryClient, scan_upload
 
     registry = RegistryClient()                      # once per process: a connection pool
 
@@ -25,14 +25,14 @@ from collections.abc import AsyncIterable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Literal
 
-from client._async import AsyncRegistryClient
-from client._client import RegistryClient
-from client._policy import Unreachable, unchecked
-from client._scan import Checker, check_maps
-from client._stream import StreamFingerprinter
-from client.errors import RegistryError
-from client.fingerprint import FileHashes, ModelFingerprint, Outcome
-from client.wire import CheckResult, Match
+from modelhash._async import AsyncRegistryClient
+from modelhash._client import RegistryClient
+from modelhash._policy import Unreachable, unchecked
+from modelhash._scan import Checker, check_maps
+from modelhash._stream import StreamFingerprinter
+from modelhash.errors import RegistryError
+from modelhash.fingerprint import FileHashes, ModelFingerprint, Outcome
+from modelhash.wire import CheckResult, Match
 
 __all__ = ["DEFAULT_MAX_UPLOAD", "UploadVerdict", "scan_upload", "scan_upload_async"]
 

@@ -7,7 +7,7 @@ created or updated it calls your ``on_event`` with the repo and its new commit.
 worker thread and hands you each report::
 
     import os
-    from client import RegistryClient, WebhookReceiver, background_checker
+    from modelhash import RegistryClient, WebhookReceiver, background_checker
 
     registry = RegistryClient()
     app = WebhookReceiver(
@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from client._scan import Checker
+from modelhash._scan import Checker
 
 __all__ = ["RepoEvent", "WebhookReceiver", "background_checker"]
 
@@ -171,7 +171,7 @@ def background_checker(
     ``on_report(event, result)`` gets the :class:`HubReport`, or the exception if
     the check failed (the Hub or the registry down): re-queue those.
     """
-    from client._hf import hub_check
+    from modelhash._hf import hub_check
 
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="modelhash-hub")
 

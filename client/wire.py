@@ -31,10 +31,10 @@ from pydantic import (
     model_validator,
 )
 
-from client.errors import InvalidHashError
-from client.fingerprint._digest import CONTENT_ALGORITHM, Digest, parse_hash_as
-from client.fingerprint._sketch import MAGIC as _SKETCH_MAGIC
-from client.fingerprint._sketch import SKETCH_ALGORITHM, Sketch
+from modelhash.errors import InvalidHashError
+from modelhash.fingerprint._digest import CONTENT_ALGORITHM, Digest, parse_hash_as
+from modelhash.fingerprint._sketch import MAGIC as _SKETCH_MAGIC
+from modelhash.fingerprint._sketch import SKETCH_ALGORITHM, Sketch
 
 __all__ = [
     "CATEGORIES",

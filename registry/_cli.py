@@ -1,7 +1,7 @@
 """What ``modelhash serve``, ``modelhash db upgrade`` and ``modelhash keys create`` call.
 
 The client's CLI imports this module only when one of those commands runs, and maps
-the :mod:`registry.errors` it raises to exit codes.
+the :mod:`modelhash.registry.errors` it raises to exit codes.
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import sys
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from registry._db import make_engine, session_scope
-from registry._logging import configure_logging
-from registry._migrations import is_current, upgrade
-from registry._settings import Settings
-from registry.crud.keys import CLI, create_key
-from registry.errors import DatabaseUnavailableError
+from modelhash.registry._db import make_engine, session_scope
+from modelhash.registry._logging import configure_logging
+from modelhash.registry._migrations import is_current, upgrade
+from modelhash.registry._settings import Settings
+from modelhash.registry.crud.keys import CLI, create_key
+from modelhash.registry.errors import DatabaseUnavailableError
 
 __all__ = ["db_upgrade", "keys_create", "serve"]
 
@@ -28,7 +28,7 @@ def serve(*, db: str | None, host: str, port: int) -> None:
     """Run the registry with uvicorn; an SQLite database is migrated first."""
     import uvicorn
 
-    from registry.app import create_app
+    from modelhash.registry.app import create_app
 
     settings = _settings(db)
     configure_logging(settings.log_level)

@@ -24,8 +24,8 @@ from sqlalchemy.engine.url import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlmodel import Session
 
-from registry._settings import normalise_database_url
-from registry.errors import ConfigurationError
+from modelhash.registry._settings import normalise_database_url
+from modelhash.registry.errors import ConfigurationError
 
 __all__ = ["begin_write", "make_engine", "session_scope"]
 

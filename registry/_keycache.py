@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 
-from registry.crud.keys import Principal, hash_key
+from modelhash.registry.crud.keys import Principal, hash_key
 
 __all__ = ["KeyCache"]
 

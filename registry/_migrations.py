@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from alembic import command
-from registry._db import make_engine
-from registry.errors import ConfigurationError, DatabaseUnavailableError
+from modelhash.registry._db import make_engine
+from modelhash.registry.errors import ConfigurationError, DatabaseUnavailableError
 
 __all__ = [
     "alembic_config",

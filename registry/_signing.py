@@ -18,10 +18,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from client._export import key_id
-from registry._settings import Settings
-from registry.crud.state import get_or_create
-from registry.errors import ConfigurationError
+from modelhash._export import key_id
+from modelhash.registry._settings import Settings
+from modelhash.registry.crud.state import get_or_create
+from modelhash.registry.errors import ConfigurationError
 
 __all__ = ["Secrets", "Signer", "generate_private_pem", "load_private_key"]
 
@@ -69,7 +69,7 @@ class Signer:
 
     @property
     def key_id(self) -> str:
-        """16 hex digits naming the public key (see ``client._export.key_id``)."""
+        """16 hex digits naming the public key (see ``modelhash._export.key_id``)."""
         return key_id(self.private_key.public_key())
 
     def sign(self, payload: bytes) -> str:

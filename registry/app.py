@@ -2,8 +2,8 @@
 
 Example::
 
-    from registry.app import create_app
-    from registry._settings import Settings
+    from modelhash.registry.app import create_app
+    from modelhash.registry._settings import Settings
 
     app = create_app(Settings(database_url="sqlite:///registry.db"))
     # serve with any ASGI server; ``modelhash serve`` uses uvicorn
@@ -23,16 +23,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError, ProgrammingError
 
-from client import __version__
-from client.errors import InvalidHashError
-from registry._db import make_engine
-from registry._keycache import KeyCache
-from registry._metrics import Metrics, RequestMiddleware
-from registry._migrations import head_revision
-from registry._settings import Settings
-from registry._signing import Secrets
-from registry.errors import AuthenticationError, ServiceError
-from registry.routes import bases, flags, health, keys, lookups, mirror
+from modelhash import __version__
+from modelhash.errors import InvalidHashError
+from modelhash.registry._db import make_engine
+from modelhash.registry._keycache import KeyCache
+from modelhash.registry._metrics import Metrics, RequestMiddleware
+from modelhash.registry._migrations import head_revision
+from modelhash.registry._settings import Settings
+from modelhash.registry._signing import Secrets
+from modelhash.registry.errors import AuthenticationError, ServiceError
+from modelhash.registry.routes import bases, flags, health, keys, lookups, mirror
 
 __all__ = ["create_app"]
 

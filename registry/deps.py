@@ -11,11 +11,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from registry._keycache import KeyCache
-from registry._settings import Settings
-from registry._signing import Secrets
-from registry.crud.keys import Principal, authenticate
-from registry.errors import AuthenticationError, PermissionDeniedError
+from modelhash.registry._keycache import KeyCache
+from modelhash.registry._settings import Settings
+from modelhash.registry._signing import Secrets
+from modelhash.registry.crud.keys import Principal, authenticate
+from modelhash.registry.errors import AuthenticationError, PermissionDeniedError
 
 __all__ = [
     "AdminDep",

@@ -2,7 +2,7 @@
 
 The tree::
 
-    client.errors.ModelhashError
+    modelhash.errors.ModelhashError
     └── ServiceError                  root of the registry's errors; ``status`` is its HTTP code
         ├── BadRequestError           400: a malformed hash or parameter
         ├── AuthenticationError       401: no key, or a key that is unknown or revoked
@@ -22,7 +22,7 @@ codes through the client's error classes.
 
 from __future__ import annotations
 
-from client.errors import InputError, ModelhashError, RegistryError
+from modelhash.errors import InputError, ModelhashError, RegistryError
 
 __all__ = [
     "AuthenticationError",

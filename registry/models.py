@@ -2,7 +2,7 @@
 
 Each entity has a ``XBase`` with the fields a caller supplies and the table model
 ``X(XBase, table=True)``. The request and response shapes (``FlagCreate``,
-``FlagDetail`` and so on) live in :mod:`client.wire`, because the client parses them
+``FlagDetail`` and so on) live in :mod:`modelhash.wire`, because the client parses them
 and must not import SQLModel.
 
 Strong hashes (sha256, blake3, the content hash) and weak ones (crc32, AutoV1-3)

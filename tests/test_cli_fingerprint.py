@@ -14,7 +14,7 @@ from tests.fingerprint.conftest import tiny_state_dict
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "client._cli", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "modelhash._cli", *args], capture_output=True, text=True, timeout=120
     )
 
 

@@ -10,7 +10,7 @@ import sys
 def test_client_imports_no_server_modules() -> None:
     code = (
         "import json, sys\n"
-        "import client, client.fingerprint, client.errors, client._cli\n"
+        "import modelhash, modelhash.fingerprint, modelhash.errors, modelhash._cli\n"
         "print(json.dumps(sorted(sys.modules)))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -32,7 +32,7 @@ def test_exact_fingerprint_run_loads_no_heavy_modules(tmp_path) -> None:
     save_file({"w": np.ones((4, 4), dtype=np.float16)}, str(path))
     code = (
         "import json, sys\n"
-        "from client._cli import main\n"
+        "from modelhash._cli import main\n"
         f"sys.argv = ['modelhash', 'fingerprint', '--json', '--layers', 'exact', {str(path)!r}]\n"
         "try:\n"
         "    main()\n"

@@ -83,7 +83,7 @@ def _triggers(*, create: bool) -> None:
 
 
 def _backfill() -> None:
-    from client.fingerprint._sketch import Sketch
+    from modelhash.fingerprint._sketch import Sketch
 
     conn = op.get_bind()
     bases: dict[str, object] = {}
@@ -116,8 +116,8 @@ def _backfill() -> None:
 
 def _row(sid: int, kind: str, base_id: str, blob: bytes,
          bases: dict[str, object]) -> dict[str, object] | None:
-    from client.fingerprint._sketch import Sketch
-    from registry.crud.sketches import keys_digest, lora_keys, signature
+    from modelhash.fingerprint._sketch import Sketch
+    from modelhash.registry.crud.sketches import keys_digest, lora_keys, signature
 
     base = bases.get(base_id)
     if not isinstance(base, Sketch):

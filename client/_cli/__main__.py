@@ -1,5 +1,5 @@
-"""``python -m client._cli`` runs the ``modelhash`` command."""
+"""``python -m modelhash._cli`` also runs the ``modelhash`` command."""
 
-from client._cli import main
+from modelhash._cli import main
 
 main()

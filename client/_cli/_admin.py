@@ -7,10 +7,10 @@ from typing import Annotated
 
 import typer
 
-from client._cli._app import app, keys_app
-from client._cli._common import ApiKeyOption, JsonOption, RegistryOption, client_for, guarded
-from client._cli._common import print_json as _print_json
-from client._cli._flags import local_fingerprint
+from modelhash._cli._app import app, keys_app
+from modelhash._cli._common import ApiKeyOption, JsonOption, RegistryOption, client_for, guarded
+from modelhash._cli._common import print_json as _print_json
+from modelhash._cli._flags import local_fingerprint
 
 __all__ = ["bases_add", "bases_list", "keys_list", "keys_revoke"]
 

@@ -9,8 +9,8 @@ from typing import Annotated, NoReturn, TypeVar
 
 import typer
 
-from client._cli._exit import Exit
-from client.errors import InputError, ModelhashError, RegistryError
+from modelhash._cli._exit import Exit
+from modelhash.errors import InputError, ModelhashError, RegistryError
 
 T = TypeVar("T")
 
@@ -41,7 +41,7 @@ def exit_code_for(exc: ModelhashError) -> Exit:
 
 def _server_module() -> object:
     try:
-        import registry._cli as server_cli
+        import modelhash.registry._cli as server_cli
     except ImportError as exc:
         fail(
             f"the registry needs the server extra: pip install 'modelhash[server]' ({exc})"
@@ -116,7 +116,7 @@ def load_commands(first_arg: str | None = None) -> typer.Typer:
     """Register the commands ``first_arg`` may need (all of them unless it is ``fingerprint``)."""
     names = _COMMAND_MODULES[:1] if first_arg == "fingerprint" else _COMMAND_MODULES
     for name in names:
-        importlib.import_module(f"client._cli.{name}")
+        importlib.import_module(f"modelhash._cli.{name}")
     return app
 
 

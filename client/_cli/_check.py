@@ -10,14 +10,14 @@ from typing import Annotated
 
 import typer
 
-from client._cache import OfflineCache
-from client._cli._app import app, exit_code_for, fail
-from client._cli._common import ApiKeyOption, JsonOption, RegistryOption, client_for, print_json
-from client._cli._exit import Exit
-from client._cli._fingerprint import Layers as LayersChoice
-from client._cli._progress import make_progress
-from client._scan import Checker, PathResult, check_paths
-from client.errors import ModelhashError
+from modelhash._cache import OfflineCache
+from modelhash._cli._app import app, exit_code_for, fail
+from modelhash._cli._common import ApiKeyOption, JsonOption, RegistryOption, client_for, print_json
+from modelhash._cli._exit import Exit
+from modelhash._cli._fingerprint import Layers as LayersChoice
+from modelhash._cli._progress import make_progress
+from modelhash._scan import Checker, PathResult, check_paths
+from modelhash.errors import ModelhashError
 
 CacheOption = Annotated[
     Path | None,

@@ -9,10 +9,10 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from client._cli._app import exit_code_for, fail
-from client._client import RegistryClient
-from client._config import DEFAULT_REGISTRY
-from client.errors import ModelhashError
+from modelhash._cli._app import exit_code_for, fail
+from modelhash._client import RegistryClient
+from modelhash._config import DEFAULT_REGISTRY
+from modelhash.errors import ModelhashError
 
 __all__ = [
     "ApiKeyOption",

@@ -10,11 +10,11 @@ from typing import Annotated, Any
 
 import typer
 
-from client._cli._app import app
-from client._cli._exit import Exit
-from client._cli._progress import make_progress
-from client.errors import ModelhashError, UnsafeFileError
-from client.fingerprint import Outcome, fingerprint_path
+from modelhash._cli._app import app
+from modelhash._cli._exit import Exit
+from modelhash._cli._progress import make_progress
+from modelhash.errors import ModelhashError, UnsafeFileError
+from modelhash.fingerprint import Outcome, fingerprint_path
 
 
 class Layers(StrEnum):

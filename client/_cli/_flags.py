@@ -8,14 +8,14 @@ from typing import Annotated, Any
 
 import typer
 
-from client._calls import file_map
-from client._cli._app import app, fail
-from client._cli._common import ApiKeyOption, JsonOption, RegistryOption, client_for, guarded
-from client._cli._common import print_json as _print_json
-from client._cli._exit import Exit
-from client._scan import fingerprint_for_check
-from client.fingerprint import ALGORITHMS, ModelFingerprint, parse_hash
-from client.wire import CATEGORIES, SEVERITIES, FlagDetail, LookupResult
+from modelhash._calls import file_map
+from modelhash._cli._app import app, fail
+from modelhash._cli._common import ApiKeyOption, JsonOption, RegistryOption, client_for, guarded
+from modelhash._cli._common import print_json as _print_json
+from modelhash._cli._exit import Exit
+from modelhash._scan import fingerprint_for_check
+from modelhash.fingerprint import ALGORITHMS, ModelFingerprint, parse_hash
+from modelhash.wire import CATEGORIES, SEVERITIES, FlagDetail, LookupResult
 
 __all__ = ["dispute", "flag", "lookup", "revoke"]
 

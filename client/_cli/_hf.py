@@ -7,12 +7,12 @@ from typing import Annotated
 
 import typer
 
-from client._cli._app import app, exit_code_for, fail
-from client._cli._check import exit_for
-from client._cli._common import ApiKeyOption, JsonOption, RegistryOption, client_for, print_json
-from client._cli._progress import make_progress
-from client._hf import hub_check
-from client.errors import ModelhashError
+from modelhash._cli._app import app, exit_code_for, fail
+from modelhash._cli._check import exit_for
+from modelhash._cli._common import ApiKeyOption, JsonOption, RegistryOption, client_for, print_json
+from modelhash._cli._progress import make_progress
+from modelhash._hf import hub_check
+from modelhash.errors import ModelhashError
 
 __all__ = ["hf_check"]
 

@@ -8,11 +8,11 @@ from typing import Annotated
 
 import typer
 
-from client._cache import OfflineCache
-from client._cli._app import app, fail
-from client._cli._check import CacheOption
-from client._cli._common import ApiKeyOption, JsonOption, RegistryOption, client_for, guarded
-from client._cli._common import print_json as _print_json
+from modelhash._cache import OfflineCache
+from modelhash._cli._app import app, fail
+from modelhash._cli._check import CacheOption
+from modelhash._cli._common import ApiKeyOption, JsonOption, RegistryOption, client_for, guarded
+from modelhash._cli._common import print_json as _print_json
 
 __all__ = ["sync"]
 

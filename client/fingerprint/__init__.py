@@ -5,7 +5,7 @@ package, never the reverse.
 
 Example::
 
-    from client.fingerprint import fingerprint_file
+    from modelhash.fingerprint import fingerprint_file
 
     fp = fingerprint_file("model.safetensors")
     print(fp.files[0].sha256, fp.content.hex, fp.model.kind)
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from client._lazy import lazy_attributes as _lazy_attributes
-from client.fingerprint._digest import (
+from modelhash._lazy import lazy_attributes as _lazy_attributes
+from modelhash.fingerprint._digest import (
     ALGORITHMS,
     CONTENT_ALGORITHM,
     Algorithm,
@@ -24,14 +24,14 @@ from client.fingerprint._digest import (
     parse_hash,
     parse_hash_as,
 )
-from client.fingerprint._engine import (
+from modelhash.fingerprint._engine import (
     Layers,
     Outcome,
     Progress,
     fingerprint_file,
     fingerprint_path,
 )
-from client.fingerprint._result import (
+from modelhash.fingerprint._result import (
     FileHashes,
     ModelDescription,
     ModelFingerprint,
@@ -39,7 +39,7 @@ from client.fingerprint._result import (
 )
 
 if TYPE_CHECKING:
-    from client.fingerprint._similarity import (
+    from modelhash.fingerprint._similarity import (
         THRESHOLDS,
         Comparison,
         Match,
@@ -49,26 +49,26 @@ if TYPE_CHECKING:
         match,
         shared_direction,
     )
-    from client.fingerprint._sketch import SKETCH_ALGORITHM, Sketch, TensorSketch
+    from modelhash.fingerprint._sketch import SKETCH_ALGORITHM, Sketch, TensorSketch
 
 # Imported on first use: numpy and the sketch code cost every short
 # ``modelhash fingerprint --layers exact`` run ~40 ms of start-up.
 _LAZY = {
-    "THRESHOLDS": "client.fingerprint._similarity",
-    "Comparison": "client.fingerprint._similarity",
-    "Match": "client.fingerprint._similarity",
-    "Thresholds": "client.fingerprint._similarity",
-    "compare": "client.fingerprint._similarity",
-    "delta_sketch": "client.fingerprint._similarity",
-    "match": "client.fingerprint._similarity",
-    "shared_direction": "client.fingerprint._similarity",
-    "SKETCH_ALGORITHM": "client.fingerprint._sketch",
-    "Sketch": "client.fingerprint._sketch",
-    "TensorSketch": "client.fingerprint._sketch",
+    "THRESHOLDS": "modelhash.fingerprint._similarity",
+    "Comparison": "modelhash.fingerprint._similarity",
+    "Match": "modelhash.fingerprint._similarity",
+    "Thresholds": "modelhash.fingerprint._similarity",
+    "compare": "modelhash.fingerprint._similarity",
+    "delta_sketch": "modelhash.fingerprint._similarity",
+    "match": "modelhash.fingerprint._similarity",
+    "shared_direction": "modelhash.fingerprint._similarity",
+    "SKETCH_ALGORITHM": "modelhash.fingerprint._sketch",
+    "Sketch": "modelhash.fingerprint._sketch",
+    "TensorSketch": "modelhash.fingerprint._sketch",
 }
 
 
-__getattr__ = _lazy_attributes("client.fingerprint", _LAZY, globals())
+__getattr__ = _lazy_attributes("modelhash.fingerprint", _LAZY, globals())
 
 
 def __dir__() -> list[str]:

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import blake3
 
-from client.fingerprint._digest import CONTENT_ALGORITHM, Digest
-from client.fingerprint._result import TensorDigest
+from modelhash.fingerprint._digest import CONTENT_ALGORITHM, Digest
+from modelhash.fingerprint._result import TensorDigest
 
 __all__ = ["WRAPPER_PREFIXES", "canonical_names", "content_digest"]
 

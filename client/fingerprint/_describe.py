@@ -18,8 +18,8 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from client.fingerprint._model import numel
-from client.fingerprint._result import ModelDescription
+from modelhash.fingerprint._model import numel
+from modelhash.fingerprint._result import ModelDescription
 
 __all__ = ["ARCHITECTURES", "KINDS", "LORA_PARTS", "describe"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from client.errors import InvalidHashError
+from modelhash.errors import InvalidHashError
 
 __all__ = [
     "ALGORITHMS",

@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 import blake3
 
-from client.errors import MalformedFileError, ModelhashError, UnsupportedFormatError
-from client.fingerprint._content import canonical_names, content_digest
-from client.fingerprint._describe import describe
-from client.fingerprint._folder import Unit, resolve
-from client.fingerprint._formats import parse_file
-from client.fingerprint._model import ParsedFile, TensorRecord
-from client.fingerprint._pass import (
+from modelhash.errors import MalformedFileError, ModelhashError, UnsupportedFormatError
+from modelhash.fingerprint._content import canonical_names, content_digest
+from modelhash.fingerprint._describe import describe
+from modelhash.fingerprint._folder import Unit, resolve
+from modelhash.fingerprint._formats import parse_file
+from modelhash.fingerprint._model import ParsedFile, TensorRecord
+from modelhash.fingerprint._pass import (
     CHUNK,
     COST_BLAKE3,
     SpanHasher,
@@ -25,10 +25,10 @@ from client.fingerprint._pass import (
     file_layer_work,
     run_pass,
 )
-from client.fingerprint._result import FileHashes, ModelFingerprint, TensorDigest
+from modelhash.fingerprint._result import FileHashes, ModelFingerprint, TensorDigest
 
 if TYPE_CHECKING:
-    from client.fingerprint._sketcher import Sketcher
+    from modelhash.fingerprint._sketcher import Sketcher
 
 __all__ = ["Layers", "Outcome", "Progress", "fingerprint_file", "fingerprint_path"]
 
@@ -208,7 +208,7 @@ def _assemble(
     sketcher: Sketcher | None = None
     if layers == "all":
         # Imported here so that exact-only runs do not load numpy's sketch code.
-        from client.fingerprint._sketcher import Sketcher
+        from modelhash.fingerprint._sketcher import Sketcher
 
         sketcher = Sketcher(model.kind, metadata)
     for (prefix, pf), pf_names in zip(parsed, names, strict=True):

@@ -14,8 +14,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from client.errors import MalformedFileError, UnsupportedFormatError
-from client.fingerprint._formats import WEIGHT_SUFFIXES
+from modelhash.errors import MalformedFileError, UnsupportedFormatError
+from modelhash.fingerprint._formats import WEIGHT_SUFFIXES
 
 __all__ = ["Unit", "resolve"]
 

@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from client.fingerprint._keys import module_key
-from client.fingerprint._project import matrix_shape, project, project_factors
-from client.fingerprint._sketch import TensorSketch
+from modelhash.fingerprint._keys import module_key
+from modelhash.fingerprint._project import matrix_shape, project, project_factors
+from modelhash.fingerprint._sketch import TensorSketch
 
 __all__ = ["ROLES", "AdapterConfig", "LoraGroup", "adapter_configs", "group_lora", "sketch_group"]
 

@@ -27,8 +27,8 @@ try:  # ISA-L's CRC32 is about 4x zlib's; same polynomial, same answers.
 except ImportError:  # pragma: no cover - a platform without isal wheels
     from zlib import crc32
 
-from client.errors import MalformedFileError
-from client.fingerprint._result import FileHashes
+from modelhash.errors import MalformedFileError
+from modelhash.fingerprint._result import FileHashes
 
 __all__ = ["CHUNK", "SpanHasher", "Work", "file_layer_work", "run_pass"]
 

@@ -33,7 +33,7 @@ import blake3
 import numpy as np
 import numpy.typing as npt
 
-from client.fingerprint._dequant import DECODERS, Decoder
+from modelhash.fingerprint._dequant import DECODERS, Decoder
 
 __all__ = [
     "MIN_ELEMENTS",

@@ -10,10 +10,10 @@ import base64
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from client.fingerprint._digest import CONTENT_ALGORITHM, Digest
+from modelhash.fingerprint._digest import CONTENT_ALGORITHM, Digest
 
 if TYPE_CHECKING:
-    from client.fingerprint._sketch import Sketch
+    from modelhash.fingerprint._sketch import Sketch
 
 __all__ = [
     "FileHashes",
@@ -88,7 +88,7 @@ class ModelDescription:
     ``kind`` is ``checkpoint``, ``lora``, ``embedding`` or ``other``; ``flavour``
     names the adapter convention (``kohya``, ``peft``, ``diffusers``, ``loha``,
     ``lokr``, ``gguf``) where there is one; ``architecture`` is a best guess from
-    key names and shapes (see ``client.fingerprint._describe.ARCHITECTURES``), or
+    key names and shapes (see ``modelhash.fingerprint._describe.ARCHITECTURES``), or
     ``unknown``.
     """
 

@@ -1,6 +1,6 @@
 """Compare sketches: is an upload a re-upload, derivative or carrier of a flagged item?
 
-Pure numpy on :class:`~client.fingerprint._sketch.Sketch` values, so the registry can
+Pure numpy on :class:`~modelhash.fingerprint._sketch.Sketch` values, so the registry can
 verify its candidates with the exact code the client ships.
 
 Every fine-tune of a base is nearly identical to that base and to its siblings, so
@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from client.fingerprint._sketch import Sketch, TensorSketch
+from modelhash.fingerprint._sketch import Sketch, TensorSketch
 
 __all__ = [
     "NOT_SCORED",

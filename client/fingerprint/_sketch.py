@@ -1,12 +1,12 @@
 """The sketch layer's value: one small projection per weight matrix, and its bytes.
 
-A :class:`Sketch` maps canonical module keys (see :mod:`client.fingerprint._keys`)
+A :class:`Sketch` maps canonical module keys (see :mod:`modelhash.fingerprint._keys`)
 to :class:`TensorSketch` values. ``kind`` says what the values project:
 
 - ``model``: the weights of a checkpoint (raw sketches);
 - ``lora``: the effective delta of each module an adapter touches;
 - ``delta``: a model minus a reference base, keyed by the base's keys (made by
-  :func:`client.fingerprint._similarity.delta_sketch`).
+  :func:`modelhash.fingerprint._similarity.delta_sketch`).
 
 The algorithm name carries every parameter that changes the values:
 ``sketch-rademacher-k16-v1``. :meth:`Sketch.to_bytes` is the stored form: a magic,
@@ -34,7 +34,7 @@ import blake3
 import numpy as np
 import numpy.typing as npt
 
-from client.fingerprint._project import K
+from modelhash.fingerprint._project import K
 
 __all__ = ["SKETCH_ALGORITHM", "Sketch", "TensorSketch", "band_keys"]
 

@@ -1,9 +1,9 @@
 """Build a model's sketch layer alongside the exact layers, in the same read.
 
 :class:`Sketcher` is given each parsed file before its pass and returns a
-:class:`~client.fingerprint._pass.Work` item for it. A checkpoint's eligible
+:class:`~modelhash.fingerprint._pass.Work` item for it. A checkpoint's eligible
 tensors are projected as their bytes stream by (see
-:class:`~client.fingerprint._project.SketchWork`); an adapter's factor tensors are
+:class:`~modelhash.fingerprint._project.SketchWork`); an adapter's factor tensors are
 small, so their bytes are kept and each module's delta is sketched after the pass.
 Tensors whose bytes are not one span of the file are decoded from their
 ``materialize`` stream afterwards. Whatever is skipped is counted in notes.
@@ -17,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from client.errors import MalformedFileError, ResourceLimitError
-from client.fingerprint._dequant import DECODERS
-from client.fingerprint._keys import module_key, tensor_module
-from client.fingerprint._lora import adapter_configs, group_lora, sketch_group
-from client.fingerprint._model import ParsedFile, TensorRecord
-from client.fingerprint._pass import Work
-from client.fingerprint._project import SketchJob, SketchWork, decoder_for
-from client.fingerprint._sketch import Sketch, TensorSketch
+from modelhash.errors import MalformedFileError, ResourceLimitError
+from modelhash.fingerprint._dequant import DECODERS
+from modelhash.fingerprint._keys import module_key, tensor_module
+from modelhash.fingerprint._lora import adapter_configs, group_lora, sketch_group
+from modelhash.fingerprint._model import ParsedFile, TensorRecord
+from modelhash.fingerprint._pass import Work
+from modelhash.fingerprint._project import SketchJob, SketchWork, decoder_for
+from modelhash.fingerprint._sketch import Sketch, TensorSketch
 
 __all__ = ["MAX_ADAPTER_BYTES", "Sketcher"]
 

@@ -18,7 +18,7 @@ import logging
 import os
 from typing import Any
 
-from client import HubReport, RegistryClient, RepoEvent, WebhookReceiver, background_checker
+from modelhash import HubReport, RegistryClient, RepoEvent, WebhookReceiver, background_checker
 
 logging.basicConfig(level=logging.INFO)
 log = logging.getLogger("hub-webhook")

@@ -29,8 +29,8 @@ from typing import Any
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
-from client import AsyncRegistryClient, Checker, scan_upload_async
-from client.errors import RegistryError, UploadTooLargeError
+from modelhash import AsyncRegistryClient, Checker, scan_upload_async
+from modelhash.errors import RegistryError, UploadTooLargeError
 
 MAX_BYTES = int(os.environ.get("UPLOAD_MAX_BYTES", 20 * 1024**3))
 UNREACHABLE = os.environ.get("UPLOAD_UNREACHABLE", "fail-closed")  # or "fail-open"

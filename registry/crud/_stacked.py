@@ -2,7 +2,7 @@
 
 :meth:`Sketch.from_bytes` builds one object per tensor, about 5 ms for 200 tensors;
 the registry pre-filters many candidates per check and needs only each tensor's key,
-shape and values. This reads the same format (see :mod:`client.fingerprint._sketch`)
+shape and values. This reads the same format (see :mod:`modelhash.fingerprint._sketch`)
 into a ``(tensors, K*K)`` float32 matrix with one gather. Anything unexpected raises
 ValueError, like the full parser.
 """
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from client.fingerprint._project import K
-from client.fingerprint._similarity import scored
-from client.fingerprint._sketch import MAGIC, VERSION, Sketch
+from modelhash.fingerprint._project import K
+from modelhash.fingerprint._similarity import scored
+from modelhash.fingerprint._sketch import MAGIC, VERSION, Sketch
 
 __all__ = ["Stacked", "orthogonal_rows", "pooled_cosine", "stack_blob", "stack_sketch"]
 

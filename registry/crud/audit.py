@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 from sqlmodel import Session, col, func, select
 
-from registry.models import AuditEvent, ChangeEvent
+from modelhash.registry.models import AuditEvent, ChangeEvent
 
 if TYPE_CHECKING:
-    from registry.crud.keys import Principal
+    from modelhash.registry.crud.keys import Principal
 
 __all__ = ["emit_change", "latest_cursor", "list_audit", "list_changes", "record"]
 

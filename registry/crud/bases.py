@@ -6,7 +6,8 @@ a truncated hash could refuse an innocent flag by chance.
 A reference may also be a public fine-tune (it is then a base of its own as well)
 or a public adapter (never a base of deltas). Both are known-innocent derivatives:
 the similarity layer learns from them the direction that all derivatives of a base
-share, and removes it before scoring (see :class:`registry.crud.sketches.SharedDirections`).
+share, and removes it before scoring
+(see :class:`modelhash.registry.crud.sketches.SharedDirections`).
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ from collections import defaultdict
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from client.fingerprint import Digest
-from client.wire import STRONG_ALGORITHMS, BaseCreate
-from registry._db import begin_write
-from registry.crud.audit import record
-from registry.crud.keys import Principal
-from registry.crud.sketches import rebase_flag_sketches, store_base_sketch
-from registry.errors import ConflictError
-from registry.models import BaseFingerprint, ReferenceBase, SketchRow
+from modelhash.fingerprint import Digest
+from modelhash.registry._db import begin_write
+from modelhash.registry.crud.audit import record
+from modelhash.registry.crud.keys import Principal
+from modelhash.registry.crud.sketches import rebase_flag_sketches, store_base_sketch
+from modelhash.registry.errors import ConflictError
+from modelhash.registry.models import BaseFingerprint, ReferenceBase, SketchRow
+from modelhash.wire import STRONG_ALGORITHMS, BaseCreate
 
 __all__ = ["base_fingerprints", "base_sketch_kinds", "create_base", "list_bases", "matching_base"]
 

@@ -13,10 +13,10 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from client._export import EXPORT_FORMAT
-from client.wire import STRONG_ALGORITHMS
-from registry.crud.audit import latest_cursor
-from registry.models import Fingerprint, Flag, WeakHash
+from modelhash._export import EXPORT_FORMAT
+from modelhash.registry.crud.audit import latest_cursor
+from modelhash.registry.models import Fingerprint, Flag, WeakHash
+from modelhash.wire import STRONG_ALGORITHMS
 
 __all__ = ["export_document"]
 

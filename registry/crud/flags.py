@@ -13,25 +13,25 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from client.fingerprint import Digest
-from client.wire import STRONG_ALGORITHMS, FlagCreate
-from registry._db import begin_write
-from registry.crud.audit import emit_change, record
-from registry.crud.bases import matching_base
-from registry.crud.keys import Principal
-from registry.crud.sketches import (
+from modelhash.fingerprint import Digest
+from modelhash.registry._db import begin_write
+from modelhash.registry.crud.audit import emit_change, record
+from modelhash.registry.crud.bases import matching_base
+from modelhash.registry.crud.keys import Principal
+from modelhash.registry.crud.sketches import (
     PreparedSketch,
     prepare_flag_sketch,
     refuse_near_base,
     store_flag_sketch,
 )
-from registry.errors import (
+from modelhash.registry.errors import (
     ConflictError,
     NotFoundError,
     PermissionDeniedError,
     ReferenceBaseConflict,
 )
-from registry.models import Fingerprint, Flag, Opinion, WeakHash, utcnow
+from modelhash.registry.models import Fingerprint, Flag, Opinion, WeakHash, utcnow
+from modelhash.wire import STRONG_ALGORITHMS, FlagCreate
 
 __all__ = [
     "COUNTING_STATUSES",

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 from sqlmodel import Session, select
 
-from registry._db import begin_write
-from registry.crud.audit import record
-from registry.errors import ConflictError, NotFoundError
-from registry.models import ApiKey, utcnow
+from modelhash.registry._db import begin_write
+from modelhash.registry.crud.audit import record
+from modelhash.registry.errors import ConflictError, NotFoundError
+from modelhash.registry.models import ApiKey, utcnow
 
 __all__ = [
     "CLI",

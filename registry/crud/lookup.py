@@ -3,7 +3,7 @@
 A check reads only the ``fingerprint`` table, which holds strong hashes, so a
 truncated model-site hash can never make a match. An item that carries a sketch and
 matched no active or disputed flag by hash is then compared by sketch
-(:mod:`registry.crud.sketches`). Lookups read both tables and say
+(:mod:`modelhash.registry.crud.sketches`). Lookups read both tables and say
 when a hit is only a weak (possibly chance) one.
 """
 
@@ -17,8 +17,11 @@ from typing import Any
 from sqlalchemy import and_, or_
 from sqlmodel import Session, col, select
 
-from client.fingerprint import ALGORITHMS, CONTENT_ALGORITHM, Digest
-from client.wire import (
+from modelhash.fingerprint import ALGORITHMS, CONTENT_ALGORITHM, Digest
+from modelhash.registry.crud.flags import COUNTING_STATUSES
+from modelhash.registry.crud.sketches import find_matches
+from modelhash.registry.models import Fingerprint, Flag, WeakHash
+from modelhash.wire import (
     STRONG_ALGORITHMS,
     CheckItem,
     CheckResult,
@@ -27,9 +30,6 @@ from client.wire import (
     Match,
     MatchEvidence,
 )
-from registry.crud.flags import COUNTING_STATUSES
-from registry.crud.sketches import find_matches
-from registry.models import Fingerprint, Flag, WeakHash
 
 __all__ = ["PREFIX_LEN", "check", "lookup", "pad_with_decoys", "range_values"]
 

@@ -2,7 +2,7 @@
 
 Storage. A reference base keeps its raw (``model``) sketch. A flagged model's sketch
 is stored as its **delta** from the nearest base (``kind = delta``, ``base_id``
-set), found with :func:`~client.fingerprint._similarity.delta_sketch`, if one is
+set), found with :func:`~modelhash.fingerprint._similarity.delta_sketch`, if one is
 within ``THRESHOLDS.base_distance``; otherwise raw. An adapter (``lora``) is stored
 as sent, with ``base_id`` the base whose modules it covers, if any.
 
@@ -39,7 +39,7 @@ Retrieval, two paths, then verification:
   first. Sign bits only keep pairs at high cosine, which is what a raw
   near-duplicate (or the same adapter re-saved) is.
 
-Each candidate is then verified with :func:`client.fingerprint._similarity.match`,
+Each candidate is then verified with :func:`modelhash.fingerprint._similarity.match`,
 the code the client ships. A stored blob that does not parse, or a verifier that
 raises, is logged and skipped: it never fails a check.
 """
@@ -63,19 +63,19 @@ from sqlalchemy import Engine, func
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
-from client.fingerprint._similarity import (
+from modelhash.fingerprint._similarity import (
     THRESHOLDS,
     compare,
     delta_sketch,
     scored,
     shared_direction,
 )
-from client.fingerprint._similarity import Match as Verdict
-from client.fingerprint._similarity import match as verify
-from client.fingerprint._sketch import Sketch, TensorSketch
-from registry.crud._stacked import Stacked, pooled_cosine, stack_blob, stack_sketch
-from registry.errors import ReferenceBaseConflict
-from registry.models import Flag, ReferenceBase, SketchBand, SketchRow, SketchSignature
+from modelhash.fingerprint._similarity import Match as Verdict
+from modelhash.fingerprint._similarity import match as verify
+from modelhash.fingerprint._sketch import Sketch, TensorSketch
+from modelhash.registry.crud._stacked import Stacked, pooled_cosine, stack_blob, stack_sketch
+from modelhash.registry.errors import ReferenceBaseConflict
+from modelhash.registry.models import Flag, ReferenceBase, SketchBand, SketchRow, SketchSignature
 
 __all__ = [
     "CARRIED_WINDOW",
@@ -191,7 +191,7 @@ def signature(delta: Sketch, base: Sketch, keys: frozenset[str] | None = None) -
     """The retrieval signature of a ``delta`` or ``lora`` sketch relative to ``base``.
 
     Per scored tensor (only those in ``keys``, if given; never the VAE, see
-    :data:`~client.fingerprint._similarity.NOT_SCORED`): the delta minus its projection on
+    :data:`~modelhash.fingerprint._similarity.NOT_SCORED`): the delta minus its projection on
     the base's tensor of the same key, as the verifier computes it; each value added
     with a seeded sign into one of :data:`SIG_BITS` buckets (a count sketch, which
     keeps inner products), then mixed by seeded signs and a Walsh-Hadamard
@@ -438,7 +438,7 @@ class SharedDirections:
     bases) give the direction removed when scoring against its flagged fine-tunes,
     and the reference adapters that cover its modules the one removed when scoring
     against its flagged adapters (see
-    :func:`~client.fingerprint._similarity.shared_direction`). A new reference
+    :func:`~modelhash.fingerprint._similarity.shared_direction`). A new reference
     replaces the whole object, so a check never sees a half-updated one.
     """
 

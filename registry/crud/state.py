@@ -7,8 +7,8 @@ from collections.abc import Callable
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from registry._db import begin_write
-from registry.models import ServerState
+from modelhash.registry._db import begin_write
+from modelhash.registry.models import ServerState
 
 __all__ = ["get_or_create"]
 

@@ -1,1 +1,1 @@
-"""One APIRouter per resource; routes parse, authorise and call ``registry.crud``."""
+"""One APIRouter per resource; routes parse, authorise and call ``modelhash.registry.crud``."""

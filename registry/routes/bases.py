@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from client.wire import BaseCreate, BasePublic
-from registry.crud.bases import base_fingerprints, base_sketch_kinds, create_base, list_bases
-from registry.deps import AdminDep, ReaderDep, SessionDep
-from registry.routes._common import errors
+from modelhash.registry.crud.bases import (
+    base_fingerprints,
+    base_sketch_kinds,
+    create_base,
+    list_bases,
+)
+from modelhash.registry.deps import AdminDep, ReaderDep, SessionDep
+from modelhash.registry.routes._common import errors
+from modelhash.wire import BaseCreate, BasePublic
 
 __all__ = ["router"]
 

@@ -7,9 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Response
 from sqlmodel import Session
 
-from client.wire import AuditRecord, FlagCreate, FlagDetail, FlagStatus, Opinion, ReasonBody
-from registry.crud.audit import list_audit
-from registry.crud.flags import (
+from modelhash.registry.crud.audit import list_audit
+from modelhash.registry.crud.flags import (
     change_status,
     create_flag,
     fingerprints_of,
@@ -17,10 +16,11 @@ from registry.crud.flags import (
     list_flags,
     opinions_of,
 )
-from registry.crud.keys import Principal
-from registry.deps import AdminDep, ReaderDep, SessionDep, SubmitterDep
-from registry.models import Flag
-from registry.routes._common import errors
+from modelhash.registry.crud.keys import Principal
+from modelhash.registry.deps import AdminDep, ReaderDep, SessionDep, SubmitterDep
+from modelhash.registry.models import Flag
+from modelhash.registry.routes._common import errors
+from modelhash.wire import AuditRecord, FlagCreate, FlagDetail, FlagStatus, Opinion, ReasonBody
 
 __all__ = ["router"]
 

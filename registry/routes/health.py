@@ -6,9 +6,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy.exc import SQLAlchemyError
 
-from registry._metrics import Metrics
-from registry._migrations import current_revision
-from registry.routes._common import errors
+from modelhash.registry._metrics import Metrics
+from modelhash.registry._migrations import current_revision
+from modelhash.registry.routes._common import errors
 
 __all__ = ["router"]
 

@@ -6,11 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Request
 
-from client.wire import KeyCreate, KeyCreated, KeyPublic
-from registry._keycache import KeyCache
-from registry.crud.keys import create_key, list_keys, revoke_key
-from registry.deps import AdminDep, SessionDep
-from registry.routes._common import errors
+from modelhash.registry._keycache import KeyCache
+from modelhash.registry.crud.keys import create_key, list_keys, revoke_key
+from modelhash.registry.deps import AdminDep, SessionDep
+from modelhash.registry.routes._common import errors
+from modelhash.wire import KeyCreate, KeyCreated, KeyPublic
 
 __all__ = ["router"]
 

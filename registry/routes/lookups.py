@@ -7,14 +7,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Request
 
-from client.errors import InvalidHashError
-from client.fingerprint import ALGORITHMS, parse_hash_as
-from client.wire import WIRE_KEYS, CheckRequest, CheckResponse, LookupResult, RangeResult
-from registry._metrics import Metrics
-from registry.crud.lookup import PREFIX_LEN, check, lookup, pad_with_decoys, range_values
-from registry.deps import ReaderDep, SecretsDep, SessionDep, SettingsDep
-from registry.errors import BadRequestError
-from registry.routes._common import errors
+from modelhash.errors import InvalidHashError
+from modelhash.fingerprint import ALGORITHMS, parse_hash_as
+from modelhash.registry._metrics import Metrics
+from modelhash.registry.crud.lookup import PREFIX_LEN, check, lookup, pad_with_decoys, range_values
+from modelhash.registry.deps import ReaderDep, SecretsDep, SessionDep, SettingsDep
+from modelhash.registry.errors import BadRequestError
+from modelhash.registry.routes._common import errors
+from modelhash.wire import WIRE_KEYS, CheckRequest, CheckResponse, LookupResult, RangeResult
 
 __all__ = ["router"]
 

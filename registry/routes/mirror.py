@@ -7,12 +7,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from client._export import canonical_json
-from client.wire import ChangeEvent, ChangesPage, PublicKey, SignedExport
-from registry.crud.audit import latest_cursor, list_changes
-from registry.crud.export import export_document
-from registry.deps import ReaderDep, SecretsDep, SessionDep
-from registry.routes._common import errors
+from modelhash._export import canonical_json
+from modelhash.registry.crud.audit import latest_cursor, list_changes
+from modelhash.registry.crud.export import export_document
+from modelhash.registry.deps import ReaderDep, SecretsDep, SessionDep
+from modelhash.registry.routes._common import errors
+from modelhash.wire import ChangeEvent, ChangesPage, PublicKey, SignedExport
 
 __all__ = ["ExportCache", "router"]
 

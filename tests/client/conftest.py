@@ -18,13 +18,13 @@ from click.testing import Result
 from safetensors.numpy import save_file
 from typer.testing import CliRunner
 
-from client._cli import app
+from modelhash._cli import app
 from tests.fingerprint.conftest import tiny_state_dict
 from tests.utils.registry import stop
 
 _SCRIPT = Path(sys.executable).with_name("modelhash")
 MODELHASH = (
-    [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "client._cli"]
+    [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "modelhash._cli"]
 )
 _seeds = itertools.count(1000)
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from client import AsyncRegistryClient, RegistryClient, Retry
-from client.fingerprint import fingerprint_file
-from client.wire import MAX_CHECK_ITEMS
+from modelhash import AsyncRegistryClient, RegistryClient, Retry
+from modelhash.fingerprint import fingerprint_file
+from modelhash.wire import MAX_CHECK_ITEMS
 from tests.client.conftest import MODELHASH, LiveRegistry, clean_env, free_port
 from tests.fixtures.torch_pickles import call, glob, pickled, text, torch_zip, tup
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save
 
-from client import MirrorIndex, RepoEvent, WebhookReceiver, background_checker, hub_check
-from client._scan import fingerprint_exact
-from client.errors import HubError, HubNotFoundError, InputError
+from modelhash import MirrorIndex, RepoEvent, WebhookReceiver, background_checker, hub_check
+from modelhash._scan import fingerprint_exact
+from modelhash.errors import HubError, HubNotFoundError, InputError
 from tests.client.conftest import LiveRegistry, free_port
 from tests.client.fakehub import FakeHub, RunningHub
 from tests.fingerprint.conftest import tiny_state_dict

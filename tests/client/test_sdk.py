@@ -11,10 +11,10 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-import client
-import client.errors as errors
-from client import AsyncRegistryClient, RegistryClient, Retry
-from client.wire import MAX_CHECK_ITEMS
+import modelhash
+import modelhash.errors as errors
+from modelhash import AsyncRegistryClient, RegistryClient, Retry
+from modelhash.wire import MAX_CHECK_ITEMS
 
 Handler = Callable[[httpx.Request], httpx.Response]
 SHA = "ab" * 32
@@ -46,15 +46,15 @@ def _isort_style(name: str) -> tuple[int, str]:
 def test_public_names_are_complete_and_sorted() -> None:
     # Public names are imported lazily: every lazy name is exported, every export
     # resolves, and nothing else public leaks from the package namespace.
-    lazy = set(client._LAZY)
-    assert set(client.__all__) == lazy | {"__version__"}
-    for name in client.__all__:
-        assert getattr(client, name) is not None
+    lazy = set(modelhash._LAZY)
+    assert set(modelhash.__all__) == lazy | {"__version__"}
+    for name in modelhash.__all__:
+        assert getattr(modelhash, name) is not None
     helpers = {"annotations", "importlib", "Any", "TYPE_CHECKING"}
-    public = {n for n, v in vars(client).items()
+    public = {n for n, v in vars(modelhash).items()
               if not n.startswith("_") and type(v).__name__ != "module"} - helpers
-    assert public <= set(client.__all__), public - set(client.__all__)
-    assert client.__all__ == sorted(client.__all__, key=_isort_style)
+    assert public <= set(modelhash.__all__), public - set(modelhash.__all__)
+    assert modelhash.__all__ == sorted(modelhash.__all__, key=_isort_style)
     assert errors.__all__ == sorted(errors.__all__, key=_isort_style)
     for name in errors.__all__:
         assert name in errors.__doc__, f"{name} missing from the tree in the docstring"

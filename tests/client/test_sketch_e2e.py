@@ -6,8 +6,8 @@ import json
 import uuid
 from pathlib import Path
 
-from client import RegistryClient
-from client.fingerprint import fingerprint_path
+from modelhash import RegistryClient
+from modelhash.fingerprint import fingerprint_path
 from tests.client.conftest import LiveRegistry
 from tests.utils.sketch_models import base_model, cast, lora, plus, random_delta, write
 

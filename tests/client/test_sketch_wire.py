@@ -5,10 +5,10 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
-from client._calls import MAX_CHECK_SKETCH_CHARS, check_batches, check_item
-from client._requests import base_body, flag_body
-from client.fingerprint import fingerprint_path
-from client.wire import CheckItem, decode_sketch
+from modelhash._calls import MAX_CHECK_SKETCH_CHARS, check_batches, check_item
+from modelhash._requests import base_body, flag_body
+from modelhash.fingerprint import fingerprint_path
+from modelhash.wire import CheckItem, decode_sketch
 from tests.utils.sketch_models import base_model, lora, write
 
 

@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
-from client import MirrorIndex, RegistryClient, Retry, StreamFingerprinter, scan_upload
-from client._scan import fingerprint_exact
-from client.errors import UnauthorizedError, UploadTooLargeError
+from modelhash import MirrorIndex, RegistryClient, Retry, StreamFingerprinter, scan_upload
+from modelhash._scan import fingerprint_exact
+from modelhash.errors import UnauthorizedError, UploadTooLargeError
 from tests.client.test_e2e import evil_pickle
 from tests.fingerprint.conftest import tiny_state_dict
 

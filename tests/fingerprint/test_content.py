@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from safetensors.numpy import save_file
 
-from client.fingerprint import fingerprint_file
-from client.fingerprint._content import canonical_names
+from modelhash.fingerprint import fingerprint_file
+from modelhash.fingerprint._content import canonical_names
 
 from .conftest import tiny_state_dict
 

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.fingerprint._describe import ARCHITECTURES, describe
+from modelhash.fingerprint._describe import ARCHITECTURES, describe
 
 Tensor = tuple[str, str, tuple[int, ...]]
 SQ = (4, 4)

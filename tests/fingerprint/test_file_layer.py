@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.fingerprint._pass import file_layer_work, run_pass
+from modelhash.fingerprint._pass import file_layer_work, run_pass
 
 HELLO = {
     "sha256": "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9",
@@ -70,7 +70,7 @@ def test_autov3_hashes_after_the_header(tmp_path: Path) -> None:
 
 
 def test_engine_uses_the_16_mib_rule(tmp_path: Path) -> None:
-    from client.fingerprint._formats._safetensors import AUTOV3_HEADER_LIMIT, SafetensorsReader
+    from modelhash.fingerprint._formats._safetensors import AUTOV3_HEADER_LIMIT, SafetensorsReader
 
     header = json.dumps({"w": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}).encode()
     big = header + b" " * (AUTOV3_HEADER_LIMIT - len(header))

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from safetensors.numpy import save_file
 
-from client.errors import UnsupportedFormatError
-from client.fingerprint import fingerprint_file, fingerprint_path
+from modelhash.errors import UnsupportedFormatError
+from modelhash.fingerprint import fingerprint_file, fingerprint_path
 
 from .conftest import tiny_state_dict
 

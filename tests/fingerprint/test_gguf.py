@@ -19,10 +19,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from client.errors import MalformedFileError, ResourceLimitError, UnsupportedFormatError
-from client.fingerprint._formats import _gguf
-from client.fingerprint._formats._gguf import GGML_TYPES, GgufReader
-from client.fingerprint._model import DTYPE_SIZES, ParsedFile
+from modelhash.errors import MalformedFileError, ResourceLimitError, UnsupportedFormatError
+from modelhash.fingerprint._formats import _gguf
+from modelhash.fingerprint._formats._gguf import GGML_TYPES, GgufReader
+from modelhash.fingerprint._model import DTYPE_SIZES, ParsedFile
 
 Q = gguf.GGMLQuantizationType
 ALLOWED = (MalformedFileError, UnsupportedFormatError)
@@ -201,8 +201,8 @@ def test_sniff() -> None:
 
 
 def test_fingerprint_end_to_end(tmp_path: Path) -> None:
-    pytest.importorskip("client.fingerprint._formats._torch")
-    from client.fingerprint import fingerprint_file
+    pytest.importorskip("modelhash.fingerprint._formats._torch")
+    from modelhash.fingerprint import fingerprint_file
 
     path = write_gguf(tmp_path / "m.gguf", mixed_tensors(), all_kinds_of_metadata)
     fp = fingerprint_file(path)

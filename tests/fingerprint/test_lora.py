@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
-from client.fingerprint import fingerprint_file
-from client.fingerprint._keys import module_key
-from client.fingerprint._lora import AdapterConfig, LoraGroup, adapter_configs, sketch_group
-from client.fingerprint._project import project
+from modelhash.fingerprint import fingerprint_file
+from modelhash.fingerprint._keys import module_key
+from modelhash.fingerprint._lora import AdapterConfig, LoraGroup, adapter_configs, sketch_group
+from modelhash.fingerprint._project import project
 
 F64 = np.float64
 

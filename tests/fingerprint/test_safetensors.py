@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from client.errors import MalformedFileError, ResourceLimitError
-from client.fingerprint import fingerprint_file, fingerprint_path
-from client.fingerprint._formats import parse_file
+from modelhash.errors import MalformedFileError, ResourceLimitError
+from modelhash.fingerprint import fingerprint_file, fingerprint_path
+from modelhash.fingerprint._formats import parse_file
 
 from .conftest import tiny_state_dict
 

@@ -6,8 +6,15 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.fingerprint import Sketch, TensorSketch, compare, delta_sketch, match, shared_direction
-from client.fingerprint._project import K
+from modelhash.fingerprint import (
+    Sketch,
+    TensorSketch,
+    compare,
+    delta_sketch,
+    match,
+    shared_direction,
+)
+from modelhash.fingerprint._project import K
 
 SHAPES = [(320, 320), (320, 768), (640, 320), (1280, 640)]
 

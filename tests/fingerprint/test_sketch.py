@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
-from client.fingerprint import SKETCH_ALGORITHM, Sketch, fingerprint_file
-from client.fingerprint._dequant import DECODERS, decode
-from client.fingerprint._project import K, matrix_shape, project, projections
-from client.fingerprint._sketch import TensorSketch, band_keys
+from modelhash.fingerprint import SKETCH_ALGORITHM, Sketch, fingerprint_file
+from modelhash.fingerprint._dequant import DECODERS, decode
+from modelhash.fingerprint._project import K, matrix_shape, project, projections
+from modelhash.fingerprint._sketch import TensorSketch, band_keys
 
 dims = st.integers(min_value=2, max_value=48)
 

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from client.errors import ModelhashError
-from client.fingerprint._formats import parse_file
+from modelhash.errors import ModelhashError
+from modelhash.fingerprint._formats import parse_file
 from tests.fixtures.torch_pickles import (
     EMPTY_TUPLE,
     FALSE,

@@ -17,17 +17,17 @@ import blake3
 import numpy as np
 import pytest
 
-from client.errors import (
+from modelhash.errors import (
     MalformedFileError,
     ModelhashError,
     ResourceLimitError,
     UnsafeFileError,
     UnsupportedFormatError,
 )
-from client.fingerprint import fingerprint_file, fingerprint_path
-from client.fingerprint._formats import _torch, parse_file
-from client.fingerprint._formats._torch import TorchLegacyReader
-from client.fingerprint._model import ParsedFile, TensorRecord
+from modelhash.fingerprint import fingerprint_file, fingerprint_path
+from modelhash.fingerprint._formats import _torch, parse_file
+from modelhash.fingerprint._formats._torch import TorchLegacyReader
+from modelhash.fingerprint._model import ParsedFile, TensorRecord
 from tests.fixtures.torch_pickles import (
     dct,
     glob,

@@ -24,15 +24,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.errors import (
+from modelhash.errors import (
     MalformedFileError,
     ResourceLimitError,
     UnsafeFileError,
     UnsupportedFormatError,
 )
-from client.fingerprint._formats import parse_file
-from client.fingerprint._formats._statedict import DTYPES, Sealed
-from client.fingerprint._formats._unpickle import ALLOWED, Inert
+from modelhash.fingerprint._formats import parse_file
+from modelhash.fingerprint._formats._statedict import DTYPES, Sealed
+from modelhash.fingerprint._formats._unpickle import ALLOWED, Inert
 from tests.fixtures.torch_pickles import (
     EMPTY_TUPLE,
     binbytes,
@@ -393,8 +393,8 @@ def test_find_class_never_imports(tmp_path: Path) -> None:
     code = (
         "import json, sys\n"
         "from pathlib import Path\n"
-        "from client.errors import ModelhashError\n"
-        "from client.fingerprint._formats import parse_file\n"
+        "from modelhash.errors import ModelhashError\n"
+        "from modelhash.fingerprint._formats import parse_file\n"
         "for p in sys.argv[1:]:\n"
         "    try:\n"
         "        parse_file(Path(p))\n"

@@ -19,8 +19,8 @@ from pathlib import Path
 import atheris
 
 with atheris.instrument_imports():
-    from client.errors import ModelhashError
-    from client.fingerprint._formats import _statedict, _torch, _unpickle, parse_file
+    from modelhash.errors import ModelhashError
+    from modelhash.fingerprint._formats import _statedict, _torch, _unpickle, parse_file
 
 _INSTRUMENTED = (_statedict, _torch, _unpickle)
 

@@ -17,11 +17,11 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
-from registry._db import make_engine, session_scope
-from registry._migrations import upgrade
-from registry._settings import Settings
-from registry.app import create_app
-from registry.crud.keys import CLI, create_key
+from modelhash.registry._db import make_engine, session_scope
+from modelhash.registry._migrations import upgrade
+from modelhash.registry._settings import Settings
+from modelhash.registry.app import create_app
+from modelhash.registry.crud.keys import CLI, create_key
 from tests.utils.registry import drop_pg_schema, new_pg_schema, pg_problem
 
 BACKENDS = [

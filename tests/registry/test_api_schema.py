@@ -18,10 +18,10 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from registry._db import session_scope
-from registry._settings import Settings
-from registry.app import create_app
-from registry.crud.keys import CLI, create_key
+from modelhash.registry._db import session_scope
+from modelhash.registry._settings import Settings
+from modelhash.registry.app import create_app
+from modelhash.registry.crud.keys import CLI, create_key
 from tests.utils.registry import auth
 
 # The operations, read from a throwaway app (it touches no database until asked).

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from sqlmodel import Session, select
 
-from registry.crud.keys import hash_key
-from registry.models import ApiKey, AuditEvent
+from modelhash.registry.crud.keys import hash_key
+from modelhash.registry.models import ApiKey, AuditEvent
 from tests.utils.registry import auth, flag_body
 
 READ = [
@@ -93,9 +93,9 @@ def test_key_roles_and_names_are_validated(client, keys):
 
 
 def test_the_key_cache_expires_and_can_be_off(monkeypatch):
-    import registry._keycache as keycache
-    from registry._keycache import KeyCache
-    from registry.crud.keys import Principal
+    import modelhash.registry._keycache as keycache
+    from modelhash.registry._keycache import KeyCache
+    from modelhash.registry.crud.keys import Principal
 
     now = [1000.0]
     monkeypatch.setattr(keycache.time, "monotonic", lambda: now[0])

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from client.fingerprint import Sketch, TensorSketch
-from client.fingerprint._project import K
-from client.wire import CheckResponse, encode_sketch
+from modelhash.fingerprint import Sketch, TensorSketch
+from modelhash.fingerprint._project import K
+from modelhash.wire import CheckResponse, encode_sketch
 from tests.utils.registry import auth, flag_body, random_fingerprint
 
 

@@ -8,12 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 from sqlalchemy import func
 from sqlmodel import Session, select
 
-from client.wire import FlagCreate
-from registry._db import make_engine, session_scope
-from registry.crud.audit import list_changes
-from registry.crud.flags import create_flag
-from registry.crud.keys import CLI, Principal, create_key
-from registry.models import Fingerprint, Flag, Opinion
+from modelhash.registry._db import make_engine, session_scope
+from modelhash.registry.crud.audit import list_changes
+from modelhash.registry.crud.flags import create_flag
+from modelhash.registry.crud.keys import CLI, Principal, create_key
+from modelhash.registry.models import Fingerprint, Flag, Opinion
+from modelhash.wire import FlagCreate
 from tests.utils.registry import random_fingerprint
 
 WRITERS = 12

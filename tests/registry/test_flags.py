@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, func
 from sqlmodel import Session, select
 
-from registry.models import AuditEvent, Fingerprint, Flag, Opinion, WeakHash
+from modelhash.registry.models import AuditEvent, Fingerprint, Flag, Opinion, WeakHash
 from tests.utils.registry import auth, flag_body, random_fingerprint
 
 

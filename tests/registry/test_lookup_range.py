@@ -6,11 +6,11 @@ import secrets
 
 import pytest
 
-from client.fingerprint import ALGORITHMS
-from client.wire import FlagCreate
-from registry._db import session_scope
-from registry.crud.flags import create_flag
-from registry.crud.keys import CLI
+from modelhash.fingerprint import ALGORITHMS
+from modelhash.registry._db import session_scope
+from modelhash.registry.crud.flags import create_flag
+from modelhash.registry.crud.keys import CLI
+from modelhash.wire import FlagCreate
 from tests.utils.registry import auth, flag_body, random_fingerprint
 
 

@@ -10,13 +10,13 @@ from sqlalchemy import inspect, text
 from sqlalchemy.exc import DBAPIError
 from sqlmodel import SQLModel
 
-import registry.models  # noqa: F401
-from registry._db import make_engine, session_scope
-from registry._migrations import current_revision, downgrade, head_revision, upgrade
-from registry._settings import Settings
-from registry.app import create_app
-from registry.crud.audit import emit_change, record
-from registry.crud.keys import CLI
+import modelhash.registry.models  # noqa: F401
+from modelhash.registry._db import make_engine, session_scope
+from modelhash.registry._migrations import current_revision, downgrade, head_revision, upgrade
+from modelhash.registry._settings import Settings
+from modelhash.registry.app import create_app
+from modelhash.registry.crud.audit import emit_change, record
+from modelhash.registry.crud.keys import CLI
 
 
 def test_models_and_migrations_do_not_drift(fresh_url):
@@ -100,9 +100,9 @@ def test_signatures_are_recomputed_when_upgrading_to_v2(fresh_url):
 
     import numpy as np
 
-    from client.fingerprint import Sketch, TensorSketch, delta_sketch
-    from client.fingerprint._project import K
-    from registry.crud.sketches import SIG_BYTES, keys_digest, lora_keys, signature
+    from modelhash.fingerprint import Sketch, TensorSketch, delta_sketch
+    from modelhash.fingerprint._project import K
+    from modelhash.registry.crud.sketches import SIG_BYTES, keys_digest, lora_keys, signature
 
     rng = np.random.default_rng(3)
     base = Sketch("model", {

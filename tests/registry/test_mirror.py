@@ -9,7 +9,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from client._export import ExportVerificationError, canonical_json, key_id, verify_export
+from modelhash._export import ExportVerificationError, canonical_json, key_id, verify_export
 from tests.utils.registry import auth, flag_body, random_fingerprint
 
 

@@ -9,8 +9,8 @@ import secrets
 import pytest
 from fastapi.testclient import TestClient
 
-from registry._logging import JsonFormatter
-from registry._settings import Settings, normalise_database_url
+from modelhash.registry._logging import JsonFormatter
+from modelhash.registry._settings import Settings, normalise_database_url
 from tests.utils.registry import auth, flag_body, random_fingerprint
 
 
@@ -139,8 +139,8 @@ def test_the_signing_key_can_come_from_a_file(tmp_path, tmp_sqlite):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from registry._migrations import upgrade
-    from registry.app import create_app
+    from modelhash.registry._migrations import upgrade
+    from modelhash.registry.app import create_app
 
     key = Ed25519PrivateKey.generate()
     path = tmp_path / "signing.pem"

@@ -24,7 +24,7 @@ _SCRIPT = Path(sys.executable).with_name("modelhash")
 MODELHASH = (
     [str(_SCRIPT)]
     if _SCRIPT.exists()
-    else [sys.executable, "-c", "from client._cli import main; main()"]
+    else [sys.executable, "-c", "from modelhash._cli import main; main()"]
 )
 
 

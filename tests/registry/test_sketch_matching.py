@@ -21,12 +21,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 from sqlmodel import col, select
 
-from client.fingerprint import Sketch, TensorSketch, fingerprint_path
-from client.fingerprint._project import K
-from client.wire import MAX_SKETCH_BYTES, CheckResponse, decode_sketch, encode_sketch
-from registry._db import session_scope
-from registry.crud.sketches import SIG_BYTES, SharedDirections
-from registry.models import SketchBand, SketchRow, SketchSignature
+from modelhash.fingerprint import Sketch, TensorSketch, fingerprint_path
+from modelhash.fingerprint._project import K
+from modelhash.registry._db import session_scope
+from modelhash.registry.crud.sketches import SIG_BYTES, SharedDirections
+from modelhash.registry.models import SketchBand, SketchRow, SketchSignature
+from modelhash.wire import MAX_SKETCH_BYTES, CheckResponse, decode_sketch, encode_sketch
 from tests.utils.registry import auth, flag_body, random_fingerprint
 from tests.utils.sketch_models import (
     MODULES,
@@ -357,9 +357,9 @@ def _base_sketch(tensors: int = 60, seed: int = 7) -> Sketch:
 
 def test_signatures_estimate_the_verifiers_cosine_and_coefficient():
     """The retrieval estimates track the pooled cosine and coefficient the verifier computes."""
-    from client.fingerprint import compare, delta_sketch
-    from registry.crud._stacked import pooled_cosine, stack_blob, stack_sketch
-    from registry.crud.sketches import SIG_BITS, BankView, estimate, signature
+    from modelhash.fingerprint import compare, delta_sketch
+    from modelhash.registry.crud._stacked import pooled_cosine, stack_blob, stack_sketch
+    from modelhash.registry.crud.sketches import SIG_BITS, BankView, estimate, signature
 
     base = _base_sketch()
     moved = _moved_factory(base)
@@ -387,8 +387,8 @@ def test_signatures_estimate_the_verifiers_cosine_and_coefficient():
 
 def test_signatures_of_unrelated_deltas_are_near_zero():
     """Unrelated deltas estimate cosine 0 with the standard error the floor assumes."""
-    from client.fingerprint import delta_sketch
-    from registry.crud.sketches import FLOOR, SIG_BITS, estimate, signature
+    from modelhash.fingerprint import delta_sketch
+    from modelhash.registry.crud.sketches import FLOOR, SIG_BITS, estimate, signature
 
     base = _base_sketch(tensors=200)
     moved = _moved_factory(base)
@@ -415,8 +415,8 @@ def test_weak_matches_are_retrieved_among_many_unrelated_flags(parts, label):
     With the 256-float v1 signature the carrier (cosine 0.2) was found in 1 of these
     20 queries; the merge (cosine 0.39) in all 20.
     """
-    from client.fingerprint import compare, delta_sketch
-    from registry.crud.sketches import SIG_BITS, BankView, retrieve, signature
+    from modelhash.fingerprint import compare, delta_sketch
+    from modelhash.registry.crud.sketches import SIG_BITS, BankView, retrieve, signature
 
     base = _base_sketch(tensors=200)
     moved = _moved_factory(base)
@@ -654,7 +654,7 @@ def test_a_shared_direction_that_cannot_be_computed_falls_back_to_none(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ):
     """A failure there must not cost a check its candidates: the fixed thresholds apply."""
-    import registry.crud.sketches as sketches
+    import modelhash.registry.crud.sketches as sketches
 
     def broken(*_: object, **__: object) -> None:
         raise ValueError("boom")

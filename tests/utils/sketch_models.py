@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from client.fingerprint import Sketch, fingerprint_path
+from modelhash.fingerprint import Sketch, fingerprint_path
 
 StateDict = dict[str, np.ndarray]
 

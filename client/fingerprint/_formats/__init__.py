@@ -2,7 +2,7 @@
 
 A reader is a class with a ``name``, a ``sniff(head, path)`` test on the file's
 first bytes, and ``parse(path, size, fh)`` returning a
-:class:`~client.fingerprint._model.ParsedFile`. A new format is one more entry in
+:class:`~modelhash.fingerprint._model.ParsedFile`. A new format is one more entry in
 :data:`READERS`, never another branch elsewhere.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from client.errors import MalformedFileError, UnsupportedFormatError
-from client.fingerprint._model import ParsedFile
+from modelhash.errors import MalformedFileError, UnsupportedFormatError
+from modelhash.fingerprint._model import ParsedFile
 
 __all__ = ["READERS", "WEIGHT_SUFFIXES", "Reader", "parse_file"]
 
@@ -34,9 +34,9 @@ class Reader(Protocol):
 
 
 def _readers() -> list[Reader]:
-    from client.fingerprint._formats._gguf import GgufReader
-    from client.fingerprint._formats._safetensors import SafetensorsReader
-    from client.fingerprint._formats._torch import TorchLegacyReader, TorchZipReader
+    from modelhash.fingerprint._formats._gguf import GgufReader
+    from modelhash.fingerprint._formats._safetensors import SafetensorsReader
+    from modelhash.fingerprint._formats._torch import TorchLegacyReader, TorchZipReader
 
     return [GgufReader(), TorchZipReader(), TorchLegacyReader(), SafetensorsReader()]
 

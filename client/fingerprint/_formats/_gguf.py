@@ -22,8 +22,8 @@ import struct
 from pathlib import Path
 from typing import BinaryIO
 
-from client.errors import MalformedFileError, ResourceLimitError, UnsupportedFormatError
-from client.fingerprint._model import ParsedFile, TensorRecord, numel
+from modelhash.errors import MalformedFileError, ResourceLimitError, UnsupportedFormatError
+from modelhash.fingerprint._model import ParsedFile, TensorRecord, numel
 
 __all__ = ["GGML_TYPES", "GgufReader"]
 

@@ -13,8 +13,8 @@ import struct
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from client.errors import MalformedFileError, ResourceLimitError
-from client.fingerprint._model import DTYPE_SIZES, ParsedFile, TensorRecord, numel
+from modelhash.errors import MalformedFileError, ResourceLimitError
+from modelhash.fingerprint._model import DTYPE_SIZES, ParsedFile, TensorRecord, numel
 
 __all__ = ["MAX_HEADER", "SafetensorsReader"]
 

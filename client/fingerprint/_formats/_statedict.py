@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from client.errors import MalformedFileError, ModelhashError, ResourceLimitError
-from client.fingerprint._model import TensorRecord, numel
+from modelhash.errors import MalformedFileError, ModelhashError, ResourceLimitError
+from modelhash.fingerprint._model import TensorRecord, numel
 
 if TYPE_CHECKING:
     import numpy as np

@@ -21,21 +21,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from client.errors import (
+from modelhash.errors import (
     MalformedFileError,
     ModelhashError,
     ResourceLimitError,
     UnsupportedFormatError,
 )
-from client.fingerprint._formats._statedict import (
+from modelhash.fingerprint._formats._statedict import (
     Blob,
     StorageRef,
     StorageType,
     one_line,
     state_records,
 )
-from client.fingerprint._formats._unpickle import MAX_PICKLE_BYTES, ScanError, load, scan
-from client.fingerprint._model import ParsedFile
+from modelhash.fingerprint._formats._unpickle import MAX_PICKLE_BYTES, ScanError, load, scan
+from modelhash.fingerprint._model import ParsedFile
 
 __all__ = ["TorchLegacyReader", "TorchZipReader"]
 

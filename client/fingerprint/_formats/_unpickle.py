@@ -4,7 +4,7 @@
 inert reconstructors; nothing named in a file is ever imported. Every other global
 is answered with a fresh do-nothing placeholder class so that unpickling can go
 on and collect *all* offending names, which are then reported together in one
-:class:`~client.errors.UnsafeFileError`.
+:class:`~modelhash.errors.UnsafeFileError`.
 
 Before the C unpickler sees a pickle, :func:`scan` walks its opcodes once: it finds
 the end of the pickle, bounds memo indices and object counts (the C unpickler
@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from client.errors import (
+from modelhash.errors import (
     MalformedFileError,
     ModelhashError,
     ResourceLimitError,
     UnsafeFileError,
 )
-from client.fingerprint._formats._statedict import (
+from modelhash.fingerprint._formats._statedict import (
     DTYPES,
     DType,
     Sealed,
