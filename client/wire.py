@@ -122,10 +122,15 @@ _HEX_MAX = 200
 
 
 def _no_nul(value: Any) -> Any:
-    """Refuse NUL characters anywhere in a value: databases cannot store them in text."""
+    """Refuse NUL characters and text that is not valid Unicode (lone surrogates)
+    anywhere in a value: databases cannot store them, nor can JSON answers carry them."""
     if isinstance(value, str):
         if "\x00" in value:
             raise ValueError("text must not contain NUL characters")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text must be valid Unicode (no lone surrogates)") from None
     elif isinstance(value, dict):
         for k, v in value.items():
             _no_nul(k)

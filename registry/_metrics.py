@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["Metrics", "RequestMiddleware"]
+__all__ = ["Metrics", "RequestMiddleware", "send_error"]
 
 _access = logging.getLogger("modelhash.access")
 
@@ -78,13 +78,13 @@ class RequestMiddleware:
 
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await _send_error(send, 413, f"request body larger than {limit} bytes")
+            await send_error(send, 413, f"request body larger than {limit} bytes")
             self._observe(scope, 413, start)
             return
         if _wrong_body_type(scope, declared):
             # curl's -d sends form encoding by default; say so instead of a
             # validation error about a string that is not an object.
-            await _send_error(
+            await send_error(
                 send, 415, "send the body as JSON, with the header 'Content-Type: application/json'"
             )
             self._observe(scope, 415, start)
@@ -162,7 +162,8 @@ def _wrong_body_type(scope: Scope, declared: int | None) -> bool:
     return not (media == b"application/json" or media.endswith(b"+json"))
 
 
-async def _send_error(send: Send, status: int, detail: str) -> None:
+async def send_error(send: Send, status: int, detail: str) -> None:
+    """Answer ``{"detail": detail}`` with ``status`` straight from ASGI middleware."""
     body = json.dumps({"detail": detail}).encode()
     await send(
         {

@@ -18,6 +18,7 @@ from modelhash.registry.crud.flags import (
 )
 from modelhash.registry.crud.keys import Principal
 from modelhash.registry.deps import AdminDep, ReaderDep, SessionDep, SubmitterDep
+from modelhash.registry.errors import UnprocessableError
 from modelhash.registry.models import Flag
 from modelhash.registry.routes._common import errors
 from modelhash.wire import AuditRecord, FlagCreate, FlagDetail, FlagStatus, Opinion, ReasonBody
@@ -79,10 +80,22 @@ def submit_flag(
     confirmation. A model matching a reference base is refused (409) unless an admin
     sets ``force``.
     """
-    flag, created = create_flag(session, data=body, actor=principal)
+    answers: list[FlagDetail] = []
+
+    def answer(flag: Flag) -> None:
+        # Render the answer before committing: what cannot be answered is not stored.
+        detail = _detail(session, flag, principal)
+        try:
+            detail.model_dump_json()
+        except (ValueError, RecursionError):
+            raise UnprocessableError("the flag could not be rendered back; nothing was stored")\
+                from None
+        answers.append(detail)
+
+    _, created = create_flag(session, data=body, actor=principal, before_commit=answer)
     if not created:
         response.status_code = 200
-    return _detail(session, flag, principal)
+    return answers[-1]
 
 
 @router.get("", responses=errors(422))

@@ -78,7 +78,7 @@ def test_admins_manage_keys_and_only_hashes_are_stored(client, keys, engine):
         actions = s.exec(
             select(AuditEvent.action).where(
                 AuditEvent.target_type == "api_key", AuditEvent.target_id == str(made["id"])
-            )
+            ).order_by(AuditEvent.id)
         ).all()
     assert list(actions) == ["key.created", "key.revoked"]
 
