@@ -20,6 +20,7 @@ from sqlmodel import Session, col, select
 from modelhash.fingerprint import ALGORITHMS, CONTENT_ALGORITHM, Digest
 from modelhash.registry.crud.flags import COUNTING_STATUSES
 from modelhash.registry.crud.sketches import find_matches
+from modelhash.registry.errors import UnprocessableError
 from modelhash.registry.models import Fingerprint, Flag, WeakHash
 from modelhash.wire import (
     STRONG_ALGORITHMS,
@@ -72,9 +73,16 @@ def check(session: Session, *, items: list[CheckItem]) -> list[CheckResult]:
         }
         found = {d: flags[f] for d, f in owners.items()}
     results = [_result(i, item, found) for i, item in enumerate(items)]
-    for item, result in zip(items, results, strict=True):
-        upload = item.parsed_sketch()
-        if upload is None or result.verdict == "match":
+    for index, (item, result) in enumerate(zip(items, results, strict=True)):
+        if item.sketch is None or result.verdict == "match":
+            continue
+        # Decoded here, one item at a time, and dropped after: a batch never holds
+        # more than one decoded sketch (the request validated them the same way).
+        try:
+            upload = item.parsed_sketch()
+        except ValueError as exc:
+            raise UnprocessableError(f"items[{index}].{exc}") from None
+        if upload is None:
             continue
         hits = find_matches(session, upload, exclude=[m.flag_id for m in result.matches])
         for hit in hits:
