@@ -25,7 +25,6 @@ from modelhash import __version__
 from modelhash.registry._body import JsonBodyGuard
 from modelhash.registry._db import make_engine
 from modelhash.registry._handlers import install_handlers
-from modelhash.registry._keycache import KeyCache
 from modelhash.registry._metrics import Metrics, RequestMiddleware
 from modelhash.registry._migrations import head_revision
 from modelhash.registry._settings import Settings
@@ -68,7 +67,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.secrets = Secrets(settings, engine)
     app.state.head_revision = head_revision()
     app.state.export_cache = mirror.ExportCache()
-    app.state.key_cache = KeyCache(settings.key_cache_seconds)
 
     for module in (health, lookups, flags, bases, keys, mirror):
         app.include_router(module.router)
