@@ -25,6 +25,7 @@ from modelhash import __version__
 from modelhash.registry._body import JsonBodyGuard
 from modelhash.registry._db import make_engine
 from modelhash.registry._handlers import install_handlers
+from modelhash.registry._logging import configure_logging
 from modelhash.registry._metrics import Metrics, RequestMiddleware
 from modelhash.registry._migrations import head_revision
 from modelhash.registry._settings import Settings
@@ -47,6 +48,7 @@ truncated model-site hashes (crc32, AutoV1-3) answer lookups only.
 def create_app(settings: Settings | None = None) -> FastAPI:
     """A registry app for ``settings`` (default: from ``MODELHASH_*`` variables)."""
     settings = settings or Settings()
+    configure_logging(settings.log_level)
     engine = make_engine(settings.database_url, pool_size=settings.pool_size)
 
     @asynccontextmanager
@@ -60,7 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=_DESCRIPTION,
         lifespan=lifespan,
     )
-    metrics = Metrics()
+    metrics = Metrics(engine)
     app.state.settings = settings
     app.state.engine = engine
     app.state.metrics = metrics
