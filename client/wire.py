@@ -622,12 +622,6 @@ class ChangeEvent(_Wire):
     data: dict[str, Any]
 
 
-class ChangesPage(_Wire):
-    changes: list[ChangeEvent]
-    next_cursor: int
-    has_more: bool
-
-
 class SignedExport(_Wire):
     """The whole list as canonical JSON in ``payload``, signed with ed25519."""
 
@@ -635,6 +629,16 @@ class SignedExport(_Wire):
     signature: str
     key_id: str
     algorithm: Literal["ed25519"]
+
+
+class ChangesPage(_Wire):
+    """One page of the change feed. ``signed`` carries the same page as a signed
+    ``modelhash-changes-v1`` payload; mirrors apply that, never the unsigned fields."""
+
+    changes: list[ChangeEvent]
+    next_cursor: int
+    has_more: bool
+    signed: SignedExport | None = None
 
 
 class PublicKey(_Wire):
