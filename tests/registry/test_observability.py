@@ -152,6 +152,7 @@ def test_the_signing_key_can_come_from_a_file(tmp_path, tmp_sqlite):
             serialization.NoEncryption(),
         )
     )
+    path.chmod(0o600)
     upgrade(tmp_sqlite)
     app = create_app(Settings(database_url=tmp_sqlite, signing_key_file=path))
     with TestClient(app) as c:
