@@ -14,7 +14,9 @@ key id) agree with the signed ones. Any edit is refused (:class:`MirrorError`, e
 3). Freshness (``max_age``) is measured from the registry's own signed
 ``generated_at``, never from a local clock value in the file, so replaying an old
 export cannot pass it. An export older than the cached list (a lower cursor) is
-refused as a rollback.
+refused as a rollback. When the registry rotates its key and the pinned key
+endorses the new one (``GET /v1/export/public-key``), the mirror pins the new key
+and fetches a full export; a new key without that endorsement is refused.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from modelhash._export import (
     key_id,
     load_public_key,
     verify_changes,
+    verify_endorsement,
     verify_export,
 )
 from modelhash.errors import InputError, MirrorError
@@ -124,6 +127,10 @@ class OfflineCache:
             except MirrorError:
                 if not full:
                     raise
+        if public_key is None and not pinned_now:
+            rotated = self._follow_rotation(client, pem)
+            if rotated is not None:
+                pem, kid, full = rotated, key_id(rotated), True
         if previous is None or full:
             document = client.export().model_dump(mode="json")
             try:
@@ -159,6 +166,20 @@ class OfflineCache:
         self._write(self.path, json.dumps(state, separators=(",", ":")))
         flags = len(self.load().flags)
         return SyncReport(flags, applied, verified.cursor, kid, pinned_now, full)
+
+    def _follow_rotation(self, client: RegistryClient, pinned: str) -> str | None:
+        """The registry's new key if the pinned one endorses it (then pinned), else None."""
+        offered = client.public_key()
+        if offered.key_id == key_id(pinned) or offered.endorsement is None:
+            return None
+        try:
+            new = verify_endorsement(offered.endorsement.model_dump(mode="json"), pinned)
+        except ExportVerificationError:
+            return None  # not vouched for: the export will be refused as foreign
+        if key_id(new) != offered.key_id:
+            return None
+        self._write(self.key_path, new)
+        return new
 
     def _fetch_pages(self, client: RegistryClient, pem: str, since: int) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []

@@ -33,17 +33,20 @@ from modelhash.errors import ExportVerificationError
 
 __all__ = [
     "CHANGES_FORMAT",
+    "ENDORSEMENT_FORMAT",
     "EXPORT_FORMAT",
     "ExportVerificationError",
     "canonical_json",
     "key_id",
     "load_public_key",
     "verify_changes",
+    "verify_endorsement",
     "verify_export",
 ]
 
 EXPORT_FORMAT = "modelhash-export-v1"
 CHANGES_FORMAT = "modelhash-changes-v1"
+ENDORSEMENT_FORMAT = "modelhash-key-endorsement-v1"
 
 
 def canonical_json(value: Any) -> str:
@@ -110,6 +113,23 @@ def verify_changes(
     if last != nxt:
         raise ExportVerificationError("change page next_cursor does not follow its changes")
     return payload
+
+
+def verify_endorsement(
+    document: Mapping[str, Any] | str | bytes,
+    pinned_key: str | bytes | Ed25519PublicKey,
+) -> str:
+    """The new public key (PEM) that ``pinned_key`` endorses in ``document``.
+
+    ``document`` is the ``endorsement`` of ``GET /v1/export/public-key`` during a
+    key rotation. Raises :class:`ExportVerificationError` unless the pinned key
+    signed it and the key id it names is that of the PEM it carries.
+    """
+    payload = _verify(document, pinned_key, ENDORSEMENT_FORMAT)
+    pem = payload.get("public_key_pem")
+    if not isinstance(pem, str) or key_id(pem) != payload.get("key_id"):
+        raise ExportVerificationError("the endorsement names a key that does not match it")
+    return pem
 
 
 def _is_cursor(value: Any) -> bool:

@@ -642,6 +642,11 @@ class ChangesPage(_Wire):
 
 
 class PublicKey(_Wire):
+    """The export signing key. While the key is being rotated, ``endorsement`` is the
+    new key signed by the previous one (payload ``modelhash-key-endorsement-v1``), so
+    a mirror that pinned the old key can move to the new one by itself."""
+
     algorithm: Literal["ed25519"]
     key_id: str
     public_key_pem: str
+    endorsement: SignedExport | None = None

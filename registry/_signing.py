@@ -133,6 +133,7 @@ class Secrets:
         self._engine = engine
         self._lock = threading.Lock()
         self._signer: Signer | None = None
+        self._previous: Signer | None = None
         self._range: bytes | None = None
 
     def signer(self) -> Signer:
@@ -150,6 +151,16 @@ class Secrets:
                     key = load_private_key(stored.encode("ascii"), source="stored signing key")
                 self._signer = Signer(key)
             return self._signer
+
+    def previous_signer(self) -> Signer | None:
+        """The key being rotated out (``MODELHASH_PREVIOUS_SIGNING_KEY_FILE``), if any."""
+        path = self._settings.previous_signing_key_file
+        if path is None:
+            return None
+        with self._lock:
+            if self._previous is None:
+                self._previous = Signer(load_private_key(read_key_file(path), source=str(path)))
+            return self._previous
 
     def range_secret(self) -> bytes:
         """The HMAC key that makes range decoys."""

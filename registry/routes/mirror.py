@@ -8,7 +8,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from modelhash._export import CHANGES_FORMAT, canonical_json
+from modelhash._export import CHANGES_FORMAT, ENDORSEMENT_FORMAT, canonical_json
 from modelhash.registry.crud.audit import latest_cursor, list_changes
 from modelhash.registry.crud.export import export_document
 from modelhash.registry.deps import ReaderDep, SecretsDep, SessionDep
@@ -96,6 +96,28 @@ def export(
 @router.get("/export/public-key")
 def public_key(secrets: SecretsDep) -> PublicKey:
     """The key exports are signed with. Public on purpose: anyone holding an export
-    may verify it. Pin it once; a changed ``key_id`` means the key was rotated."""
+    may verify it. Pin it once; a changed ``key_id`` means the key was rotated, and
+    while ``endorsement`` is present the old key vouches for the new one."""
     signer = secrets.signer()
-    return PublicKey(algorithm="ed25519", key_id=signer.key_id, public_key_pem=signer.public_pem)
+    previous = secrets.previous_signer()
+    endorsement = None
+    if previous is not None and previous.key_id != signer.key_id:
+        payload = canonical_json(
+            {
+                "format": ENDORSEMENT_FORMAT,
+                "key_id": signer.key_id,
+                "public_key_pem": signer.public_pem,
+            }
+        )
+        endorsement = SignedExport(
+            payload=payload,
+            signature=previous.sign(payload.encode("utf-8")),
+            key_id=previous.key_id,
+            algorithm="ed25519",
+        )
+    return PublicKey(
+        algorithm="ed25519",
+        key_id=signer.key_id,
+        public_key_pem=signer.public_pem,
+        endorsement=endorsement,
+    )

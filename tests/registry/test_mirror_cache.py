@@ -203,3 +203,32 @@ def test_freshness_is_the_registrys_signed_time(client, keys, tmp_path: Path):
     time.sleep(1.1)
     with pytest.raises(MirrorError, match="signed time"):
         cache.load(max_age=timedelta(seconds=1))
+
+
+def test_mirrors_follow_an_endorsed_key_rotation_only(db_url, keys, tmp_path: Path):
+    from fastapi.testclient import TestClient
+
+    from modelhash.registry._settings import Settings
+    from modelhash.registry._signing import write_key_file
+    from modelhash.registry.app import create_app
+
+    old, new, rogue = (tmp_path / f"{n}.pem" for n in ("old", "new", "rogue"))
+    for path in (old, new, rogue):
+        write_key_file(path)
+    before = TestClient(create_app(Settings(database_url=db_url, signing_key_file=old)))
+    target = flag(before, keys)
+    cache = OfflineCache(tmp_path / "mirror")
+    with registry_client(before, keys["reader"]) as rc:
+        first = cache.sync(rc, full=True)
+    rotating = TestClient(create_app(Settings(
+        database_url=db_url, signing_key_file=new, previous_signing_key_file=old)))
+    with registry_client(rotating, keys["reader"]) as rc:
+        report = cache.sync(rc)
+    assert report.key_id != first.key_id and report.full
+    assert status_of(cache, target["sha256"]) == "active"
+    rogue_app = TestClient(create_app(Settings(database_url=db_url, signing_key_file=rogue)))
+    with registry_client(rogue_app, keys["reader"]) as rc, pytest.raises(
+        MirrorError, match="signed by key"
+    ):
+        cache.sync(rc)
+    assert cache.load().flags  # still the verified list under the new key
