@@ -157,8 +157,8 @@ class OfflineCache:
             pages.append(page)
             applied += len(json.loads(page["payload"])["changes"])
         pages = _compact(pages)
-        state = {"format": MIRROR_FORMAT, "registry": client.registry, "key_id": kid,
-                 "export": export, "pages": pages}
+        state: dict[str, Any] = {"format": MIRROR_FORMAT, "registry": client.registry,
+                                 "key_id": kid, "export": export, "pages": pages}
         verified = _verify_state({**state, "cursor": None, "synced_at": None}, pem, self.path,
                                  check_fields=False)
         state["cursor"] = verified.cursor

@@ -102,12 +102,14 @@ def verify_changes(
     payload = _verify(document, public_key, CHANGES_FORMAT)
     since, nxt = payload.get("since"), payload.get("next_cursor")
     changes = payload.get("changes")
-    if not _is_cursor(since) or not _is_cursor(nxt) or not isinstance(changes, list):
+    if not isinstance(since, int) or not _is_cursor(since) or not _is_cursor(nxt) or not (
+        isinstance(changes, list)
+    ):
         raise ExportVerificationError("change page lacks since, next_cursor or changes")
     last = since
     for change in changes:
         cursor = change.get("cursor") if isinstance(change, dict) else None
-        if not _is_cursor(cursor) or cursor <= last:
+        if not isinstance(cursor, int) or not _is_cursor(cursor) or cursor <= last:
             raise ExportVerificationError("change page cursors do not increase")
         last = cursor
     if last != nxt:

@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import platform
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from modelhash import __version__
 from modelhash.registry.models import Fingerprint, Flag, SketchRow, SketchSignature, WeakHash
@@ -52,15 +53,15 @@ class DatabaseCollector(Collector):
         up.add_metric([], 1)
         yield up
         flags = GaugeMetricFamily("modelhash_flags", "Flags by status.", labels=["status"])
-        by_status = counts["flags"]
+        by_status = counts.flags
         for status in sorted(set(_STATUSES) | set(by_status)):
             flags.add_metric([status], by_status.get(status, 0))
         yield flags
         hashes = GaugeMetricFamily(
             "modelhash_hashes", "Stored hashes by strength.", labels=["strength"]
         )
-        hashes.add_metric(["strong"], counts["strong"])
-        hashes.add_metric(["weak"], counts["weak"])
+        hashes.add_metric(["strong"], counts.strong)
+        hashes.add_metric(["weak"], counts.weak)
         yield hashes
         bank = GaugeMetricFamily(
             "modelhash_sketch_bank_rows",
@@ -68,23 +69,33 @@ class DatabaseCollector(Collector):
             "stored sketches by owner.",
             labels=["table"],
         )
-        bank.add_metric(["signatures"], counts["signatures"])
-        bank.add_metric(["sketches"], counts["sketches"])
+        bank.add_metric(["signatures"], counts.signatures)
+        bank.add_metric(["sketches"], counts.sketches)
         yield bank
 
-    def _counts(self) -> dict[str, dict[str, int] | int]:
+    def _counts(self) -> _Counts:
         with Session(self.engine) as session:
+            status = col(Flag.status)
             by_status = {
                 str(s): int(n)
-                for s, n in session.execute(select(Flag.status, func.count()).group_by(Flag.status))
+                for s, n in session.execute(select(status, func.count()).group_by(status))
             }
-            return {
-                "flags": by_status,
-                "strong": _count(session, Fingerprint),
-                "weak": _count(session, WeakHash),
-                "signatures": _count(session, SketchSignature),
-                "sketches": _count(session, SketchRow),
-            }
+            return _Counts(
+                flags=by_status,
+                strong=_count(session, Fingerprint),
+                weak=_count(session, WeakHash),
+                signatures=_count(session, SketchSignature),
+                sketches=_count(session, SketchRow),
+            )
+
+
+@dataclass(frozen=True)
+class _Counts:
+    flags: dict[str, int]
+    strong: int
+    weak: int
+    signatures: int
+    sketches: int
 
 
 def _count(session: Session, table: type) -> int:

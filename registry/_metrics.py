@@ -95,7 +95,7 @@ class Metrics:
             registry = self.registry
         else:
             registry = CollectorRegistry()
-            MultiProcessCollector(registry, path=self.multiprocess_dir)
+            MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
         out = bytes(generate_latest(registry))
         if self.engine is not None:
             extra = CollectorRegistry(auto_describe=False)
