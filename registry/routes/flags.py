@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Response
 from sqlmodel import Session
 
+from modelhash.registry._body import body_problem
 from modelhash.registry.crud.audit import list_audit
 from modelhash.registry.crud.flags import (
     change_status,
@@ -52,8 +53,10 @@ def _detail(
         return out
     out.note = flag.note
     out.evidence = flag.evidence
-    out.files = flag.files
-    out.model = flag.model
+    # Rows stored before bodies were bounded may hold JSON no answer can carry;
+    # they are left out rather than failing every page that lists the flag.
+    out.files = flag.files if body_problem(flag.files) is None else None
+    out.model = flag.model if body_problem(flag.model) is None else None
     out.created_by = flag.created_by
     out.status_reason = flag.status_reason
     out.opinions = [

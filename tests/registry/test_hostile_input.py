@@ -137,3 +137,19 @@ def test_nothing_is_committed_when_the_answer_cannot_be_built(engine):
     with Session(engine) as session, pytest.raises(UnprocessableError):
         create_flag(session, data=data, actor=CLI, before_commit=refuse)
     assert stored(engine, fp["sha256"]) == 0
+
+
+def test_a_flag_stored_before_the_guard_is_still_listed(client, keys, engine):
+    # Rows written by an older version, straight into the database.
+    flag = client.post("/v1/flags", json=flag_body(), headers=auth(keys["submitter"])).json()
+    deep = json.loads(nested_text(300))
+    with Session(engine) as s:
+        row = s.get(Flag, flag["id"])
+        row.model = deep
+        row.files = [{"name": "\ud800"}]
+        s.add(row)
+        s.commit()
+    one = client.get(f"/v1/flags/{flag['id']}", headers=auth(keys["submitter"]))
+    assert one.status_code == 200 and one.json()["model"] is None and one.json()["files"] is None
+    listing = client.get("/v1/flags?limit=500", headers=auth(keys["submitter"]))
+    assert listing.status_code == 200
