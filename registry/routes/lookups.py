@@ -9,6 +9,7 @@ from fastapi import APIRouter, Path, Request
 
 from modelhash.errors import InvalidHashError
 from modelhash.fingerprint import ALGORITHMS, parse_hash_as
+from modelhash.registry._memory import release_freed_memory
 from modelhash.registry._metrics import Metrics
 from modelhash.registry.crud.lookup import PREFIX_LEN, check, lookup
 from modelhash.registry.crud.ranges import range_answer
@@ -34,6 +35,8 @@ def check_fingerprints(
     with status ``revoked`` but do not make the verdict ``match``.
     """
     results = check(session, items=body.items)
+    if any(item.sketch is not None for item in body.items):
+        release_freed_memory()
     matched = sum(r.verdict == "match" for r in results)
     request.state.matched = matched > 0
     request.state.items = len(results)
