@@ -37,7 +37,13 @@ if TYPE_CHECKING:
     from modelhash._retry import Retry
     from modelhash._scan import Checker, PathResult, check_paths
     from modelhash._stream import StreamFingerprinter
-    from modelhash._upload import DEFAULT_MAX_UPLOAD, UploadVerdict, scan_upload, scan_upload_async
+    from modelhash._upload import (
+        DEFAULT_MAX_UPLOAD,
+        UploadVerdict,
+        scan_upload,
+        scan_upload_async,
+        scan_upload_parts,
+    )
     from modelhash._webhook import RepoEvent, WebhookReceiver, background_checker
 
 # Imported on first use: ``modelhash fingerprint`` and ``import modelhash.fingerprint``
@@ -64,6 +70,7 @@ _LAZY = {
     "UploadVerdict": "modelhash._upload",
     "scan_upload": "modelhash._upload",
     "scan_upload_async": "modelhash._upload",
+    "scan_upload_parts": "modelhash._upload",
     "RepoEvent": "modelhash._webhook",
     "WebhookReceiver": "modelhash._webhook",
     "background_checker": "modelhash._webhook",
@@ -103,4 +110,5 @@ __all__ = [
     "parse_repo_ref",
     "scan_upload",
     "scan_upload_async",
+    "scan_upload_parts",
 ]

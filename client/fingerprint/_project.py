@@ -15,9 +15,14 @@ layer (out, in) therefore share one projection. One-dimensional tensors (norms,
 biases) and tiny ones are not sketched: they carry little identity and make
 unrelated models look alike.
 
-:class:`SketchWork` accumulates ``S += A[:, rows] @ (W[rows] @ Bᵀ)`` over the whole
-rows of each tensor as the file's chunks arrive, keeping at most one partial row
-per tensor, so memory stays bounded whatever the tensor size.
+:class:`SketchWork` accumulates ``S += A[:, rows] @ (W[rows] @ Bᵀ)`` over blocks of
+whole rows as the chunks arrive; a row cut by a block boundary is carried as its
+partial product ``W[r, :c] @ Bᵀ[:c]`` (K numbers), never as bytes. What a tensor
+holds between chunks is therefore K x K + K numbers and less than one quantisation
+block of bytes, whatever its size. The sign matrices of a dimension up to
+:data:`FULL_DIM` are kept (in a cache of at most :data:`CACHE_BYTES`); longer ones
+are generated slice by slice from the XOF, which can seek. Memory of the sketch
+layer is thus bounded by a constant plus O(K²) per sketched tensor.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from __future__ import annotations
 import functools
 import math
 import struct
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +45,7 @@ from modelhash.fingerprint._dequant import DECODERS, Decoder
 __all__ = [
     "MIN_ELEMENTS",
     "K",
+    "Projection",
     "SketchJob",
     "SketchWork",
     "matrix_shape",
@@ -49,6 +57,10 @@ __all__ = [
 K = 16
 MIN_ELEMENTS = 256
 BLOCK_ELEMENTS = 1 << 16
+FULL_DIM = 1 << 16
+"""Sign matrices up to this many columns are kept whole (K x 65536 float32: 4 MiB)."""
+CACHE_BYTES = 64 * 1024 * 1024
+"""The most memory the kept sign matrices take together."""
 _DOMAIN = b"modelhash/sketch/rademacher/v1\x00"
 
 F32 = npt.NDArray[np.float32]
@@ -68,18 +80,101 @@ def matrix_shape(shape: Sequence[int]) -> tuple[int, int] | None:
     return m, n
 
 
+def _seed(tag: bytes, m: int, n: int) -> bytes:
+    return _DOMAIN + tag + struct.pack("<QQQ", K, m, n)
+
+
 def _signs(tag: bytes, m: int, n: int, length: int) -> F32:
     """K x length random signs, from BLAKE3 XOF output of the seed."""
-    seed = _DOMAIN + tag + struct.pack("<QQQ", K, m, n)
-    raw = blake3.blake3(seed).digest(length=(K * length + 7) // 8)
+    raw = blake3.blake3(_seed(tag, m, n)).digest(length=(K * length + 7) // 8)
     bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")[: K * length]
     out: F32 = (1.0 - 2.0 * bits.astype(np.float32)).reshape(K, length)
     return out
 
 
+def _sign_slice(tag: bytes, m: int, n: int, length: int, j0: int, j1: int) -> F32:
+    """Columns ``j0:j1`` of ``_signs(tag, m, n, length)``, without computing the rest.
+
+    Sign (k, j) is bit ``k * length + j`` of the XOF output, so each row of the
+    slice is one seek into the stream.
+    """
+    xof = blake3.blake3(_seed(tag, m, n))
+    w = j1 - j0
+    out: F32 = np.empty((K, w), dtype=np.float32)
+    for k in range(K):
+        b0 = k * length + j0
+        first = b0 // 8
+        raw = xof.digest(length=(b0 + w + 7) // 8 - first, seek=first)
+        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+        out[k] = 1.0 - 2.0 * bits[b0 - first * 8 : b0 - first * 8 + w].astype(np.float32)
+    return out
+
+
+class _SideCache:
+    """Whole sign matrices by (side, m, n), least recently used out past CACHE_BYTES."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._items: OrderedDict[tuple[bytes, int, int], F32] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, tag: bytes, m: int, n: int) -> F32:
+        key = (tag, m, n)
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+                return hit
+        made = _signs(tag, m, n, m if tag == b"rows" else n)
+        if tag == b"cols":
+            made = np.ascontiguousarray(made.T)
+        made.flags.writeable = False
+        with self._lock:
+            if key not in self._items:
+                self._items[key] = made
+                self._bytes += made.nbytes
+            while self._bytes > self._limit and len(self._items) > 1:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= old.nbytes
+        return made
+
+
+_SIDES = _SideCache(CACHE_BYTES)
+
+
+class Projection:
+    """A (K x m) and Bᵀ (n x K) for one shape, handed out in slices.
+
+    A side of at most :data:`FULL_DIM` is taken from the shared cache; a longer one
+    is generated per slice, so no hostile shape can make it allocate K x 10⁹ signs.
+    """
+
+    def __init__(self, m: int, n: int) -> None:
+        self.m, self.n = m, n
+        self._a = _SIDES.get(b"rows", m, n) if m <= FULL_DIM else None
+        self._bt = _SIDES.get(b"cols", m, n) if n <= FULL_DIM else None
+
+    def rows(self, r0: int, r1: int) -> F32:
+        """``A[:, r0:r1]``."""
+        if self._a is not None:
+            return self._a[:, r0:r1]
+        return _sign_slice(b"rows", self.m, self.n, self.m, r0, r1)
+
+    def cols(self, c0: int, c1: int) -> F32:
+        """``Bᵀ[c0:c1, :]``."""
+        if self._bt is not None:
+            return self._bt[c0:c1]
+        return np.ascontiguousarray(_sign_slice(b"cols", self.m, self.n, self.n, c0, c1).T)
+
+
 @functools.lru_cache(maxsize=128)
 def projections(m: int, n: int) -> tuple[F32, F32]:
-    """A (K x m) and Bᵀ (n x K) for matrices of shape (m, n); cached per shape."""
+    """A (K x m) and Bᵀ (n x K) for matrices of shape (m, n); cached per shape.
+
+    For matrices already in memory (an adapter's factors); the read pass uses
+    :class:`Projection`, which bounds memory for any shape.
+    """
     a = _signs(b"rows", m, n, m)
     bt = np.ascontiguousarray(_signs(b"cols", m, n, n).T)
     a.flags.writeable = False
@@ -107,7 +202,11 @@ def project_factors(up: F64, down: F64, scale: float) -> F64:
 
 @dataclass
 class SketchJob:
-    """One tensor to sketch: where its bytes are, how to decode them, its matrix shape."""
+    """One tensor to sketch: where its bytes are, how to decode them, its matrix shape.
+
+    Bytes may arrive in pieces of any size; the result does not depend on the cuts
+    (up to float rounding).
+    """
 
     index: int
     start: int
@@ -115,53 +214,69 @@ class SketchJob:
     decoder: Decoder
     shape: tuple[int, int]
     acc: F64 = field(default_factory=lambda: np.zeros((K, K)))
-    rows_done: int = 0
-    pending: bytearray = field(default_factory=bytearray)
-
-    @property
-    def row_bytes(self) -> int:
-        return self.shape[1] // self.decoder.block * self.decoder.size
+    done: int = 0
+    """Elements consumed so far."""
+    row: F32 = field(default_factory=lambda: np.zeros(K, dtype=np.float32))
+    """``W[r, :c] @ Bᵀ[:c]`` for the row ``r`` in progress, ``c`` elements in."""
+    carry: bytearray = field(default_factory=bytearray)
+    """The bytes of a quantisation block not yet complete (< ``decoder.size``)."""
+    _proj: Projection | None = None
 
     def feed(self, piece: memoryview) -> None:
-        """Take the next bytes of the tensor; sketch every row they complete."""
-        rb = self.row_bytes
-        if self.pending:
-            need = rb - len(self.pending)
-            self.pending += piece[:need]
+        """Take the next bytes of the tensor; fold every complete block into the sketch."""
+        size = self.decoder.size
+        if self.carry:
+            need = size - len(self.carry)
+            self.carry += piece[:need]
             piece = piece[need:]
-            if len(self.pending) < rb:
+            if len(self.carry) < size:
                 return
-            self._rows(memoryview(bytes(self.pending)))
-            self.pending.clear()
-        whole = len(piece) // rb * rb
-        if whole:
-            self._rows(piece[:whole])
-        if whole < len(piece):
-            self.pending += piece[whole:]
-
-    def _rows(self, raw: memoryview) -> None:
-        m, n = self.shape
-        a, bt = projections(m, n)
-        r0 = self.rows_done
-        rb = self.row_bytes
-        rows = len(raw) // rb
-        step = max(1, BLOCK_ELEMENTS // n)
+            self._elements(memoryview(bytes(self.carry)))
+            self.carry.clear()
+        whole = len(piece) // size * size
         # Blocks small enough to stay in cache between decoding and projecting.
+        step = max(1, BLOCK_ELEMENTS // self.decoder.block) * size
+        for i in range(0, whole, step):
+            self._elements(piece[i : min(whole, i + step)])
+        if whole < len(piece):
+            self.carry += piece[whole:]
+
+    def _elements(self, raw: memoryview) -> None:
+        m, n = self.shape
+        if self._proj is None:
+            self._proj = Projection(m, n)
+        p = self._proj
         # Hostile or corrupt bytes may decode to inf/NaN; result() rejects those.
         with np.errstate(all="ignore"):
-            for i in range(0, rows, step):
-                j = min(rows, i + step)
-                x = self.decoder.fn(np.frombuffer(raw[i * rb : j * rb], dtype=np.uint8))
-                self.acc += a[:, r0 + i : r0 + j] @ (x.reshape(-1, n) @ bt)
-        self.rows_done += rows
+            x = self.decoder.fn(np.frombuffer(raw, dtype=np.uint8))
+            total = len(x)
+            r, c = divmod(self.done, n)
+            pos = 0
+            if c:
+                k = min(total, n - c)
+                self.row += x[:k] @ p.cols(c, c + k)
+                pos = k
+                if c + k == n:
+                    self.acc += np.outer(p.rows(r, r + 1)[:, 0], self.row)
+                    self.row[:] = 0
+                    r += 1
+            rows = (total - pos) // n
+            if rows:
+                block = x[pos : pos + rows * n].reshape(rows, n)
+                self.acc += p.rows(r, r + rows) @ (block @ p.cols(0, n))
+                pos += rows * n
+            if pos < total:
+                self.row += x[pos:] @ p.cols(0, total - pos)
+        self.done += total
 
     def result(self) -> F64 | None:
-        """The finished sketch, or None if rows are missing or a value is not finite."""
-        if self.rows_done != self.shape[0] or self.pending:
+        """The finished sketch, or None if elements are missing or a value is not finite."""
+        m, n = self.shape
+        if self.done != m * n or self.carry:
             return None
         if not np.all(np.isfinite(self.acc)):
             return None
-        out: F64 = self.acc / math.sqrt(self.shape[0] * self.shape[1])
+        out: F64 = self.acc / math.sqrt(m * n)
         return out
 
 

@@ -62,10 +62,16 @@ class Sketcher:
         self._adapter_bytes = 0
         self._sidecar: bytes | None = None
 
-    def work(self, pf: ParsedFile, names: list[str], prefix: str) -> Work | None:
-        """The work item for ``pf``'s pass; ``names`` are its canonical tensor names."""
+    def work(
+        self, pf: ParsedFile, names: list[str], prefix: str, folder: Path | None = None
+    ) -> Work | None:
+        """The work item for ``pf``'s pass; ``names`` are its canonical tensor names.
+
+        ``folder`` is where an adapter's config may sit beside it (None for a stream,
+        which has no neighbours).
+        """
         if self.adapter:
-            return self._adapter_work(pf, names, prefix)
+            return self._adapter_work(pf, names, prefix, folder)
         jobs: list[SketchJob] = []
         for name, t in zip(names, pf.tensors, strict=True):
             plan = decoder_for(t.dtype, t.shape)
@@ -109,9 +115,11 @@ class Sketcher:
         else:
             self.tensors[key] = TensorSketch(key, shape, values)
 
-    def _adapter_work(self, pf: ParsedFile, names: list[str], prefix: str) -> Work | None:
-        sidecar = pf.path.parent / SIDECAR
-        if self._sidecar is None and sidecar.is_file():
+    def _adapter_work(
+        self, pf: ParsedFile, names: list[str], prefix: str, folder: Path | None
+    ) -> Work | None:
+        sidecar = folder / SIDECAR if folder is not None else None
+        if self._sidecar is None and sidecar is not None and sidecar.is_file():
             try:
                 if sidecar.stat().st_size <= 1024 * 1024:
                     self._sidecar = sidecar.read_bytes()
