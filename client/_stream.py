@@ -58,7 +58,7 @@ def chunks_of(stream: Chunks | BinaryIO) -> Iterator[bytes | bytearray | memoryv
     """Iterate a body given as chunks or as a binary file object."""
     read = getattr(stream, "read", None)
     if read is None:
-        yield from stream  # type: ignore[union-attr]
+        yield from stream
         return
     while block := read(READ_BLOCK):
         yield block
@@ -371,8 +371,8 @@ class Pipe:
                         if not await self.aput(data):
                             return
             else:
-                for block in chunks_of(stream):
-                    if not await self.aput(bytes(block)):
+                for piece in chunks_of(stream):
+                    if not await self.aput(bytes(piece)):
                         return
             if pending and not await self.aput(bytes(pending)):
                 return

@@ -33,7 +33,7 @@ from typing import Any, BinaryIO, Literal, TypeVar
 from modelhash._async import AsyncRegistryClient
 from modelhash._client import RegistryClient
 from modelhash._policy import Unreachable, unchecked
-from modelhash._scan import Checker, check_maps
+from modelhash._scan import Checker, check_maps, layers_for
 from modelhash._stream import Body, Pipe, chunks_of, fingerprint_body, fingerprint_parts
 from modelhash.errors import RegistryError
 from modelhash.fingerprint import FileHashes, Layers, ModelFingerprint, Outcome
@@ -180,6 +180,7 @@ def scan_upload(
     ``max_bytes`` (having read no further), and RegistryError only for errors the
     ``unreachable`` policy does not cover (a bad API key).
     """
+    layers = layers_for(checker, layers)
     body = Body(iter(chunks_of(stream)), name, max_bytes)
     outcome = fingerprint_body(body, layers=layers, spool_dir=spool_dir)
     results, failure = _check(checker, [outcome])
@@ -202,6 +203,7 @@ def scan_upload_parts(
     their index or a diffusers layout are fingerprinted as one model. One verdict
     per model found; ``max_bytes`` applies to each part.
     """
+    layers = layers_for(checker, layers)
     bodies = [(n, Body(iter(chunks_of(s)), n, max_bytes)) for n, s in parts]
     outcomes = fingerprint_parts(bodies, layers=layers, spool_dir=spool_dir)
     results, failure = _check(checker, outcomes)
@@ -254,6 +256,7 @@ async def scan_upload_async(
     """:func:`scan_upload` for ASGI apps. The pass runs in a worker thread and reads
     the body as the event loop receives it (a few MiB in flight at most), so the
     loop keeps serving other requests and nothing waits for the whole body."""
+    layers = layers_for(checker, layers)
     pipe = Pipe()
     body = Body(pipe.chunks(), name, max_bytes)
 

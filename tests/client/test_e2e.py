@@ -53,7 +53,8 @@ def test_check_flag_lookup_dispute_revoke(
     assert results[1]["error"] and "broken.safetensors" in results[1]["error"]
     assert results[1]["fingerprint"]["sha256"]
     assert results[3]["fingerprint"] == {}
-    assert set(results[0]) == {"path", "verdict", "fingerprint", "matches", "error"}
+    assert set(results[0]) == {"path", "verdict", "fingerprint", "matches", "error", "layers"}
+    assert results[0]["layers"] == "all"
 
     out = submitter("flag", a, "--category", "csam", "--severity", "critical", "--json")
     assert out.exit_code == 0, out.stderr
