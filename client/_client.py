@@ -40,8 +40,7 @@ from modelhash._requests import (
 from modelhash._retry import Retry
 from modelhash._scan import PathResult, check_paths
 from modelhash.errors import RegistryError, RegistryUnreachableError
-from modelhash.fingerprint import Layers
-from modelhash.fingerprint import ModelFingerprint
+from modelhash.fingerprint import Layers, ModelFingerprint
 from modelhash.wire import (
     BasePublic,
     ChangeEvent,
