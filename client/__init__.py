@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from modelhash._client import RegistryClient
     from modelhash._config import DEFAULT_REGISTRY, ClientSettings
     from modelhash._hf import HubReport, hub_check, parse_repo_ref
+    from modelhash._hubqueue import CheckQueue
     from modelhash._policy import Decision, Unreachable
     from modelhash._retry import Retry
     from modelhash._scan import Checker, PathResult, check_paths
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
         scan_upload_async,
         scan_upload_parts,
     )
-    from modelhash._webhook import RepoEvent, WebhookReceiver, background_checker
+    from modelhash._webhook import BackgroundChecker, RepoEvent, WebhookReceiver, background_checker
 
 # Imported on first use: ``modelhash fingerprint`` and ``import modelhash.fingerprint``
 # should not pay for httpx, asyncio and the wire schema.
@@ -71,6 +72,8 @@ _LAZY = {
     "scan_upload": "modelhash._upload",
     "scan_upload_async": "modelhash._upload",
     "scan_upload_parts": "modelhash._upload",
+    "CheckQueue": "modelhash._hubqueue",
+    "BackgroundChecker": "modelhash._webhook",
     "RepoEvent": "modelhash._webhook",
     "WebhookReceiver": "modelhash._webhook",
     "background_checker": "modelhash._webhook",
@@ -88,6 +91,8 @@ __all__ = [
     "DEFAULT_MAX_UPLOAD",
     "DEFAULT_REGISTRY",
     "AsyncRegistryClient",
+    "BackgroundChecker",
+    "CheckQueue",
     "Checker",
     "ClientSettings",
     "Decision",
