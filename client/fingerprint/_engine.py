@@ -229,7 +229,7 @@ def _read(
 
 
 def _hash_tensors(
-    part: _Part, out: Outcome, progress: Progress | None, chunk: int, extra: Work | None = None
+    part: _Part, out: Outcome, progress: Progress | None, chunk: int, extra: list[Work]
 ) -> tuple[FileHashes, list[str]]:
     """One pass over the file for the file layer, every spanned tensor, and ``extra``.
 
@@ -242,8 +242,7 @@ def _hash_tensors(
     works, finish = file_layer_work(part.label, pf.size, pf.autov3_offset)
     covered = sum(t.nbytes for t in spanned) / max(1, pf.size)
     works.append(Work(spans, COST_BLAKE3 * covered))
-    if extra is not None:
-        works.append(extra)
+    works.extend(extra)
     if part.source is None:
         _read(pf.path.name, pf.size, pf.path, works, progress, chunk)
     else:
@@ -305,7 +304,7 @@ def _assemble(
         formats.add(pf.format)
         if unit.weight_map is not None:
             _check_shard(unit, pf)
-        extra = sketcher.work(pf, pf_names, prefix, part.folder) if sketcher is not None else None
+        extra = sketcher.work(pf, pf_names, prefix, part.folder) if sketcher is not None else []
         file_hashes, digests = _hash_tensors(part, out, progress, chunk, extra)
         if sketcher is not None:
             sketcher.after_pass(pf)
