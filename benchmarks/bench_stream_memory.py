@@ -135,7 +135,7 @@ def child(target: int) -> None:
 def baseline() -> None:
     import numpy  # noqa: F401
 
-    import modelhash._stream  # noqa: F401
+    import modelhash._stream
     import modelhash.fingerprint._sketcher  # noqa: F401
 
     print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
