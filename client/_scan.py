@@ -78,17 +78,23 @@ class PathResult:
     fingerprint: dict[str, str]
     matches: list[Match] = field(default_factory=list)
     error: str | None = None
+    #: The error's JSON form (``message``, ``kind``, fields of its own), when it came
+    #: from a :class:`~modelhash.errors.ModelhashError`.
+    error_json: dict[str, Any] | None = None
     layers: Layers = "all"
     """Which layers were checked: ``all``, or ``exact`` (asked for, or offline)."""
 
     def to_json(self) -> dict[str, Any]:
-        """The documented JSON form."""
+        """The documented JSON form; ``error`` has the one error shape of every command."""
+        error = self.error_json
+        if error is None and self.error is not None:
+            error = {"message": self.error, "kind": "input"}
         return {
             "path": self.path,
             "verdict": self.verdict,
             "fingerprint": dict(self.fingerprint),
             "matches": [m.model_dump(mode="json") for m in self.matches],
-            "error": self.error,
+            "error": error,
             "layers": self.layers,
         }
 
@@ -227,7 +233,8 @@ def check_outcomes(
         verdict: Literal["match", "clean", "error"] = (
             "match" if matched else "error" if error is not None else "clean"
         )
-        out.append(PathResult(o.path, verdict, shown, list(matches.values()), error, layers))
+        out.append(PathResult(o.path, verdict, shown, list(matches.values()), error,
+                              o.error.to_json() if o.error is not None else None, layers))
     return out
 
 
