@@ -163,7 +163,15 @@ def test_sync_and_offline_check(
 
     out = reader("check", "--offline", "--cache", cache, "--json", first, clean)
     assert out.exit_code == 1, out.stderr
-    assert [r["verdict"] for r in json.loads(out.stdout)["results"]] == ["match", "clean"]
+    answer = json.loads(out.stdout)
+    assert [r["verdict"] for r in answer["results"]] == ["match", "clean"]
+    # Offline says plainly that only exact layers were matched.
+    assert answer["layers"] == "exact" and "exact layers only" in answer["note"]
+    assert {r["layers"] for r in answer["results"]} == {"exact"}
+    out = reader("check", "--offline", "--cache", cache, clean)
+    assert out.exit_code == 0, out.stderr
+    assert f"clean  {clean} (exact layers only)" in out.stdout
+    assert out.stdout.strip().splitlines()[-1].startswith("note: offline: matched exact layers")
 
     assert submitter("flag", second, "--category", "csam").exit_code == 0
     assert reader("check", "--offline", "--cache", cache, second).exit_code == 0
@@ -179,6 +187,7 @@ def test_sync_and_offline_check(
                             first, second, clean, "--registry", "http://127.0.0.1:1").stdout
     )
     assert [r["verdict"] for r in online["results"]] == [r["verdict"] for r in offline["results"]]
+    assert online["layers"] == "all" and "note" not in online
 
 
 def test_tampered_or_foreign_exports_are_refused(

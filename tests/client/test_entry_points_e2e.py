@@ -213,6 +213,14 @@ def test_check_paths_and_client_method_default_to_every_layer(world: World, tmp_
         assert [r.verdict for r in client.check_paths(paths)] == ["match", "match", "clean"]
         exact = client.check_paths(paths, layers="exact")
     assert [(r.verdict, r.layers) for r in exact] == [("clean", "exact")] * 3
+    # check --recursive walks the folder and checks every layer by default.
+    out = world.registry.cli(world.registry.reader)("check", "--recursive", "--json", tmp_path)
+    assert out.exit_code == 1, out.stderr
+    answer = json.loads(out.stdout)
+    got = {Path(r["path"]).name: (r["verdict"], r["layers"]) for r in answer["results"]}
+    assert got == {"f16.safetensors": ("match", "all"), "kohya.safetensors": ("match", "all"),
+                   "g16.safetensors": ("clean", "all")}
+    assert answer["layers"] == "all" and "note" not in answer
 
 
 @pytest.fixture(scope="module")
@@ -265,6 +273,21 @@ def test_hub_check_downloads_and_fully_checks_after_clean_metadata(
     assert report.step == "metadata" and report.layers == "exact"
     assert report.note.startswith("metadata only")
     assert report.to_json()["note"] == report.note
+    # The command says the same, in both forms.
+    cli = world.registry.cli(world.registry.reader)
+    out = cli("hf", "check", "flagged/exact", "--json")
+    assert out.exit_code == 1, out.stderr
+    answer = json.loads(out.stdout)
+    assert (answer["checked_by"], answer["layers"]) == ("metadata", "exact")
+    assert answer["note"].startswith("metadata only")
+    out = cli("hf", "check", "flagged/exact")
+    assert "(checked by metadata, exact layers)" in out.stdout
+    assert "note: metadata only" in out.stdout
+    out = cli("hf", "check", repos["baked"], "--json")
+    assert out.exit_code == 1, out.stderr
+    answer = json.loads(out.stdout)
+    assert (answer["checked_by"], answer["layers"]) == ("files", "all")
+    assert answer["results"][0]["matches"][0]["match"] == "lora-baked"
 
 
 def _post(app: WebhookReceiver, repo_id: str, sha: str) -> httpx.Response:
