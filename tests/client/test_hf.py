@@ -238,10 +238,11 @@ def test_large_lfs_files_need_no_download_for_the_exact_check(hub: FakeHub) -> N
     assert report.results[0].verdict == "match" and hub.downloads() == []
 
 
-def test_webhook_example_is_a_receiver(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_webhook_example_is_a_receiver(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import importlib.util
 
     monkeypatch.setenv("WEBHOOK_SECRET", "s3cret")
+    monkeypatch.setenv("HUB_CHECK_QUEUE", str(tmp_path / "queue.sqlite3"))
     path = Path(__file__).resolve().parents[2] / "docs" / "examples" / "hub_webhook.py"
     spec = importlib.util.spec_from_file_location("hub_webhook_example", path)
     assert spec is not None and spec.loader is not None
@@ -249,4 +250,6 @@ def test_webhook_example_is_a_receiver(monkeypatch: pytest.MonkeyPatch) -> None:
     spec.loader.exec_module(module)
     assert isinstance(module.app, WebhookReceiver)
     assert post(module.app, hub_event(kind="space")).json()["status"] == "ignored"
+    assert (tmp_path / "queue.sqlite3").is_file()  # the durable queue
+    module.checker.close()
     module.registry.close()
