@@ -241,12 +241,14 @@ class SketchJob:
     shape: tuple[int, int]
     stripe: int = 0
     stripes: int = 1
-    acc: F64 = field(default_factory=lambda: np.zeros((K, K)))
+    acc: F64 | None = None
+    """The sum so far; made with the first data, so a stripe or a tensor that never
+    gets bytes costs no array."""
     done: int = 0
     """Elements folded in so far."""
     pos: int = 0
     """The element the next byte belongs to."""
-    row: F32 = field(default_factory=lambda: np.zeros(K, dtype=np.float32))
+    row: F32 | None = None
     """``W[r, :c] @ Bᵀ[:c]`` for the row ``r`` in progress, ``c`` elements in."""
     carry: bytearray = field(default_factory=bytearray)
     """The bytes of a quantisation block not yet complete (< ``decoder.size``)."""
@@ -303,6 +305,8 @@ class SketchJob:
         m, n = self.shape
         if self._proj is None:
             self._proj = Projection(m, n)
+        if self.acc is None or self.row is None:
+            self.acc, self.row = np.zeros((K, K)), np.zeros(K, dtype=np.float32)
         p = self._proj
         # Hostile or corrupt bytes may decode to inf/NaN; merged() rejects those.
         with np.errstate(all="ignore"):
@@ -341,7 +345,10 @@ def merged(parts: Sequence[SketchJob]) -> F64 | None:
     m, n = parts[0].shape
     if sum(j.done for j in parts) != m * n or any(j.carry for j in parts):
         return None
-    acc = np.sum([j.acc for j in parts], axis=0)
+    acc = np.zeros((K, K))
+    for j in parts:
+        if j.acc is not None:
+            acc += j.acc
     if not np.all(np.isfinite(acc)):
         return None
     out: F64 = acc / math.sqrt(m * n)
