@@ -101,6 +101,51 @@ print(out.fingerprint.content.hex)
 """
 
 
+# On a loaded machine the wall time of a multi-threaded pass says little about an idle
+# one. This measures, in one process, the CPU time of each lane of the read pass and
+# of the reading thread: on idle cores the pass takes about as long as the busiest.
+LANES_DRIVER = """
+import json, sys, time, threading
+from pathlib import Path
+import modelhash.fingerprint._pass as p
+from modelhash._stream import Body, fingerprint_body
+from modelhash.fingerprint import fingerprint_path
+busy = {}
+lock = threading.Lock()
+pack = p._pack
+def timed_pack(works, lanes):
+    out = []
+    for i, lane in enumerate(pack(works, lanes)):
+        def run(off, view, lane=lane, i=i):
+            t0 = time.thread_time()
+            lane(off, view)
+            with lock:
+                busy[i] = busy.get(i, 0.0) + time.thread_time() - t0
+        out.append(run)
+    return out
+p._pack = timed_pack
+def body(path):
+    with open(path, "rb", buffering=0) as fh:
+        while block := fh.read(1 << 20):
+            yield block
+mode, path = sys.argv[1], sys.argv[2]
+t0 = time.thread_time()
+if mode == "stream":
+    out = fingerprint_body(Body(body(path), "upload.safetensors", 1 << 50), layers="all")
+else:
+    (out,) = fingerprint_path(Path(path), layers=mode)
+assert out.error is None, out.error
+print(json.dumps({"reader": time.thread_time() - t0, "lanes": sorted(busy.values())}))
+"""
+
+
+def lanes(mode: str, path: Path) -> tuple[float, list[float]]:
+    out = subprocess.run([sys.executable, "-c", LANES_DRIVER, mode, str(path)],
+                         capture_output=True, text=True, check=True)
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    return float(data["reader"]), [float(x) for x in data["lanes"]]
+
+
 def run(cmd: list[str]) -> tuple[float, int, float]:
     """Wall seconds, peak RSS (bytes) and CPU seconds (user + system) of one run."""
     out = subprocess.run([sys.executable, "-c", RSS_WRAPPER, *cmd], capture_output=True, text=True, check=True)
@@ -169,6 +214,15 @@ def main() -> None:
         stats.values())
     ref_rate = nbytes / ref_t / 1e6
     rows = [(name, t, rss, nbytes, cpu) for name, (t, rss, cpu) in stats.items()]
+
+    print("busiest lane of the read pass, CPU seconds (what bounds it on idle cores):")
+    for mode, label in (("exact", "file, exact layers"), ("all", "file, all layers"),
+                        ("stream", "upload body streamed, all layers")):
+        reader, busy = min((lanes(mode, st) for _ in range(args.repeat)),
+                           key=lambda r: max([r[0], *r[1]]))
+        crit = max([reader, *busy])
+        print(f"  {label:34} lanes {', '.join(f'{b:.2f}' for b in busy)}; reading thread "
+              f"{reader:.2f}; busiest / openssl CPU: {crit / ref_cpu:.2f}x")
 
     sharded = args.workdir / "sharded"
     if not sharded.exists():
