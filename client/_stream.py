@@ -98,16 +98,17 @@ class Body:
         return self._src.readinto(buf)
 
     def read(self, n: int) -> bytes:
-        """Up to ``n`` bytes; fewer only at the end of the body."""
-        buf = bytearray(n)
+        """Up to ``n`` bytes; fewer only at the end of the body. Memory grows with
+        what arrives, not with ``n`` (a header length is the sender's claim)."""
+        out = bytearray()
+        buf = bytearray(min(n, READ_BLOCK))
         view = memoryview(buf)
-        got = 0
-        while got < n:
-            k = self._src.readinto(view[got:])
+        while len(out) < n:
+            k = self._src.readinto(view[: n - len(out)])
             if not k:
                 break
-            got += k
-        return bytes(buf[:got])
+            out += view[:k]
+        return bytes(out)
 
 
 class _Prefixed:
