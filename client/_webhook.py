@@ -20,7 +20,8 @@ backoff, and hands you each report::
 
 Answers: 200 (queued, or ignored with a reason), 401 for a missing or wrong
 secret (compared in constant time), 400 for a body that is not a Hub event, 405
-for anything but POST, 413 for a body over 1 MiB.
+for anything but POST, 413 for a body over 1 MiB, 503 when the event could not be
+queued (the Hub retries).
 """
 
 from __future__ import annotations
@@ -153,9 +154,14 @@ class WebhookReceiver:
         if isinstance(parsed, str):
             await _answer(send, 200, {"status": "ignored", "reason": parsed})
             return
-        result = self._on_event(parsed)
-        if inspect.isawaitable(result):
-            await result
+        try:
+            result = self._on_event(parsed)
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:  # the queue is full or its file unwritable: let the Hub retry
+            _log.error("could not queue %s: %s: %s", parsed.ref, type(exc).__name__, exc)
+            await _answer(send, 503, {"error": "could not queue the check; retry later"})
+            return
         await _answer(send, 200, {"status": "queued", "repo": parsed.repo_id,
                                   "revision": parsed.revision})
 
@@ -221,18 +227,25 @@ class BackgroundChecker:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            with self._busy_lock:
-                job = self.queue.claim()
-                if job is not None:
-                    self._busy += 1
+            try:
+                with self._busy_lock:
+                    job = self.queue.claim()
+                    if job is not None:
+                        self._busy += 1
+                due = self.queue.next_due() if job is None else None
+            except Exception as exc:  # the queue file failed (disk full, locked): keep going
+                _log.error("check queue: %s: %s", type(exc).__name__, exc)
+                self._wake.wait(self._poll)
+                continue
             if job is None:
-                due = self.queue.next_due()
                 wait = self._poll if due is None else max(0.01, min(self._poll, due - time.time()))
                 self._wake.wait(wait)
                 self._wake.clear()
                 continue
             try:
                 self._run(job)
+            except Exception as exc:  # the job stays leased and runs again when that ends
+                _log.error("check of %s: %s: %s", job.repo_id, type(exc).__name__, exc)
             finally:
                 with self._busy_lock:
                     self._busy -= 1

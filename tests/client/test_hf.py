@@ -253,3 +253,19 @@ def test_webhook_example_is_a_receiver(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert (tmp_path / "queue.sqlite3").is_file()  # the durable queue
     module.checker.close()
     module.registry.close()
+
+
+def test_webhook_answers_503_when_the_queue_cannot_take_the_event(tmp_path: Path) -> None:
+    from modelhash import CheckQueue
+
+    queue = CheckQueue(tmp_path / "q.sqlite3")
+    checker = background_checker(flagging(), lambda e, r: None, queue=queue, workers=0)
+    queue.close()  # the file is gone from under it: enqueueing fails
+    app = WebhookReceiver("s3cret", checker)
+    r = post(app, hub_event())
+    assert r.status_code == 503 and "retry" in r.json()["error"]
+    with pytest.raises(InputError):
+        CheckQueue(tmp_path / "not-a-folder" / "q.sqlite3", max_attempts=0)
+    (tmp_path / "garbage.sqlite3").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(InputError):
+        CheckQueue(tmp_path / "garbage.sqlite3")
