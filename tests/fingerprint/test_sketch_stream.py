@@ -59,8 +59,9 @@ def test_any_cuts_and_stripes_give_the_projection(
 
 
 def test_missing_bytes_or_non_finite_values_give_no_sketch() -> None:
-    w = np.ones((3000, 40), np.float32)  # two row blocks
-    jobs = [SketchJob(0, 0, w.nbytes, DECODERS["F32"], (3000, 40), s, 2) for s in range(2)]
+    rows = BLOCK_ELEMENTS // 40 + 100  # two row blocks
+    w = np.ones((rows, 40), np.float32)
+    jobs = [SketchJob(0, 0, w.nbytes, DECODERS["F32"], (rows, 40), s, 2) for s in range(2)]
     raw = memoryview(w.tobytes())
     SketchWork([jobs[0]])(0, raw)
     assert jobs[0].done == BLOCK_ELEMENTS // 40 * 40
