@@ -192,7 +192,8 @@ def fingerprint_body(
 def _spooled(
     body: Body, head: bytes, *, layers: Layers, spool_dir: str | os.PathLike[str] | None
 ) -> Outcome:
-    suffix = PurePosixPath(body.name).suffix[:16]
+    # The suffix helps recognise some formats; only plain characters are kept.
+    suffix = "." + "".join(c for c in PurePosixPath(body.name).suffix[1:17] if c.isalnum())
     fd, raw = tempfile.mkstemp(prefix="modelhash-upload-", suffix=suffix, dir=spool_dir)
     path = Path(raw)
     try:
