@@ -26,6 +26,7 @@ import pytest
 from safetensors.numpy import save
 
 from modelhash import (
+    AsyncRegistryClient,
     CheckQueue,
     RegistryClient,
     WebhookReceiver,
@@ -213,6 +214,12 @@ def test_check_paths_and_client_method_default_to_every_layer(world: World, tmp_
         assert [r.verdict for r in client.check_paths(paths)] == ["match", "match", "clean"]
         exact = client.check_paths(paths, layers="exact")
     assert [(r.verdict, r.layers) for r in exact] == [("clean", "exact")] * 3
+
+    async def via_async() -> list[tuple[str, str]]:
+        async with AsyncRegistryClient(world.registry.url, api_key=world.registry.reader) as c:
+            return [(r.verdict, r.layers) for r in await c.check_paths(paths)]
+
+    assert asyncio.run(via_async()) == [("match", "all"), ("match", "all"), ("clean", "all")]
     # check --recursive walks the folder and checks every layer by default.
     out = world.registry.cli(world.registry.reader)("check", "--recursive", "--json", tmp_path)
     assert out.exit_code == 1, out.stderr
