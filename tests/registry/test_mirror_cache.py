@@ -232,3 +232,21 @@ def test_mirrors_follow_an_endorsed_key_rotation_only(db_url, keys, tmp_path: Pa
     ):
         cache.sync(rc)
     assert cache.load().flags  # still the verified list under the new key
+
+
+@pytest.mark.parametrize("edit", ["revocation", "synced_at"])
+def test_the_cli_exits_3_on_an_edited_cache(client, keys, tmp_path: Path, edit: str):
+    import numpy as np
+    from click.testing import CliRunner
+    from safetensors.numpy import save_file
+
+    from modelhash._cli import cli as app
+
+    cache, target = _synced(client, keys, tmp_path)
+    model = tmp_path / "model.safetensors"
+    save_file({"w": np.arange(64, dtype=np.float32).reshape(8, 8)}, str(model))
+    args = ["check", "--offline", "--cache", str(cache.directory), str(model)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    _edit(cache, _fake_revocation(target) if edit == "revocation" else _later)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 3, result.output
