@@ -118,7 +118,12 @@ class OfflineCache:
         pem, pinned_now = self._key(client, public_key)
         kid = key_id(pem)
         previous: _Verified | None = None
-        raw = self._read_state()
+        try:
+            raw = self._read_state()
+        except MirrorError:
+            if not full:
+                raise
+            raw = None  # unreadable, or an older format: --full starts afresh
         if raw is not None and raw.get("registry") == client.registry and (
             raw.get("key_id") == kid
         ):

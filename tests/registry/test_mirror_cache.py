@@ -250,3 +250,15 @@ def test_the_cli_exits_3_on_an_edited_cache(client, keys, tmp_path: Path, edit: 
     _edit(cache, _fake_revocation(target) if edit == "revocation" else _later)
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 3, result.output
+
+
+def test_a_cache_of_an_older_format_is_replaced_by_a_full_sync(client, keys, tmp_path: Path):
+    cache, target = _synced(client, keys, tmp_path)
+    _edit(cache, lambda state: state.update(format="modelhash-mirror-v1"))
+    with pytest.raises(MirrorError, match="sync --full"):
+        cache.load()
+    with registry_client(client, keys["reader"]) as rc, pytest.raises(MirrorError):
+        cache.sync(rc)
+    with registry_client(client, keys["reader"]) as rc:
+        assert cache.sync(rc, full=True).full
+    assert status_of(cache, target["sha256"]) == "active"
