@@ -27,23 +27,25 @@ class Settings(BaseSettings):
 
     ``database_url`` defaults to a SQLite file in the working directory, which the
     server migrates by itself. PostgreSQL is migrated only by ``modelhash db upgrade``.
-    ``signing_key_file`` should name an ed25519 private key (PEM) in production; when
+    ``signing_key_file`` should name an ed25519 private key (PEM) in production;
+    ``previous_signing_key_file``, while rotating, the key it replaces: the registry
+    then publishes the new public key endorsed by the old one, and mirrors follow. When
     unset, a key is generated on first use and kept in the database. ``range_secret``
     seeds the decoys of range answers; when unset, one is generated and kept in the
-    database. ``key_cache_seconds`` is how long a worker trusts a key it has seen
-    (a revoked key stops working at once on the worker that revoked it).
+    database. API keys are checked against the database on every request, so
+    a revoked key stops working at once everywhere (there is no key cache).
     """
 
     model_config = SettingsConfigDict(env_prefix="MODELHASH_", extra="ignore")
 
     database_url: str = "sqlite:///modelhash.db"
     signing_key_file: Path | None = None
+    previous_signing_key_file: Path | None = None
     range_secret: SecretStr | None = None
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     range_bucket: int = Field(default=64, ge=8, le=4096)
     log_level: str = "INFO"
     pool_size: int = Field(default=10, ge=1, le=200)
-    key_cache_seconds: float = Field(default=5.0, ge=0, le=300)
 
     @field_validator("database_url")
     @classmethod

@@ -30,9 +30,10 @@ def sync(public_key: Path | None, full: bool, cache: Path | None, as_json: bool,
          registry: str | None, api_key: str | None) -> None:
     """Download the list into the offline cache, for 'modelhash check --offline'.
 
-    The export is verified with the pinned ed25519 key; one that fails (tampered,
-    or signed by another key) is refused and the cache left as it was: exit 3.
-    Exit 2 for an unreadable --public-key file.
+    The export and every change-feed page are verified with the pinned ed25519
+    key; one that fails (tampered, or signed by another key), or an export older
+    than the cached list (a replay or rollback), is refused and the cache left as
+    it was: exit 3. Exit 2 for an unreadable --public-key file.
     """
     pem = None
     if public_key is not None:

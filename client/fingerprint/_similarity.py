@@ -182,6 +182,10 @@ class Match:
         return {"match": self.match, "score": round(self.score, 4), "evidence": self.evidence}
 
 
+MAX_GREEDY_PAIRS = 2048 * 2048
+"""Most same-shape tensor pairs :func:`align` scores at once (about 100 MB of work)."""
+
+
 def _flat(t: TensorSketch) -> F64:
     return t.values.reshape(-1)
 
@@ -190,7 +194,11 @@ def align(x: Sketch, ref: Sketch, min_cosine: float = THRESHOLDS.pair_cosine) ->
     """Pair tensors of ``x`` with tensors of ``ref`` (ref key -> x key).
 
     Same key and shape first, kept if their raw cosine is at least ``min_cosine``;
-    the rest are paired greedily within each shape by raw cosine, best first.
+    the rest are paired greedily within each shape by raw cosine, best first. The
+    greedy step compares every pair of a shape, so a shape whose unpaired tensors
+    would make more than :data:`MAX_GREEDY_PAIRS` pairs is left to the key pass:
+    no real model leaves that many same-shape tensors unpaired, and a crafted
+    sketch of many tiny tensors would otherwise need gigabytes for one comparison.
     """
     pairs: dict[str, str] = {}
     for k, t in ref.tensors.items():
@@ -210,7 +218,7 @@ def align(x: Sketch, ref: Sketch, min_cosine: float = THRESHOLDS.pair_cosine) ->
             free_x.setdefault(t.shape, []).append(k)
     for shape, rkeys in free_ref.items():
         xkeys = free_x.get(shape)
-        if not xkeys:
+        if not xkeys or len(rkeys) * len(xkeys) > MAX_GREEDY_PAIRS:
             continue
         r = _unit_rows([ref.tensors[k] for k in rkeys])
         c = _unit_rows([x.tensors[k] for k in xkeys])

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Response
 from sqlmodel import Session
 
+from modelhash.registry._body import body_problem
 from modelhash.registry.crud.audit import list_audit
 from modelhash.registry.crud.flags import (
     change_status,
@@ -18,6 +19,7 @@ from modelhash.registry.crud.flags import (
 )
 from modelhash.registry.crud.keys import Principal
 from modelhash.registry.deps import AdminDep, ReaderDep, SessionDep, SubmitterDep
+from modelhash.registry.errors import UnprocessableError
 from modelhash.registry.models import Flag
 from modelhash.registry.routes._common import errors
 from modelhash.wire import AuditRecord, FlagCreate, FlagDetail, FlagStatus, Opinion, ReasonBody
@@ -51,8 +53,10 @@ def _detail(
         return out
     out.note = flag.note
     out.evidence = flag.evidence
-    out.files = flag.files
-    out.model = flag.model
+    # Rows stored before bodies were bounded may hold JSON no answer can carry;
+    # they are left out rather than failing every page that lists the flag.
+    out.files = flag.files if body_problem(flag.files) is None else None
+    out.model = flag.model if body_problem(flag.model) is None else None
     out.created_by = flag.created_by
     out.status_reason = flag.status_reason
     out.opinions = [
@@ -79,10 +83,22 @@ def submit_flag(
     confirmation. A model matching a reference base is refused (409) unless an admin
     sets ``force``.
     """
-    flag, created = create_flag(session, data=body, actor=principal)
+    answers: list[FlagDetail] = []
+
+    def answer(flag: Flag) -> None:
+        # Render the answer before committing: what cannot be answered is not stored.
+        detail = _detail(session, flag, principal)
+        try:
+            detail.model_dump_json()
+        except (ValueError, RecursionError):
+            raise UnprocessableError("the flag could not be rendered back; nothing was stored")\
+                from None
+        answers.append(detail)
+
+    _, created = create_flag(session, data=body, actor=principal, before_commit=answer)
     if not created:
         response.status_code = 200
-    return _detail(session, flag, principal)
+    return answers[-1]
 
 
 @router.get("", responses=errors(422))
