@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     seeds the decoys of range answers; when unset, one is generated and kept in the
     database. ``key_cache_seconds`` is how long a worker trusts a key it has seen
     (a revoked key stops working at once on the worker that revoked it).
+    ``ui_session_minutes`` is how long a web UI sign-in lasts; ``ui_secure_cookie``
+    forces the session cookie's Secure attribute on or off (by default it is set
+    when the request came over HTTPS, as seen by the server or a trusted proxy).
     """
 
     model_config = SettingsConfigDict(env_prefix="MODELHASH_", extra="ignore")
@@ -44,6 +47,8 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     pool_size: int = Field(default=10, ge=1, le=200)
     key_cache_seconds: float = Field(default=5.0, ge=0, le=300)
+    ui_session_minutes: int = Field(default=480, ge=1, le=7 * 24 * 60)
+    ui_secure_cookie: bool | None = None
 
     @field_validator("database_url")
     @classmethod

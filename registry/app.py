@@ -32,7 +32,18 @@ from modelhash.registry._migrations import head_revision
 from modelhash.registry._settings import Settings
 from modelhash.registry._signing import Secrets
 from modelhash.registry.errors import AuthenticationError, ServiceError
-from modelhash.registry.routes import bases, flags, health, keys, lookups, mirror
+from modelhash.registry.routes import (
+    audit,
+    bases,
+    bulk,
+    flags,
+    health,
+    keys,
+    lookups,
+    mirror,
+    reports,
+)
+from modelhash.registry.ui import install as install_ui
 
 __all__ = ["create_app"]
 
@@ -64,6 +75,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description=_DESCRIPTION,
         lifespan=lifespan,
+        # Served from vendored assets by the web UI, so they work offline.
+        docs_url=None,
+        redoc_url=None,
     )
     metrics = Metrics()
     app.state.settings = settings
@@ -74,9 +88,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.export_cache = mirror.ExportCache()
     app.state.key_cache = KeyCache(settings.key_cache_seconds)
 
-    for module in (health, lookups, flags, bases, keys, mirror):
+    for module in (health, lookups, bulk, flags, reports, bases, keys, mirror, audit):
         app.include_router(module.router)
     _install_handlers(app)
+    install_ui(app)
     app.add_middleware(RequestMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     return app
 
