@@ -619,7 +619,11 @@ class ImportRequest(BaseModel):
     severity: Severity | None = None
     note: Text | None = Field(default=None, max_length=4000)
     evidence: Text | None = Field(default=None, max_length=4000)
-    first_row: int = Field(default=1, ge=1, le=10**9, description="Number of the first row.")
+    first_row: int | None = Field(
+        default=None, ge=1, le=10**9,
+        description="The number results give the first row after any header (default: its "
+        "line number, 2 for CSV, 1 for a list); batches of one file pass their offset.",
+    )
 
 
 class ImportRow(_Wire):

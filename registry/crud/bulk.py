@@ -67,7 +67,7 @@ class ParsedRow:
     row: int
     digests: list[Digest] = field(default_factory=list)
     category: str | None = None
-    severity: str = "high"
+    severity: str = ""
     note: str | None = None
     evidence: str | None = None
     error: str | None = None
@@ -88,7 +88,7 @@ def parse_import(request: ImportRequest) -> list[ParsedRow]:
 
 def _parse_list(request: ImportRequest) -> list[ParsedRow]:
     out: list[ParsedRow] = []
-    for number, line in enumerate(request.text.splitlines(), start=request.first_row):
+    for number, line in enumerate(request.text.splitlines(), start=request.first_row or 1):
         text = line.strip()
         if not text or text.startswith("#"):
             continue
@@ -120,7 +120,7 @@ def _parse_csv(request: ImportRequest) -> list[ParsedRow]:
     if len(set(header)) != len(header):
         raise BadRequestError("the CSV header names a column twice")
     out: list[ParsedRow] = []
-    number = request.first_row
+    number = request.first_row or 2
     while True:
         try:
             cells = next(reader)

@@ -20,6 +20,7 @@ from sqlmodel import Session
 
 from modelhash.errors import InvalidHashError, ModelhashError
 from modelhash.fingerprint import fingerprint_path, parse_hash
+from modelhash.registry._metrics import Metrics
 from modelhash.registry.crud.bulk import import_rows, parse_import
 from modelhash.registry.crud.lookup import check
 from modelhash.registry.crud.search import FlagQuery
@@ -124,8 +125,11 @@ def _items_from_upload(upload: UploadFile) -> tuple[list[CheckItem], list[str]]:
     return items, notes
 
 
-def _present(session: Session, items: list[CheckItem]) -> list[dict[str, Any]]:
+def _present(request: Request, session: Session, items: list[CheckItem]) -> list[dict[str, Any]]:
     results = check(session, items=items)
+    metrics: Metrics = request.app.state.metrics
+    for result in results:
+        metrics.checked.labels(result.verdict).inc()
     out = []
     for item, result in zip(items, results, strict=True):
         matches = []
@@ -164,7 +168,7 @@ def test_run(
     except (BadRequestError, ModelhashError) as exc:
         return render(request, "test.html", user, status_code=400, results=None,
                       error=str(exc), pasted=hashes[:20000])
-    return render(request, "test.html", user, results=_present(session, items), error=None,
+    return render(request, "test.html", user, results=_present(request, session, items), error=None,
                   notes=notes, pasted=hashes[:20000])
 
 
