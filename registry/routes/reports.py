@@ -28,7 +28,7 @@ FlagId = Annotated[str, Path(max_length=64, description="The flag's id.")]
 def public(report: Report) -> ReportPublic:
     """The wire form of a stored report."""
     return ReportPublic(
-        id=report.id or 0, flag_id=report.flag_id, kind=report.kind,  # type: ignore[arg-type]
+        id=report.id or 0, flag_id=report.flag_id, kind=report.kind,
         note=report.note, by=report.by, at=report.created_at,
     )
 

@@ -11,7 +11,9 @@ on an air-gapped network.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
@@ -87,7 +89,7 @@ def _install_error_pages(app: FastAPI) -> None:
             assert isinstance(exc, ServiceError)
             return _error_page(request, exc.status, str(exc))
         assert service_json is not None
-        return await service_json(request, exc)  # type: ignore[no-any-return]
+        return await _call(service_json, request, exc)
 
     async def invalid(request: Request, exc: Exception) -> Response:
         if _is_ui(request):
@@ -98,18 +100,27 @@ def _install_error_pages(app: FastAPI) -> None:
             )
             return _error_page(request, 422, problems)
         assert validation_json is not None
-        return await validation_json(request, exc)  # type: ignore[no-any-return]
+        return await _call(validation_json, request, exc)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         if _is_ui(request) and isinstance(exc, StarletteHTTPException):
             return _error_page(request, exc.status_code, str(exc.detail))
         assert http_json is not None
-        return await http_json(request, exc)  # type: ignore[no-any-return]
+        return await _call(http_json, request, exc)
 
     app.add_exception_handler(SignInRequired, sign_in)
     app.add_exception_handler(ServiceError, service_error)
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(StarletteHTTPException, http_error)
+
+
+async def _call(handler: Any, request: Request, exc: Exception) -> Response:
+    """Run the JSON handler a UI handler stands in front of (sync or async)."""
+    result = handler(request, exc)
+    if inspect.isawaitable(result):
+        result = await result
+    assert isinstance(result, Response)
+    return result
 
 
 def _error_page(request: Request, status: int, message: str) -> HTMLResponse:

@@ -75,7 +75,7 @@ def start_session(session: Session, *, key: str, settings: Settings) -> tuple[st
         expires_at=now + timedelta(minutes=settings.ui_session_minutes),
     )
     # Expired sessions are removed as new ones start, so the table stays small.
-    session.exec(delete(UiSession).where(col(UiSession.expires_at) < now))  # type: ignore[call-overload]
+    session.exec(delete(UiSession).where(col(UiSession.expires_at) < now))
     session.add(row)
     record(session, actor=principal, action="ui.signed_in", target_type="api_key",
            target_id=str(principal.key_id))
@@ -105,7 +105,7 @@ def resolve(session: Session, token: str | None) -> UiUser | None:
 def end_session(session: Session, token: str | None) -> None:
     """Sign out: the session row is deleted, so the cookie is worthless even if kept."""
     if token:
-        session.exec(delete(UiSession).where(col(UiSession.token_hash) == _digest(token)))  # type: ignore[call-overload]
+        session.exec(delete(UiSession).where(col(UiSession.token_hash) == _digest(token)))
         session.commit()
 
 

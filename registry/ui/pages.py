@@ -18,7 +18,8 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse
-from sqlmodel import Session, col, select
+from sqlalchemy import select as sa_select
+from sqlmodel import Session, col
 
 from modelhash.errors import InvalidHashError
 from modelhash.fingerprint import parse_hash
@@ -174,11 +175,11 @@ def available_actions(user: UiUser, status: str) -> list[str]:
 
 
 def _sketch_summary(session: Session, flag_id: str) -> list[dict[str, Any]]:
-    rows = session.exec(
-        select(SketchRow.kind, SketchRow.base_id, SketchRow.tensors, SketchRow.algorithm,
-               ReferenceBase.name)
+    rows = session.execute(
+        sa_select(col(SketchRow.kind), col(SketchRow.base_id), col(SketchRow.tensors),
+                  col(SketchRow.algorithm), col(ReferenceBase.name))
         .join(ReferenceBase, col(ReferenceBase.id) == col(SketchRow.base_id), isouter=True)
-        .where(SketchRow.owner_type == "flag", SketchRow.owner_id == flag_id)
+        .where(col(SketchRow.owner_type) == "flag", col(SketchRow.owner_id) == flag_id)
         .order_by(col(SketchRow.id))
     )
     return [
