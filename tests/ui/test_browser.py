@@ -24,10 +24,10 @@ pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 SHOTS = os.environ.get("MODELHASH_UI_SCREENSHOTS")
 
 
-def shot(page: Any, name: str) -> None:
+def shot(page: Any, name: str, *, full: bool = True) -> None:
     if SHOTS:
         Path(SHOTS).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(Path(SHOTS) / f"{name}.png"), full_page=True)
+        page.screenshot(path=str(Path(SHOTS) / f"{name}.png"), full_page=full)
 
 
 def rest(server: UiServer, role: str, method: str, path: str, **kw: Any) -> httpx.Response:
@@ -65,7 +65,7 @@ def test_dashboard_and_search(page, ui_server):
     shot(page, "dashboard")
     flag = rest(ui_server, "admin", "GET", f"/v1/flags/{ui_server.demo.flags[5]}").json()
     page.goto(ui_server.url + "/ui/flags")
-    shot(page, "flags")
+    shot(page, "flags", full=False)
     page.get_by_label("Search").fill(flag["fingerprints"]["sha256"][0].upper())
     page.get_by_label("Search").press("Enter")
     page.wait_for_url("**q=*")
@@ -249,6 +249,8 @@ def test_admin_pages(page, ui_server):
     page.goto(ui_server.url + "/ui/audit?action=flag.revoked")
     assert "flag.revoked" in page.locator("table").inner_text()
     shot(page, "audit")
+    page.goto(ui_server.url + "/ui/")
+    shot(page, "dashboard")  # again, now that checks have run
 
 
 def test_api_docs_render_offline(page, ui_server):
@@ -256,6 +258,6 @@ def test_api_docs_render_offline(page, ui_server):
         ui_server.url) else route.continue_())
     page.goto(ui_server.url + "/docs")
     page.wait_for_selector(".swagger-ui .info", timeout=20000)
-    shot(page, "docs")
+    shot(page, "docs", full=False)
     page.goto(ui_server.url + "/redoc")
     page.wait_for_selector("h1", timeout=20000)
