@@ -336,7 +336,10 @@ class MatchEvidence(_Wire):
 
     For ``layer: sketch`` the extra keys are ``base`` (the reference base's name, or
     None for a raw comparison), ``tensors_compared``, and the scores behind the
-    verdict (``cosine``, ``z``, ``coefficient``, ``base_distance``, ``raw_distance``).
+    verdict (``cosine``, ``z``, ``coefficient``, ``base_distance``, ``raw_distance``),
+    and ``blocks``: where in the model the flagged delta sits, one entry per part of a
+    block in model order (``component``, ``block``, ``label``, ``part``, ``tensors``,
+    ``cosine``, ``coefficient``, ``share`` of the flagged delta, ``upload_share``).
     """
 
     model_config = ConfigDict(extra="allow")
