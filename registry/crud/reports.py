@@ -8,7 +8,7 @@ reviewer. One report per key, flag and kind: reporting again updates nothing.
 
 from __future__ import annotations
 
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, func, select
 
 from modelhash.registry._db import begin_write
 from modelhash.registry.crud.audit import record
@@ -16,7 +16,7 @@ from modelhash.registry.crud.flags import get_flag
 from modelhash.registry.crud.keys import Principal
 from modelhash.registry.models import Flag, Report
 
-__all__ = ["REPORT_KINDS", "create_report", "list_reports", "reports_of"]
+__all__ = ["REPORT_KINDS", "count_reports", "create_report", "list_reports", "reports_of"]
 
 #: ``false-positive``: the platform believes the match is wrong.
 #: ``confirmed-hit``: the platform reviewed the upload and agrees it is the flagged model.
@@ -60,6 +60,11 @@ def reports_of(session: Session, *, flag_id: str) -> list[Report]:
     return list(
         session.exec(select(Report).where(Report.flag_id == flag_id).order_by(col(Report.id)))
     )
+
+
+def count_reports(session: Session) -> int:
+    """How many reports there are."""
+    return int(session.exec(select(func.count()).select_from(Report)).one())
 
 
 def list_reports(

@@ -16,6 +16,7 @@ from modelhash.registry.errors import PermissionDeniedError, ServiceError
 from modelhash.registry.ui._session import COOKIE, UiUser, csrf_ok, resolve
 
 __all__ = [
+    "SECURITY_HEADERS",
     "CsrfForm",
     "CsrfRejected",
     "SignInRequired",
@@ -76,7 +77,27 @@ CsrfForm = Annotated[UiUser, Depends(_csrf)]
 def render(
     request: Request, name: str, user: UiUser | None, status_code: int = 200, **context: Any
 ) -> HTMLResponse:
-    """The page ``name`` for ``user``, with the navigation the user's role may see."""
-    return templates.TemplateResponse(
+    """The page ``name`` for ``user``, with the navigation the user's role may see.
+
+    Pages are never cached (they show what a key may see, on possibly shared
+    machines) and never framed (the action forms must not be clickjacked); the
+    content policy allows this origin's scripts and styles only.
+    """
+    response = templates.TemplateResponse(
         request, name, {"user": user, **context}, status_code=status_code
     )
+    response.headers.update(SECURITY_HEADERS)
+    return response
+
+
+#: Headers on every UI page.
+SECURITY_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+        "script-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+    ),
+}

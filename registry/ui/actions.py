@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import APIRouter, Form, Request
+from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlmodel import Session
 
@@ -48,7 +48,8 @@ def _safe_next(target: str | None) -> str:
 
 @router.get("/login", response_class=HTMLResponse)
 def login_form(
-    request: Request, settings: SettingsDep, session: SessionDep, next: str = "/ui/"
+    request: Request, settings: SettingsDep, session: SessionDep,
+    next: Annotated[str, Query(max_length=500)] = "/ui/",
 ) -> Response:
     """The sign-in form: an API key and a hidden CSRF token."""
     if resolve(session, request.cookies.get(COOKIE)) is not None:

@@ -26,7 +26,7 @@ from modelhash.fingerprint import parse_hash
 from modelhash.registry._metrics import Metrics
 from modelhash.registry.crud.audit import list_audit
 from modelhash.registry.crud.flags import _ACTIONS, fingerprints_of, get_flag
-from modelhash.registry.crud.reports import list_reports, reports_of
+from modelhash.registry.crud.reports import count_reports, list_reports, reports_of
 from modelhash.registry.crud.search import FlagQuery, activity, counts, search_flags
 from modelhash.registry.deps import SessionDep
 from modelhash.registry.models import Flag, ReferenceBase, SketchRow
@@ -55,7 +55,7 @@ def dashboard(request: Request, session: SessionDep, user: UserDep) -> HTMLRespo
     recent_flags: list[Flag] = []
     if user.principal.allows("submitter"):
         recent_flags, _ = search_flags(session, FlagQuery(), limit=8, offset=0)
-    reports = len(list_reports(session, limit=500)) if user.principal.allows("submitter") else 0
+    reports = count_reports(session) if user.principal.allows("submitter") else 0
     series = _sample(request)
     return render(
         request, "dashboard.html", user,

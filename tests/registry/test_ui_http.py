@@ -67,6 +67,9 @@ def test_sign_in_sets_a_strict_httponly_cookie_and_logout_ends_it(app, keys):
     token = c.cookies.get("mh_session")
     home = c.get("/ui/")
     assert home.status_code == 200 and "admin" in home.text
+    assert home.headers["x-frame-options"] == "DENY"
+    assert home.headers["cache-control"] == "no-store"
+    assert "frame-ancestors 'none'" in home.headers["content-security-policy"]
     out = c.post("/ui/logout", data={"csrf_token": _csrf(home.text)})
     assert out.status_code == 303
     # The old cookie is worthless now, even if a copy was kept.
