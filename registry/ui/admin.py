@@ -6,8 +6,8 @@ import math
 from typing import Annotated
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Form, Query, Request
-from fastapi.responses import HTMLResponse
+from fastapi import APIRouter, Form, Path, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
 
 from modelhash.registry._keycache import KeyCache
 from modelhash.registry.crud.bases import base_fingerprints, base_sketch_kinds, list_bases
@@ -65,14 +65,17 @@ def new_key(
     return response
 
 
-@router.post("/keys/{key_id}/revoke", response_class=HTMLResponse)
-def drop_key(request: Request, key_id: int, session: SessionDep, user: CsrfForm) -> HTMLResponse:
-    """Revoke a key at once (its UI sessions end with it)."""
+@router.post("/keys/{key_id}/revoke")
+def drop_key(
+    request: Request, key_id: Annotated[int, Path(ge=1, le=2**31 - 1)], session: SessionDep,
+    user: CsrfForm,
+) -> RedirectResponse:
+    """Revoke a key at once (its UI sessions end with it), then show the list again."""
     require_role(user, "admin")
     revoke_key(session, key_id=key_id, actor=user.principal)
     cache: KeyCache = request.app.state.key_cache
     cache.clear()
-    return _keys_page(request, session, user, None)
+    return RedirectResponse("/ui/keys", status_code=303)
 
 
 @router.get("/audit", response_class=HTMLResponse)

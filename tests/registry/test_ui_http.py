@@ -179,8 +179,13 @@ def test_a_revoked_key_ends_its_sessions(app, client, keys):
                     headers=auth(keys["admin"]))
     created = r.json()
     c, _ = signed_in(app, created["key"])
-    client.delete(f"/v1/keys/{created['id']}", headers=auth(keys["admin"]))
+    admin, token = signed_in(app, keys["admin"])
+    assert admin.post(f"/ui/keys/{created['id']}/revoke", data={}).status_code == 403
+    assert c.get("/ui/").status_code == 200
+    r = admin.post(f"/ui/keys/{created['id']}/revoke", data={"csrf_token": token})
+    assert r.status_code == 303 and r.headers["location"] == "/ui/keys"
     assert c.get("/ui/").status_code == 303
+    assert admin.post("/ui/keys/0/revoke", data={"csrf_token": token}).status_code == 422
 
 
 def test_hostile_input_gets_a_page_not_a_traceback(app, keys):
