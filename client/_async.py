@@ -13,7 +13,8 @@ Create one per process (or per event loop) and reuse it: it keeps a connection p
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -32,8 +33,9 @@ from modelhash._requests import (
     transport_reason,
 )
 from modelhash._retry import Retry
+from modelhash._scan import PathResult, check_maps, check_outcomes, expand, fingerprint_all
 from modelhash.errors import RegistryError, RegistryUnreachableError
-from modelhash.fingerprint import ModelFingerprint
+from modelhash.fingerprint import Layers, ModelFingerprint
 from modelhash.wire import (
     AuditRecord,
     BasePublic,
@@ -138,6 +140,24 @@ class AsyncRegistryClient:
             for r in await self._run(_calls.check(batch)):
                 out.append(r.model_copy(update={"index": len(out)}))
         return out
+
+    async def check_paths(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        *,
+        recursive: bool = False,
+        workers: int = 1,
+        layers: Layers = "all",
+    ) -> list[PathResult]:
+        """Fingerprint local files or model folders (in a worker thread) and check
+        them. Every layer by default, so derivatives of flagged models match;
+        ``layers="exact"`` sends only exact hashes and the results say so."""
+        outcomes = [o for group in await asyncio.to_thread(
+            fingerprint_all, expand(paths, recursive=recursive), workers=workers, layers=layers
+        ) for o in group]
+        flat = [m for o in outcomes for m in check_maps(o)[1]]
+        answers = await self.check(flat) if flat else []
+        return check_outcomes(outcomes, _Answered(answers), layers=layers)
 
     async def screen(
         self,
@@ -308,3 +328,13 @@ class AsyncRegistryClient:
     async def ready(self) -> dict[str, Any]:
         """``/readyz``: raises when the registry or its database is not ready."""
         return await self._run(_calls.health())
+
+
+class _Answered:
+    """A checker that hands back answers already fetched, in order."""
+
+    def __init__(self, answers: list[CheckResult]) -> None:
+        self._answers = answers
+
+    def check(self, fingerprints: Iterable[Checkable]) -> list[CheckResult]:
+        return list(self._answers)

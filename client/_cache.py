@@ -219,7 +219,13 @@ def _cursor(payload: dict[str, Any]) -> int:
 
 
 class MirrorIndex:
-    """The list in memory: flags and their strong hashes, checked like the registry does."""
+    """The list in memory: flags and their strong hashes, checked like the registry does.
+
+    A mirror holds no sketches, so it matches the exact layers only (``layers``).
+    """
+
+    layers = "exact"
+    """What this checker can match; results of checks against it say so."""
 
     def __init__(self, *, synced_at: datetime, registry: str) -> None:
         self.synced_at = synced_at

@@ -17,8 +17,9 @@ failure is a :class:`modelhash.errors.RegistryError` subclass.
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -37,8 +38,9 @@ from modelhash._requests import (
     transport_reason,
 )
 from modelhash._retry import Retry
+from modelhash._scan import PathResult, check_paths
 from modelhash.errors import RegistryError, RegistryUnreachableError
-from modelhash.fingerprint import ModelFingerprint
+from modelhash.fingerprint import Layers, ModelFingerprint
 from modelhash.wire import (
     AuditRecord,
     BasePublic,
@@ -143,6 +145,19 @@ class RegistryClient:
             for r in self._run(_calls.check(batch)):
                 out.append(r.model_copy(update={"index": len(out)}))
         return out
+
+    def check_paths(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        *,
+        recursive: bool = False,
+        workers: int = 1,
+        layers: Layers = "all",
+    ) -> list[PathResult]:
+        """Fingerprint local files or model folders and check them: what ``modelhash
+        check`` does. Every layer by default, so derivatives of flagged models match;
+        ``layers="exact"`` sends only exact hashes and the results say so."""
+        return check_paths(paths, self, recursive=recursive, workers=workers, layers=layers)
 
     def screen(
         self,

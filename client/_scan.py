@@ -3,7 +3,9 @@
 This is what ``modelhash check`` runs, and what a platform that scans after the fact
 calls. Results come back one per model, in the order of the paths given; a file
 that cannot be read still gets a result (verdict ``error``), and its exact bytes are
-still checked, so a flagged hostile file matches.
+still checked, so a flagged hostile file matches. Every layer is computed and sent
+by default, so derivatives of flagged models match too; a caller may ask for the
+exact layers only, and each result then says ``layers: "exact"``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ __all__ = [
     "fingerprint_all",
     "fingerprint_exact",
     "fingerprint_for_check",
+    "layers_for",
 ]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft")
@@ -58,7 +61,8 @@ def fingerprint_for_check(
 
 class Checker(Protocol):
     """Anything that checks fingerprints: a :class:`~client.RegistryClient` or an
-    offline :class:`~client.MirrorIndex`."""
+    offline :class:`~client.MirrorIndex`. A checker that can match the exact layers
+    only says so with a ``layers = "exact"`` attribute."""
 
     def check(self, fingerprints: Iterable[Checkable]) -> list[CheckResult]:
         """One result per fingerprint, in order."""
@@ -77,6 +81,8 @@ class PathResult:
     #: The error's JSON form (``message``, ``kind``, fields of its own), when it came
     #: from a :class:`~modelhash.errors.ModelhashError`.
     error_json: dict[str, Any] | None = None
+    layers: Layers = "all"
+    """Which layers were checked: ``all``, or ``exact`` (asked for, or offline)."""
 
     def to_json(self) -> dict[str, Any]:
         """The documented JSON form; ``error`` has the one error shape of every command."""
@@ -89,6 +95,7 @@ class PathResult:
             "fingerprint": dict(self.fingerprint),
             "matches": [m.model_dump(mode="json") for m in self.matches],
             "error": error,
+            "layers": self.layers,
         }
 
 
@@ -146,7 +153,7 @@ def fingerprint_all(
     *,
     workers: int = 1,
     progress: Progress | None = None,
-    layers: Layers = "exact",
+    layers: Layers = "all",
 ) -> list[list[Outcome]]:
     """Fingerprint each path (one list of outcomes per path), ``workers`` at a time.
 
@@ -185,6 +192,12 @@ class _Feed:
         pass
 
 
+def layers_for(checker: object, layers: Layers) -> Layers:
+    """The layers a check with ``checker`` really covers: ``exact`` if either the
+    caller asked for that or the checker cannot match sketches (an offline mirror)."""
+    return "exact" if layers == "exact" or getattr(checker, "layers", "all") == "exact" else "all"
+
+
 def check_maps(o: Outcome) -> tuple[dict[str, str], list[dict[str, str]]]:
     """What to show as the fingerprint, and every map to check for this outcome."""
     if o.fingerprint is not None and o.error is None:
@@ -196,8 +209,13 @@ def check_maps(o: Outcome) -> tuple[dict[str, str], list[dict[str, str]]]:
     return (maps[0] if len(maps) == 1 else {}), maps
 
 
-def check_outcomes(outcomes: Sequence[Outcome], checker: Checker) -> list[PathResult]:
-    """Check every outcome in one go (the checker batches); one result per outcome."""
+def check_outcomes(
+    outcomes: Sequence[Outcome], checker: Checker, *, layers: Layers = "all"
+) -> list[PathResult]:
+    """Check every outcome in one go (the checker batches); one result per outcome.
+
+    ``layers`` is what the outcomes were computed with, and is recorded in each
+    result."""
     plan = [check_maps(o) for o in outcomes]
     flat = [m for _, maps in plan for m in maps]
     answers = checker.check(flat) if flat else []
@@ -216,7 +234,7 @@ def check_outcomes(outcomes: Sequence[Outcome], checker: Checker) -> list[PathRe
             "match" if matched else "error" if error is not None else "clean"
         )
         out.append(PathResult(o.path, verdict, shown, list(matches.values()), error,
-                              o.error.to_json() if o.error is not None else None))
+                              o.error.to_json() if o.error is not None else None, layers))
     return out
 
 
@@ -228,17 +246,21 @@ def check_paths(
     workers: int = 1,
     progress: Progress | None = None,
     on_outcome: Callable[[Outcome], None] | None = None,
-    layers: Layers = "exact",
+    layers: Layers = "all",
 ) -> list[PathResult]:
     """Fingerprint and check ``paths``; raises RegistryError if the list cannot answer.
 
-    ``layers="all"`` also computes and sends the sketch layer, so the registry can
-    match derivatives of flagged models; ``exact`` is enough for an offline cache.
+    By default every layer is computed and the sketch layer is sent, so the registry
+    also matches derivatives of flagged models (casts, merges, fine-tunes, LoRAs).
+    ``layers="exact"`` sends the file and content hashes only (what an offline
+    mirror can match); each result then carries ``layers: "exact"``, as it does
+    when ``checker`` can match the exact layers only.
     """
+    layers = layers_for(checker, layers)
     outcomes = [o for group in fingerprint_all(
         expand(paths, recursive=recursive), workers=workers, progress=progress, layers=layers
     ) for o in group]
     if on_outcome is not None:
         for o in outcomes:
             on_outcome(o)
-    return check_outcomes(outcomes, checker)
+    return check_outcomes(outcomes, checker, layers=layers)

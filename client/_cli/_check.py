@@ -43,6 +43,17 @@ def exit_for(results: list[PathResult]) -> Exit:
     return Exit.OK
 
 
+OFFLINE_NOTE = (
+    "offline: matched exact layers only (file and content hashes); the offline cache "
+    "holds no sketches, so casts, merges, fine-tunes and LoRAs of flagged models are "
+    "not detected"
+)
+EXACT_NOTE = (
+    "--layers exact: matched exact layers only (file and content hashes); casts, merges, "
+    "fine-tunes and LoRAs of flagged models are not detected"
+)
+
+
 def _line(r: PathResult) -> str:
     if r.verdict == "match":
         counted = [m for m in r.matches if m.status != "revoked"]
@@ -53,7 +64,8 @@ def _line(r: PathResult) -> str:
         return f"MATCH  {r.path}: {what}"
     if r.verdict == "clean":
         revoked = [m.flag_id for m in r.matches if m.status == "revoked"]
-        return f"clean  {r.path}" + (f" (revoked flag {', '.join(revoked)})" if revoked else "")
+        line = f"clean  {r.path}" + (f" (revoked flag {', '.join(revoked)})" if revoked else "")
+        return line + (" (exact layers only)" if r.layers == "exact" else "")
     return f"error  {r.path}"
 
 
@@ -64,15 +76,26 @@ def print_errors(results: list[PathResult]) -> None:
             sys.stderr.write(f"modelhash: {safe_text(r.error)}\n")
 
 
-def print_results(results: list[PathResult], as_json: bool) -> None:
-    """Errors on stderr, one line each; then the results on stdout."""
+def print_results(results: list[PathResult], as_json: bool, note: str = "") -> None:
+    """Errors on stderr, one line each; then the results on stdout.
+
+    When the check covered the exact layers only, ``note`` says so: as the last
+    line of the human output, and as ``layers`` and ``note`` in the JSON.
+    """
     print_errors(results)
+    exact = any(r.layers == "exact" for r in results)
     if as_json:
-        print_json({"results": [r.to_json() for r in results]})
+        out: dict[str, object] = {"results": [r.to_json() for r in results]}
+        out["layers"] = "exact" if exact else "all"
+        if note:
+            out["note"] = note
+        print_json(out)
     else:
         for r in results:
             if r.verdict != "error":
                 echo(safe_text(_line(r)))
+        if note:
+            echo(f"note: {note}")
 
 
 @click.command()
@@ -105,8 +128,9 @@ def check(paths: tuple[Path, ...], as_json: bool, recursive: bool, workers: int,
     one model. Results come in the order of the paths.
 
     By default the sketch layer goes along, so the registry also finds derivatives
-    of flagged models (match types near-duplicate, derived, lora, lora-baked).
-    --offline and --layers exact match the exact and content hashes only.
+    of flagged models (match types near-duplicate, derived, lora, lora-baked), with
+    --recursive too. --offline and --layers exact match the exact and content
+    hashes only, and say so (a note line; "layers": "exact" and "note" in --json).
 
     Exit codes, first that applies: 3 the registry (or offline cache) could not answer,
     with no results printed (with --json, stdout has only {"error": ...}); 1 at least
@@ -134,8 +158,18 @@ def check(paths: tuple[Path, ...], as_json: bool, recursive: bool, workers: int,
     finally:
         if client is not None:
             client.close()
-    print_results(results, as_json)
+    exact_only = offline or any(r.layers == "exact" for r in results)
+    note = OFFLINE_NOTE if offline else EXACT_NOTE if exact_only else ""
+    print_results(results, as_json, note)
     raise SystemExit(int(exit_for(results)))
 
 
-__all__ = ["cache_option", "check", "exit_for", "print_errors", "print_results"]
+__all__ = [
+    "EXACT_NOTE",
+    "OFFLINE_NOTE",
+    "cache_option",
+    "check",
+    "exit_for",
+    "print_errors",
+    "print_results",
+]

@@ -20,8 +20,9 @@ def hf() -> None:
 @hf.command("check")
 @click.argument("ref", metavar="REPO_ID[@REVISION]")
 @click.option("--download/--no-download", default=True, show_default=True,
-              help="After the metadata check, download the weight files and fingerprint them "
-              "fully (catches re-saved and converted copies).")
+              help="After a clean metadata check, download the weight files and fingerprint "
+              "them with every layer (catches re-saved and converted copies, casts, merges "
+              "and LoRAs). --no-download checks the Hub's sha256 only, and says so.")
 @click.option("--token", envvar="HF_TOKEN", show_envvar=True,
               help="A Hub token, for private or gated repos.")
 @click.option("--workers", "-j", type=click.IntRange(min=1), default=1, show_default=True,
@@ -33,8 +34,10 @@ def hf_check(ref: str, download: bool, token: str | None, workers: int, as_json:
     """Check a Hub model repo (e.g. 'org/name' or 'org/name@v1.0') against the list.
 
     Step one checks the sha256 the Hub records for each weight file; a match stops
-    there. Then the weight files are downloaded into the Hugging Face cache
-    (HF_HOME) and fingerprinted. With HF_HUB_OFFLINE=1 only the cache is read.
+    there, and the answer says it was checked by metadata only. Otherwise the weight
+    files are downloaded into the Hugging Face cache (HF_HOME) and fingerprinted
+    with every layer, so derivatives of flagged models are found too. With
+    HF_HUB_OFFLINE=1 only the cache is read.
 
     Exit codes as for 'check': 3 the registry or the Hub failed; 1 a match; 2 a bad
     repo id, a repo or revision that does not exist, or an unreadable file; 0 clean.
@@ -48,6 +51,7 @@ def hf_check(ref: str, download: bool, token: str | None, workers: int, as_json:
         print_errors(report.results)
         print_json(report.to_json())
     else:
-        echo(f"{report.repo_id}@{report.revision} (checked by {report.step})")
-        print_results(report.results, as_json=False)
+        echo(f"{report.repo_id}@{report.revision} (checked by {report.step}, "
+             f"{report.layers} layers)")
+        print_results(report.results, as_json=False, note=report.note)
     raise SystemExit(int(exit_for(report.results)))

@@ -15,9 +15,16 @@ layer (out, in) therefore share one projection. One-dimensional tensors (norms,
 biases) and tiny ones are not sketched: they carry little identity and make
 unrelated models look alike.
 
-:class:`SketchWork` accumulates ``S += A[:, rows] @ (W[rows] @ Bᵀ)`` over the whole
-rows of each tensor as the file's chunks arrive, keeping at most one partial row
-per tensor, so memory stays bounded whatever the tensor size.
+:class:`SketchWork` accumulates ``S += A[:, rows] @ (W[rows] @ Bᵀ)`` over blocks of
+whole rows as the chunks arrive; a row cut by a chunk boundary (or longer than
+:data:`TILE`) is carried as its partial product ``W[r, :c] @ Bᵀ[:c]`` (K numbers),
+never as bytes. What a tensor holds between chunks is therefore K x K + K numbers
+and less than one quantisation block of bytes, whatever its size. The sign
+matrices are generated in tiles of :data:`TILE` columns (the XOF can seek) and
+shared through one cache of at most :data:`CACHE_BYTES`. Memory of the sketch
+layer is thus bounded by that cache, one decoded row block (at most
+``max(BLOCK_ELEMENTS, MIN_ROWS * TILE)`` float32 values) per lane, and O(K²) per
+sketched tensor.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from __future__ import annotations
 import functools
 import math
 import struct
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,10 +46,14 @@ from modelhash.fingerprint._dequant import DECODERS, Decoder
 
 __all__ = [
     "MIN_ELEMENTS",
+    "MIN_ROWS",
+    "TILE",
     "K",
+    "Projection",
     "SketchJob",
     "SketchWork",
     "matrix_shape",
+    "merged",
     "project",
     "project_factors",
     "projections",
@@ -48,7 +61,15 @@ __all__ = [
 
 K = 16
 MIN_ELEMENTS = 256
-BLOCK_ELEMENTS = 1 << 16
+BLOCK_ELEMENTS = 1 << 18
+"""Elements per row block when rows are short (1 MiB of float32, decoded and projected
+while in cache; larger blocks cost less interpreter time per byte)."""
+MIN_ROWS = 32
+"""Rows per block at least (for rows up to :data:`TILE`), so reading Bᵀ is amortised."""
+TILE = 1 << 16
+"""Columns per generated tile of a sign matrix (K x 65536 float32: 4 MiB)."""
+CACHE_BYTES = 64 * 1024 * 1024
+"""The most memory the sign tiles take together."""
 _DOMAIN = b"modelhash/sketch/rademacher/v1\x00"
 
 F32 = npt.NDArray[np.float32]
@@ -68,18 +89,114 @@ def matrix_shape(shape: Sequence[int]) -> tuple[int, int] | None:
     return m, n
 
 
+def _seed(tag: bytes, m: int, n: int) -> bytes:
+    return _DOMAIN + tag + struct.pack("<QQQ", K, m, n)
+
+
 def _signs(tag: bytes, m: int, n: int, length: int) -> F32:
     """K x length random signs, from BLAKE3 XOF output of the seed."""
-    seed = _DOMAIN + tag + struct.pack("<QQQ", K, m, n)
-    raw = blake3.blake3(seed).digest(length=(K * length + 7) // 8)
+    raw = blake3.blake3(_seed(tag, m, n)).digest(length=(K * length + 7) // 8)
     bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")[: K * length]
     out: F32 = (1.0 - 2.0 * bits.astype(np.float32)).reshape(K, length)
     return out
 
 
+def _sign_slice(tag: bytes, m: int, n: int, length: int, j0: int, j1: int) -> F32:
+    """Columns ``j0:j1`` of ``_signs(tag, m, n, length)``, without computing the rest.
+
+    Sign (k, j) is bit ``k * length + j`` of the XOF output, so each row of the
+    slice is one seek into the stream.
+    """
+    xof = blake3.blake3(_seed(tag, m, n))
+    w = j1 - j0
+    out: F32 = np.empty((K, w), dtype=np.float32)
+    for k in range(K):
+        b0 = k * length + j0
+        first = b0 // 8
+        raw = xof.digest(length=(b0 + w + 7) // 8 - first, seek=first)
+        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+        out[k] = 1.0 - 2.0 * bits[b0 - first * 8 : b0 - first * 8 + w].astype(np.float32)
+    return out
+
+
+class _TileCache:
+    """Sign tiles by (side, m, n, tile), least recently used out past CACHE_BYTES.
+
+    Holders never keep a tile beyond one block, so the limit bounds the memory even
+    for a hostile file with thousands of distinct shapes (it then only costs time).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._items: OrderedDict[tuple[bytes, int, int, int], F32] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, tag: bytes, m: int, n: int, tile: int) -> F32:
+        """Tile ``tile`` of A (``rows``: K x w) or of Bᵀ (``cols``: w x K)."""
+        key = (tag, m, n, tile)
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+                return hit
+        length = m if tag == b"rows" else n
+        if length <= TILE:
+            made = _signs(tag, m, n, length)
+        else:
+            made = _sign_slice(tag, m, n, length, tile * TILE, min(length, (tile + 1) * TILE))
+        if tag == b"cols":
+            made = np.ascontiguousarray(made.T)
+        made.flags.writeable = False
+        with self._lock:
+            if key not in self._items:
+                self._items[key] = made
+                self._bytes += made.nbytes
+            while self._bytes > self._limit and len(self._items) > 1:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= old.nbytes
+        return made
+
+
+_TILES = _TileCache(CACHE_BYTES)
+
+
+class Projection:
+    """A (K x m) and Bᵀ (n x K) for one shape, handed out in slices from shared tiles.
+
+    Nothing is held between calls, so no shape, hostile or not, makes it keep more
+    than the tile cache's limit.
+    """
+
+    def __init__(self, m: int, n: int) -> None:
+        self.m, self.n = m, n
+
+    def _side(self, tag: bytes, j0: int, j1: int) -> F32:
+        t0, t1 = j0 // TILE, (j1 - 1) // TILE
+        axis = 1 if tag == b"rows" else 0
+        pieces = []
+        for t in range(t0, t1 + 1):
+            tile = _TILES.get(tag, self.m, self.n, t)
+            lo, hi = max(j0, t * TILE) - t * TILE, min(j1, (t + 1) * TILE) - t * TILE
+            pieces.append(tile[:, lo:hi] if axis == 1 else tile[lo:hi])
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=axis)
+
+    def rows(self, r0: int, r1: int) -> F32:
+        """``A[:, r0:r1]``."""
+        return self._side(b"rows", r0, r1)
+
+    def cols(self, c0: int, c1: int) -> F32:
+        """``Bᵀ[c0:c1, :]``."""
+        return self._side(b"cols", c0, c1)
+
+
 @functools.lru_cache(maxsize=128)
 def projections(m: int, n: int) -> tuple[F32, F32]:
-    """A (K x m) and Bᵀ (n x K) for matrices of shape (m, n); cached per shape."""
+    """A (K x m) and Bᵀ (n x K) for matrices of shape (m, n); cached per shape.
+
+    For matrices already in memory (an adapter's factors); the read pass uses
+    :class:`Projection`, which bounds memory for any shape.
+    """
     a = _signs(b"rows", m, n, m)
     bt = np.ascontiguousarray(_signs(b"cols", m, n, n).T)
     a.flags.writeable = False
@@ -107,66 +224,143 @@ def project_factors(up: F64, down: F64, scale: float) -> F64:
 
 @dataclass
 class SketchJob:
-    """One tensor to sketch: where its bytes are, how to decode them, its matrix shape."""
+    """One tensor (or one stripe of it) to sketch: where its bytes are, how to decode
+    them, its matrix shape.
+
+    The tensor is cut into *row blocks* of about :data:`BLOCK_ELEMENTS` elements,
+    always whole rows (one row when a row is longer). A job sees the bytes of every
+    block, or, when it is stripe ``s`` of ``S``, of the blocks ``b`` with
+    ``b % S == s`` only; the stripes of a tensor run on different lanes of the pass
+    and their sums add up (:func:`merged`), since S is linear. Bytes may arrive in
+    pieces of any size; the result does not depend on the cuts (up to rounding).
+    """
 
     index: int
     start: int
     length: int
     decoder: Decoder
     shape: tuple[int, int]
-    acc: F64 = field(default_factory=lambda: np.zeros((K, K)))
-    rows_done: int = 0
-    pending: bytearray = field(default_factory=bytearray)
+    stripe: int = 0
+    stripes: int = 1
+    acc: F64 | None = None
+    """The sum so far; made with the first data, so a stripe or a tensor that never
+    gets bytes costs no array."""
+    done: int = 0
+    """Elements folded in so far."""
+    pos: int = 0
+    """The element the next byte belongs to."""
+    row: F32 | None = None
+    """``W[r, :c] @ Bᵀ[:c]`` for the row ``r`` in progress, ``c`` elements in."""
+    carry: bytearray = field(default_factory=bytearray)
+    """The bytes of a quantisation block not yet complete (< ``decoder.size``)."""
+    _proj: Projection | None = None
 
     @property
-    def row_bytes(self) -> int:
-        return self.shape[1] // self.decoder.block * self.decoder.size
+    def block_rows(self) -> int:
+        """Rows per row block."""
+        n = self.shape[1]
+        return max(BLOCK_ELEMENTS // n, MIN_ROWS) if n <= TILE else 1
 
-    def feed(self, piece: memoryview) -> None:
-        """Take the next bytes of the tensor; sketch every row they complete."""
-        rb = self.row_bytes
-        if self.pending:
-            need = rb - len(self.pending)
-            self.pending += piece[:need]
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one row block."""
+        return self.block_rows * self.shape[1] // self.decoder.block * self.decoder.size
+
+    def _segment(self) -> int:
+        """Elements from ``pos`` to the next cut: the end of the row block, or for a
+        row longer than :data:`TILE`, the end of the current tile of the row."""
+        n = self.shape[1]
+        if n <= TILE:
+            per = self.block_rows * n
+            return per - self.pos % per
+        c = self.pos % n
+        return min(n, (c // TILE + 1) * TILE) - c
+
+    def feed(self, piece: memoryview, at: int | None = None) -> None:
+        """Take bytes of the tensor starting at byte ``at`` of it (default: where the
+        last piece ended); fold every complete quantisation block into the sketch."""
+        size, block = self.decoder.size, self.decoder.block
+        if at is not None and not self.carry:
+            self.pos = at // size * block
+        if self.carry:
+            need = size - len(self.carry)
+            self.carry += piece[:need]
             piece = piece[need:]
-            if len(self.pending) < rb:
+            if len(self.carry) < size:
                 return
-            self._rows(memoryview(bytes(self.pending)))
-            self.pending.clear()
-        whole = len(piece) // rb * rb
-        if whole:
-            self._rows(piece[:whole])
+            self._elements(memoryview(bytes(self.carry)))
+            self.carry.clear()
+        whole = len(piece) // size * size
+        # Cut at row-block (or tile) boundaries: a block stays in cache between
+        # decoding and projecting, and holds whole rows except where a piece ends.
+        i = 0
+        while i < whole:
+            j = min(whole, i + self._segment() // block * size)
+            self._elements(piece[i:j])
+            i = j
         if whole < len(piece):
-            self.pending += piece[whole:]
+            self.carry += piece[whole:]
 
-    def _rows(self, raw: memoryview) -> None:
+    def _elements(self, raw: memoryview) -> None:
+        """Fold decoded elements lying within one segment (see :meth:`_segment`)."""
         m, n = self.shape
-        a, bt = projections(m, n)
-        r0 = self.rows_done
-        rb = self.row_bytes
-        rows = len(raw) // rb
-        step = max(1, BLOCK_ELEMENTS // n)
-        # Blocks small enough to stay in cache between decoding and projecting.
-        # Hostile or corrupt bytes may decode to inf/NaN; result() rejects those.
+        if self._proj is None:
+            self._proj = Projection(m, n)
+        if self.acc is None or self.row is None:
+            self.acc, self.row = np.zeros((K, K)), np.zeros(K, dtype=np.float32)
+        p = self._proj
+        # Hostile or corrupt bytes may decode to inf/NaN; merged() rejects those.
         with np.errstate(all="ignore"):
-            for i in range(0, rows, step):
-                j = min(rows, i + step)
-                x = self.decoder.fn(np.frombuffer(raw[i * rb : j * rb], dtype=np.uint8))
-                self.acc += a[:, r0 + i : r0 + j] @ (x.reshape(-1, n) @ bt)
-        self.rows_done += rows
+            x = self.decoder.fn(np.frombuffer(raw, dtype=np.uint8))
+            total = len(x)
+            r, c = divmod(self.pos, n)
+            at = 0
+            if c or total < n:
+                k = min(total, n - c)
+                self.row += x[:k] @ p.cols(c, c + k)
+                at = k
+                if c + k == n:
+                    self.acc += np.outer(p.rows(r, r + 1)[:, 0], self.row)
+                    self.row[:] = 0
+                    r += 1
+            rows = (total - at) // n
+            if rows:
+                block = x[at : at + rows * n].reshape(rows, n)
+                self.acc += p.rows(r, r + rows) @ (block @ p.cols(0, n))
+                at += rows * n
+            if at < total:
+                self.row += x[at:] @ p.cols(0, total - at)
+        self.pos += total
+        self.done += total
+        if self.pos >= m * n:
+            self._proj = None
 
     def result(self) -> F64 | None:
-        """The finished sketch, or None if rows are missing or a value is not finite."""
-        if self.rows_done != self.shape[0] or self.pending:
-            return None
-        if not np.all(np.isfinite(self.acc)):
-            return None
-        out: F64 = self.acc / math.sqrt(self.shape[0] * self.shape[1])
-        return out
+        """The finished sketch of an unstriped job (see :func:`merged`)."""
+        return merged([self])
+
+
+def merged(parts: Sequence[SketchJob]) -> F64 | None:
+    """The sketch of a tensor from its stripes' jobs, or None if elements are missing
+    or a value is not finite."""
+    m, n = parts[0].shape
+    if sum(j.done for j in parts) != m * n or any(j.carry for j in parts):
+        return None
+    acc = np.zeros((K, K))
+    for j in parts:
+        if j.acc is not None:
+            acc += j.acc
+    if not np.all(np.isfinite(acc)):
+        return None
+    out: F64 = acc / math.sqrt(m * n)
+    return out
 
 
 class SketchWork:
-    """Work for the read pass: sketches many tensor spans of one file as chunks arrive."""
+    """Work for the read pass: sketches many tensor spans of one file as chunks arrive.
+
+    Jobs that are stripes (``stripes > 1``) take only the row blocks of their stripe.
+    """
 
     def __init__(self, jobs: Sequence[SketchJob]) -> None:
         self.jobs = list(jobs)
@@ -184,14 +378,32 @@ class SketchWork:
             stop = job.start + job.length
             lo, hi = max(job.start, off), min(stop, end)
             if hi > lo:
-                job.feed(view[lo - off : hi - off])
+                if job.stripes == 1:
+                    job.feed(view[lo - off : hi - off])
+                else:
+                    _feed_stripe(job, view, off, lo, hi)
             if stop > end:
                 still.append(job)
         self._active = still
 
     def cost(self, size: int) -> float:
         """Relative CPU cost of this work per byte of a file of ``size`` bytes."""
-        return sum(j.length * j.decoder.cost for j in self.jobs) / max(1, size)
+        return sum(j.length * j.decoder.cost / j.stripes for j in self.jobs) / max(1, size)
+
+
+def _feed_stripe(job: SketchJob, view: memoryview, off: int, lo: int, hi: int) -> None:
+    """Feed ``job`` the parts of file bytes ``lo:hi`` that lie in its stripe's blocks."""
+    bb = job.block_bytes
+    first = (lo - job.start) // bb
+    b = first + (job.stripe - first) % job.stripes
+    while True:
+        s = max(lo, job.start + b * bb)
+        e = min(hi, job.start + (b + 1) * bb)
+        if s >= hi:
+            return
+        if e > s:
+            job.feed(view[s - off : e - off], at=s - job.start)
+        b += job.stripes
 
 
 def decoder_for(dtype: str, shape: Sequence[int]) -> tuple[Decoder, tuple[int, int]] | str:

@@ -11,6 +11,7 @@ Tensors whose bytes are not one span of the file are decoded from their
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -23,12 +24,13 @@ from modelhash.fingerprint._keys import module_key, tensor_module
 from modelhash.fingerprint._lora import adapter_configs, group_lora, sketch_group
 from modelhash.fingerprint._model import ParsedFile, TensorRecord
 from modelhash.fingerprint._pass import Work
-from modelhash.fingerprint._project import SketchJob, SketchWork, decoder_for
+from modelhash.fingerprint._project import SketchJob, SketchWork, decoder_for, merged
 from modelhash.fingerprint._sketch import Sketch, TensorSketch
 
 __all__ = ["MAX_ADAPTER_BYTES", "Sketcher"]
 
 MAX_ADAPTER_BYTES = 4 * 1024**3
+MAX_STRIPES = 8
 SIDECAR = "adapter_config.json"
 
 
@@ -55,18 +57,29 @@ class Sketcher:
         self.metadata = dict(metadata)
         self.tensors: dict[str, TensorSketch] = {}
         self.skipped: Counter[str] = Counter()
-        self._jobs: list[tuple[str, SketchJob]] = []
+        self._jobs: list[tuple[str, list[SketchJob]]] = []
         self._parts: dict[str, tuple[TensorRecord, Path]] = {}
         self._collectors: list[_Collect] = []
         self._later: list[tuple[str, TensorRecord]] = []
         self._adapter_bytes = 0
         self._sidecar: bytes | None = None
 
-    def work(self, pf: ParsedFile, names: list[str], prefix: str) -> Work | None:
-        """The work item for ``pf``'s pass; ``names`` are its canonical tensor names."""
+    def work(
+        self, pf: ParsedFile, names: list[str], prefix: str, folder: Path | None = None
+    ) -> list[Work]:
+        """The work items for ``pf``'s pass; ``names`` are its canonical tensor names.
+
+        A checkpoint's projections are the costliest work of the pass, so they are
+        split into one stripe per core (alternate row blocks of every tensor): the
+        pass can then spread them over its lanes evenly, chunk by chunk. ``folder``
+        is where an adapter's config may sit beside it (None for a stream, which has
+        no neighbours).
+        """
         if self.adapter:
-            return self._adapter_work(pf, names, prefix)
-        jobs: list[SketchJob] = []
+            one = self._adapter_work(pf, names, prefix, folder)
+            return [one] if one is not None else []
+        stripes = max(1, min(MAX_STRIPES, os.cpu_count() or 1))
+        jobs: list[list[SketchJob]] = [[] for _ in range(stripes)]
         for name, t in zip(names, pf.tensors, strict=True):
             plan = decoder_for(t.dtype, t.shape)
             if isinstance(plan, str):
@@ -77,20 +90,22 @@ class Sketcher:
             if t.span is None:
                 self._later.append((key, t))
                 continue
-            job = SketchJob(len(self._jobs), t.span[0], t.span[1], plan[0], plan[1])
-            self._jobs.append((key, job))
-            jobs.append(job)
-        if not jobs:
-            return None
-        w = SketchWork(jobs)
-        return Work(w, w.cost(pf.size))
+            parts = [
+                SketchJob(len(self._jobs), t.span[0], t.span[1], plan[0], plan[1], s, stripes)
+                for s in range(stripes)
+            ]
+            self._jobs.append((key, parts))
+            for s, job in enumerate(parts):
+                jobs[s].append(job)
+        works = [SketchWork(js) for js in jobs if js]
+        return [Work(w, w.cost(pf.size)) for w in works]
 
     def after_pass(self, pf: ParsedFile) -> None:
         """Finish ``pf``: collect the pass's sketches and decode materialised tensors."""
         if self.adapter:
             return
-        for key, job in self._jobs:
-            self._add(key, job.shape, job.result())
+        for key, parts in self._jobs:
+            self._add(key, parts[0].shape, merged(parts))
         self._jobs.clear()
         for key, t in self._later:
             plan = decoder_for(t.dtype, t.shape)
@@ -109,9 +124,11 @@ class Sketcher:
         else:
             self.tensors[key] = TensorSketch(key, shape, values)
 
-    def _adapter_work(self, pf: ParsedFile, names: list[str], prefix: str) -> Work | None:
-        sidecar = pf.path.parent / SIDECAR
-        if self._sidecar is None and sidecar.is_file():
+    def _adapter_work(
+        self, pf: ParsedFile, names: list[str], prefix: str, folder: Path | None
+    ) -> Work | None:
+        sidecar = folder / SIDECAR if folder is not None else None
+        if self._sidecar is None and sidecar is not None and sidecar.is_file():
             try:
                 if sidecar.stat().st_size <= 1024 * 1024:
                     self._sidecar = sidecar.read_bytes()

@@ -55,7 +55,8 @@ def test_check_flag_lookup_dispute_revoke(
     assert error["path"] == str(broken)
     assert results[1]["fingerprint"]["sha256"]
     assert results[3]["fingerprint"] == {}
-    assert set(results[0]) == {"path", "verdict", "fingerprint", "matches", "error"}
+    assert set(results[0]) == {"path", "verdict", "fingerprint", "matches", "error", "layers"}
+    assert results[0]["layers"] == "all"
 
     out = submitter("flag", a, "--category", "csam", "--severity", "critical", "--json")
     assert out.exit_code == 0, out.stderr
@@ -162,7 +163,15 @@ def test_sync_and_offline_check(
 
     out = reader("check", "--offline", "--cache", cache, "--json", first, clean)
     assert out.exit_code == 1, out.stderr
-    assert [r["verdict"] for r in json.loads(out.stdout)["results"]] == ["match", "clean"]
+    answer = json.loads(out.stdout)
+    assert [r["verdict"] for r in answer["results"]] == ["match", "clean"]
+    # Offline says plainly that only exact layers were matched.
+    assert answer["layers"] == "exact" and "exact layers only" in answer["note"]
+    assert {r["layers"] for r in answer["results"]} == {"exact"}
+    out = reader("check", "--offline", "--cache", cache, clean)
+    assert out.exit_code == 0, out.stderr
+    assert f"clean  {clean} (exact layers only)" in out.stdout
+    assert out.stdout.strip().splitlines()[-1].startswith("note: offline: matched exact layers")
 
     assert submitter("flag", second, "--category", "csam").exit_code == 0
     assert reader("check", "--offline", "--cache", cache, second).exit_code == 0
@@ -178,6 +187,7 @@ def test_sync_and_offline_check(
                             first, second, clean, "--registry", "http://127.0.0.1:1").stdout
     )
     assert [r["verdict"] for r in online["results"]] == [r["verdict"] for r in offline["results"]]
+    assert online["layers"] == "all" and "note" not in online
 
 
 def test_tampered_or_foreign_exports_are_refused(
