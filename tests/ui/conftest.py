@@ -100,9 +100,13 @@ def ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UiServer]:
         stop(proc)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """Headless system Chromium through Playwright; skips with the reason when unavailable."""
+    """Headless system Chromium through Playwright; skips with the reason when unavailable.
+
+    Module-scoped: Playwright's sync API keeps an event loop running in this thread
+    while it is open, which would break ``asyncio.run`` in tests that run later.
+    """
     path = chromium_path()
     if path is None:
         pytest.skip("no system Chromium (apt-get install chromium, or set MODELHASH_TEST_CHROMIUM)")
