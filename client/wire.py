@@ -39,6 +39,8 @@ from modelhash.fingerprint._sketch import SKETCH_ALGORITHM, Sketch
 __all__ = [
     "CATEGORIES",
     "MAX_CHECK_ITEMS",
+    "MAX_IMPORT_ROWS",
+    "MAX_IMPORT_TEXT",
     "MAX_SKETCHED_TENSORS_PER_REQUEST",
     "MAX_SKETCH_BYTES",
     "MAX_SKETCH_DECODED",
@@ -60,7 +62,11 @@ __all__ = [
     "CheckResult",
     "FlagCreate",
     "FlagDetail",
+    "FlagPage",
     "FlagStatus",
+    "ImportRequest",
+    "ImportResult",
+    "ImportRow",
     "KeyCreate",
     "KeyCreated",
     "KeyPublic",
@@ -72,6 +78,9 @@ __all__ = [
     "PublicKey",
     "RangeResult",
     "ReasonBody",
+    "ReportCreate",
+    "ReportKind",
+    "ReportPublic",
     "Role",
     "Severity",
     "SignedExport",
@@ -128,6 +137,10 @@ FlagStatus = Literal["active", "disputed", "revoked"]
 Role = Literal["reader", "submitter", "admin"]
 ROLES: tuple[str, ...] = ("reader", "submitter", "admin")
 Strength = Literal["strong", "weak"]
+ReportKind = Literal["false-positive", "confirmed-hit"]
+#: The largest bulk import body, as text; clients send bigger lists in batches.
+MAX_IMPORT_TEXT = 2 * 1024 * 1024
+MAX_IMPORT_ROWS = 5000
 MatchKind = Literal["exact", "content", "near-duplicate", "derived", "lora", "lora-baked"]
 
 _HEX_MAX = 200
@@ -408,7 +421,10 @@ class MatchEvidence(_Wire):
 
     For ``layer: sketch`` the extra keys are ``base`` (the reference base's name, or
     None for a raw comparison), ``tensors_compared``, and the scores behind the
-    verdict (``cosine``, ``z``, ``coefficient``, ``base_distance``, ``raw_distance``).
+    verdict (``cosine``, ``z``, ``coefficient``, ``base_distance``, ``raw_distance``),
+    and ``blocks``: where in the model the flagged delta sits, one entry per part of a
+    block in model order (``component``, ``block``, ``label``, ``part``, ``tensors``,
+    ``cosine``, ``coefficient``, ``share`` of the flagged delta, ``upload_share``).
     """
 
     model_config = ConfigDict(extra="allow")
@@ -650,3 +666,74 @@ class PublicKey(_Wire):
     key_id: str
     public_key_pem: str
     endorsement: SignedExport | None = None
+
+
+class FlagPage(_Wire):
+    """One page of a flag search, with the total count of matching flags."""
+
+    total: int
+    limit: int
+    offset: int
+    flags: list[FlagDetail]
+
+
+class ReportCreate(BaseModel):
+    """A platform's report on a flag. It is stored and shown; it changes no status."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: ReportKind
+    note: Text | None = Field(default=None, max_length=2000)
+
+
+class ReportPublic(_Wire):
+    """A stored report: what kind, why, which key and when."""
+
+    id: int
+    flag_id: str
+    kind: ReportKind
+    note: str | None
+    by: str
+    at: datetime
+
+
+class ImportRequest(BaseModel):
+    """A bulk import: CSV text (a header row naming the columns) or a plain list of hashes.
+
+    CSV columns: ``sha256``, ``blake3``, ``content`` (at least one per row), and
+    ``category``, ``severity``, ``note``, ``evidence``; the columns of the CSV export
+    are accepted too (and ignored where they are not submission fields). A plain list
+    has one hash per line, in any accepted form. ``category`` and friends here are
+    the defaults for rows that leave them empty. At most :data:`MAX_IMPORT_ROWS`
+    rows per request; the SDK and CLI send larger lists in batches.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["csv", "list"] = "csv"
+    text: Text = Field(min_length=1, max_length=MAX_IMPORT_TEXT)
+    category: Category | None = None
+    severity: Severity | None = None
+    note: Text | None = Field(default=None, max_length=4000)
+    evidence: Text | None = Field(default=None, max_length=4000)
+    first_row: int | None = Field(
+        default=None, ge=1, le=10**9,
+        description="The number results give the first row after any header (default: its "
+        "line number, 2 for CSV, 1 for a list); batches of one file pass their offset.",
+    )
+
+
+class ImportRow(_Wire):
+    """The outcome of one row: ``created``, ``exists`` (already flagged) or ``error``."""
+
+    row: int
+    status: Literal["created", "exists", "error"]
+    flag_id: str | None = None
+    error: str | None = None
+
+
+class ImportResult(_Wire):
+    created: int
+    existing: int
+    failed: int
+    rows: list[ImportRow]

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     seeds the decoys of range answers; when unset, one is generated and kept in the
     database. API keys are checked against the database on every request, so
     a revoked key stops working at once everywhere (there is no key cache).
+    ``ui_session_minutes`` is how long a web UI sign-in lasts; ``ui_secure_cookie``
+    forces the session cookie's Secure attribute on or off (by default it is set
+    when the request came over HTTPS, as seen by the server or a trusted proxy).
     """
 
     model_config = SettingsConfigDict(env_prefix="MODELHASH_", extra="ignore")
@@ -46,6 +49,8 @@ class Settings(BaseSettings):
     range_bucket: int = Field(default=64, ge=8, le=4096)
     log_level: str = "INFO"
     pool_size: int = Field(default=10, ge=1, le=200)
+    ui_session_minutes: int = Field(default=480, ge=1, le=7 * 24 * 60)
+    ui_secure_cookie: bool | None = None
 
     @field_validator("database_url")
     @classmethod

@@ -30,7 +30,18 @@ from modelhash.registry._metrics import Metrics, RequestMiddleware
 from modelhash.registry._migrations import head_revision
 from modelhash.registry._settings import Settings
 from modelhash.registry._signing import Secrets
-from modelhash.registry.routes import bases, flags, health, keys, lookups, mirror
+from modelhash.registry.routes import (
+    audit,
+    bases,
+    bulk,
+    flags,
+    health,
+    keys,
+    lookups,
+    mirror,
+    reports,
+)
+from modelhash.registry.ui import install as install_ui
 
 __all__ = ["create_app"]
 
@@ -61,6 +72,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description=_DESCRIPTION,
         lifespan=lifespan,
+        # Served from vendored assets by the web UI, so they work offline.
+        docs_url=None,
+        redoc_url=None,
     )
     metrics = Metrics(engine)
     app.state.settings = settings
@@ -70,9 +84,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.head_revision = head_revision()
     app.state.export_cache = mirror.ExportCache()
 
-    for module in (health, lookups, flags, bases, keys, mirror):
+    for module in (health, lookups, bulk, flags, reports, bases, keys, mirror, audit):
         app.include_router(module.router)
     install_handlers(app)
+    install_ui(app)
     app.add_middleware(JsonBodyGuard)
     app.add_middleware(RequestMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     return app
