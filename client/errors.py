@@ -7,7 +7,8 @@ The tree::
     │   ├── InvalidHashError        a hash string that parses as no known algorithm
     │   ├── UnsupportedFormatError  a file or folder that is no weight format we read
     │   ├── MalformedFileError      a weight file whose structure is broken or inconsistent
-    │   │   └── ResourceLimitError  a file that asks for more than the reader allows
+    │   │   ├── ResourceLimitError  a file that asks for more than the reader allows
+    │   │   └── InternalReadError   an unexpected failure while reading one file (a bug)
     │   ├── UnsafeFileError         a pickle that references code; carries the globals
     │   ├── UploadTooLargeError     an upload stream longer than the caller allows
     │   └── HubNotFoundError        no such Hugging Face repo, revision or file (or gated)
@@ -42,6 +43,7 @@ __all__ = [
     "HubError",
     "HubNotFoundError",
     "InputError",
+    "InternalReadError",
     "InvalidHashError",
     "MalformedFileError",
     "MirrorError",
@@ -57,15 +59,38 @@ __all__ = [
     "UnsafeFileError",
     "UnsupportedFormatError",
     "UploadTooLargeError",
+    "printable",
 ]
+
+
+def printable(text: str, limit: int | None = None) -> str:
+    """``text`` safe to print on one line: control characters, lone surrogates and
+    other unprintable characters escaped (``\\n``, ``\\x1b``, ``\\ud800``), and at most
+    ``limit`` characters long if given.
+
+    File and tensor names come from the files being checked, so a name could
+    otherwise end a line early or send a terminal escape sequence.
+    """
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else _escape(c) for c in text)
+    if limit is not None and len(text) > limit:
+        text = text[: max(0, limit - 3)] + "..."
+    return text
+
+
+def _escape(c: str) -> str:
+    code = ord(c)
+    if code < 0x100:
+        return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(c, f"\\x{code:02x}")
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 class ModelhashError(Exception):
     """Root of every error modelhash raises on purpose."""
 
     def diagnostics(self) -> str:
-        """One line for a human: what went wrong and with what."""
-        return str(self)
+        """One line for a human: what went wrong and with what, unprintables escaped."""
+        return printable(str(self))
 
 
 class InputError(ModelhashError):
@@ -93,6 +118,14 @@ class MalformedFileError(_FileError):
 
 class ResourceLimitError(MalformedFileError):
     """A file asks for more memory or work than the reader allows."""
+
+
+class InternalReadError(_FileError):
+    """Reading one file failed in a way the readers did not expect: a bug in modelhash.
+
+    Raised by the per-file boundary in place of whatever escaped, so that one file's
+    failure is that file's one-line error and never costs the results of the others.
+    """
 
 
 class UnsafeFileError(InputError):

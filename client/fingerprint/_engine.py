@@ -16,6 +16,8 @@ from modelhash.fingerprint._content import canonical_names, content_digest
 from modelhash.fingerprint._describe import describe
 from modelhash.fingerprint._folder import Unit, resolve
 from modelhash.fingerprint._formats import parse_file
+from modelhash.fingerprint._guard import guarded
+from modelhash.fingerprint._limits import MAX_TENSORS_PER_MODEL, check_tensor_count, open_regular
 from modelhash.fingerprint._model import ParsedFile, TensorRecord
 from modelhash.fingerprint._pass import (
     CHUNK,
@@ -100,12 +102,24 @@ def fingerprint_path(
 ) -> list[Outcome]:
     """Fingerprint every model at ``path``; errors are returned, never raised."""
     outcomes: list[Outcome] = []
-    for unit in resolve(Path(path)):
+    try:
+        units = guarded(path, lambda: resolve(Path(path)))
+    except ModelhashError as exc:
+        return [Outcome(path=str(path), error=exc)]
+    for unit in units:
         if isinstance(unit, ModelhashError):
             outcomes.append(Outcome(path=unit.path, error=unit))
             continue
-        outcomes.append(_fingerprint_unit(unit, progress, chunk, layers))
+        outcomes.append(_guarded_unit(unit, progress, chunk, layers))
     return outcomes
+
+
+def _guarded_unit(unit: Unit, progress: Progress | None, chunk: int, layers: Layers) -> Outcome:
+    """The per-file boundary: nothing that goes wrong with one model escapes it."""
+    try:
+        return guarded(unit.path, lambda: _fingerprint_unit(unit, progress, chunk, layers))
+    except ModelhashError as exc:
+        return Outcome(path=str(unit.path), error=exc)
 
 
 def _fingerprint_unit(
@@ -120,18 +134,21 @@ def _fingerprint_unit(
         out.error = exc
         # Still hash the file that failed: its exact bytes are a useful signal.
         failed = unit.files[len(parsed)][1]
-        with contextlib.suppress(ModelhashError, OSError):
-            out.files.append(_hash_file_only(failed, progress, chunk))
+        with contextlib.suppress(ModelhashError):
+            out.files.append(guarded(failed, lambda: _hash_file_only(failed, progress, chunk)))
         return out
     try:
-        out.fingerprint = _assemble(unit, parsed, out, progress, chunk, layers)
+        out.fingerprint = guarded(
+            unit.path, lambda: _assemble(unit, parsed, out, progress, chunk, layers)
+        )
     except ModelhashError as exc:
         out.error = exc
     return out
 
 
 def _hash_file_only(path: Path, progress: Progress | None, chunk: int) -> FileHashes:
-    size = path.stat().st_size
+    fh, size = open_regular(path)  # never a FIFO or device
+    fh.close()
     works, finish = file_layer_work(path, size, None)
     _read(path, size, works, progress, chunk)
     return finish()
@@ -192,6 +209,9 @@ def _assemble(
     chunk: int,
     layers: Layers,
 ) -> ModelFingerprint:
+    check_tensor_count(
+        unit.path, sum(len(pf.tensors) for _, pf in parsed), MAX_TENSORS_PER_MODEL
+    )
     tensors: list[TensorDigest] = []
     notes = list(unit.notes)
     metadata: dict[str, str] = dict(parsed[0][1].metadata) if len(parsed) == 1 else {}
