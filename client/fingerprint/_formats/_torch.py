@@ -198,14 +198,30 @@ def _check_central_directory(path: Path, size: int, fh: BinaryIO) -> None:
     locator = at - _ZIP64_LOCATOR.size
     if locator >= 0 and tail[locator : locator + 4] == b"PK\x06\x07":
         (_, _, end64, _) = _ZIP64_LOCATOR.unpack_from(tail, locator)
-        fh.seek(end64)
-        record = fh.read(_ZIP64_END_RECORD.size)
-        if len(record) == _ZIP64_END_RECORD.size and record[:4] == b"PK\x06\x06":
-            cd_size = _ZIP64_END_RECORD.unpack(record)[8]
+        # zipfile reads the zip64 end record just before the locator, whatever
+        # offset the locator gives; check both, and refuse a file where they differ.
+        before = size - tail_len + locator - _ZIP64_END_RECORD.size
+        found = (_zip64_cd_size(fh, end64), _zip64_cd_size(fh, before))
+        sizes = {s for s in found if s is not None}
+        if len(sizes) > 1:
+            raise MalformedFileError(path, "broken zip: zip64 locator disagrees with its record")
+        cd_size = max([cd_size, *sizes])
     if cd_size > MAX_CENTRAL_DIRECTORY:
         raise ResourceLimitError(
             path, f"zip central directory of {cd_size} bytes exceeds {MAX_CENTRAL_DIRECTORY}"
         )
+
+
+def _zip64_cd_size(fh: BinaryIO, offset: int) -> int | None:
+    """The central directory size in the zip64 end record at ``offset``, if one is there."""
+    if offset < 0:
+        return None
+    fh.seek(offset)
+    record = fh.read(_ZIP64_END_RECORD.size)
+    if len(record) != _ZIP64_END_RECORD.size or record[:4] != b"PK\x06\x06":
+        return None
+    size: int = _ZIP64_END_RECORD.unpack(record)[8]
+    return size
 
 
 def _data_starts(
