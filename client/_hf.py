@@ -72,6 +72,16 @@ def _cache_dir() -> str | None:
     return str(Path(home) / "hub") if home else None
 
 
+def _require_hub() -> None:
+    """Fail with the extra to install when huggingface_hub is missing."""
+    try:
+        import huggingface_hub  # noqa: F401
+    except ImportError:
+        raise InputError(
+            "checking Hugging Face repos needs the hf extra: pip install 'modelhash[hf]'"
+        ) from None
+
+
 def _translate(exc: Exception, what: str) -> ModelhashError:
     from huggingface_hub import errors as hf
 
@@ -105,6 +115,7 @@ def hub_check(
     HubNotFoundError for a missing or gated repo, HubError when the Hub fails, and
     RegistryError when the list cannot answer.
     """
+    _require_hub()
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
     repo_id, revision = parse_repo_ref(ref)

@@ -77,15 +77,21 @@ class PathResult:
     fingerprint: dict[str, str]
     matches: list[Match] = field(default_factory=list)
     error: str | None = None
+    #: The error's JSON form (``message``, ``kind``, fields of its own), when it came
+    #: from a :class:`~modelhash.errors.ModelhashError`.
+    error_json: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The documented JSON form."""
+        """The documented JSON form; ``error`` has the one error shape of every command."""
+        error = self.error_json
+        if error is None and self.error is not None:
+            error = {"message": self.error, "kind": "input"}
         return {
             "path": self.path,
             "verdict": self.verdict,
             "fingerprint": dict(self.fingerprint),
             "matches": [m.model_dump(mode="json") for m in self.matches],
-            "error": self.error,
+            "error": error,
         }
 
 
@@ -250,7 +256,8 @@ def check_outcomes(outcomes: Sequence[Outcome], checker: Checker) -> list[PathRe
         verdict: Literal["match", "clean", "error"] = (
             "match" if matched else "error" if error is not None else "clean"
         )
-        out.append(PathResult(o.path, verdict, shown, list(matches.values()), error))
+        out.append(PathResult(o.path, verdict, shown, list(matches.values()), error,
+                              o.error.to_json() if o.error is not None else None))
     return out
 
 

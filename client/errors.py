@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, ClassVar
 
 __all__ = [
     "ConflictError",
@@ -88,17 +89,31 @@ def _escape(c: str) -> str:
 class ModelhashError(Exception):
     """Root of every error modelhash raises on purpose."""
 
+    #: The ``kind`` of its JSON form: a stable word scripts can branch on.
+    kind: ClassVar[str] = "error"
+
     def diagnostics(self) -> str:
         """One line for a human: what went wrong and with what, unprintables escaped."""
         return printable(str(self))
+
+    def to_json(self) -> dict[str, Any]:
+        """The one JSON shape of an error: ``message``, ``kind``, then fields of its own."""
+        return {"message": self.diagnostics(), "kind": self.kind, **self._fields()}
+
+    def _fields(self) -> dict[str, Any]:
+        return {}
 
 
 class InputError(ModelhashError):
     """The caller gave us something we cannot use."""
 
+    kind = "input"
+
 
 class InvalidHashError(InputError):
     """A hash string matches no accepted algorithm or form."""
+
+    kind = "hash"
 
 
 class _FileError(InputError):
@@ -107,17 +122,26 @@ class _FileError(InputError):
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
 
+    def _fields(self) -> dict[str, Any]:
+        return {"path": self.path}
+
 
 class UnsupportedFormatError(_FileError):
     """The path is not a weight format modelhash reads."""
+
+    kind = "unsupported"
 
 
 class MalformedFileError(_FileError):
     """A weight file is truncated, inconsistent or otherwise broken."""
 
+    kind = "malformed"
+
 
 class ResourceLimitError(MalformedFileError):
     """A file asks for more memory or work than the reader allows."""
+
+    kind = "limit"
 
 
 class InternalReadError(_FileError):
@@ -144,9 +168,16 @@ class UnsafeFileError(InputError):
             f"{self.path}: unsafe pickle{inner}: refers to {', '.join(self.globals)}"
         )
 
+    kind = "unsafe"
+
+    def _fields(self) -> dict[str, Any]:
+        return {"path": self.path, "globals": self.globals}
+
 
 class RegistryError(ModelhashError):
     """The registry could not be reached, or answered with an error."""
+
+    kind = "registry"
 
 
 class UploadTooLargeError(InputError):
@@ -156,6 +187,8 @@ class UploadTooLargeError(InputError):
         self.name = name
         self.limit = limit
         super().__init__(f"{name}: upload exceeds the {limit}-byte limit")
+
+    kind = "limit"
 
 
 class RegistryUnreachableError(RegistryError):
@@ -169,6 +202,11 @@ class RegistryUnreachableError(RegistryError):
         self.url = url
         self.reason = reason
         super().__init__(f"{method} {url}: registry unreachable: {reason}")
+
+    kind = "unreachable"
+
+    def _fields(self) -> dict[str, Any]:
+        return {"url": self.url}
 
 
 class RegistryResponseError(RegistryError):
@@ -192,13 +230,29 @@ class RegistryHTTPError(RegistryError):
         self.detail = detail
         super().__init__(f"{method} {url}: {status} {detail}")
 
+    kind = "http"
+
+    def _fields(self) -> dict[str, Any]:
+        return {"status": self.status, "url": self.url}
+
 
 class UnauthorizedError(RegistryHTTPError):
     """401: the request had no API key, or one the registry does not know or has revoked."""
 
+    kind = "unauthorized"
+
+    def diagnostics(self) -> str:
+        return (f"{self}: set MODELHASH_API_KEY or pass --api-key with a key this "
+                "registry knows and has not revoked")
+
 
 class ForbiddenError(RegistryHTTPError):
     """403: the API key is valid, but its role may not do this."""
+
+    kind = "forbidden"
+
+    def diagnostics(self) -> str:
+        return f"{self}: ask the registry's admin for a key with that role"
 
 
 class NotFoundError(RegistryHTTPError):
@@ -219,6 +273,8 @@ class MirrorError(RegistryError):
     A tampered or foreign-signed export is refused with this error, never used.
     """
 
+    kind = "mirror"
+
 
 class ExportVerificationError(MirrorError):
     """An export is malformed, signed by another key, or its signature is wrong."""
@@ -234,3 +290,5 @@ class HubError(RegistryError):
     A RegistryError because, like the registry, it is an outside service whose
     failure says nothing about the model: the CLI exits 3.
     """
+
+    kind = "hub"

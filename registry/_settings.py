@@ -54,3 +54,24 @@ class Settings(BaseSettings):
     def is_sqlite(self) -> bool:
         """True for the embedded SQLite backend."""
         return self.database_url.startswith("sqlite")
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The SQLite database file, absolute; None for other backends and in-memory ones."""
+        if not self.is_sqlite:
+            return None
+        from sqlalchemy.engine import make_url
+
+        name = make_url(self.database_url).database
+        if not name or name == ":memory:" or name.startswith("file:"):
+            return None
+        return Path(name).expanduser().resolve()
+
+    def describe_database(self) -> str:
+        """The database for a human: the absolute SQLite path, or the URL without password."""
+        path = self.sqlite_path
+        if path is not None:
+            return str(path)
+        from sqlalchemy.engine import make_url
+
+        return make_url(self.database_url).render_as_string(hide_password=True)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from rich.progress import TaskID
 
-__all__ = ["BarProgress", "make_progress"]
+__all__ = ["BarProgress", "make_progress", "progress_disabled_by_env"]
 
 MIN_BYTES = 100 * 1000 * 1000
 
@@ -56,8 +57,14 @@ class BarProgress:
             self._bar.stop()
 
 
+def progress_disabled_by_env() -> bool:
+    """True when ``MODELHASH_NO_PROGRESS`` is set to anything but empty, 0, false or no."""
+    value = os.environ.get("MODELHASH_NO_PROGRESS", "").strip().lower()
+    return value not in ("", "0", "false", "no", "off")
+
+
 def make_progress(enabled: bool = True) -> BarProgress | None:
-    """A progress bar when stderr is a terminal, else nothing."""
-    if enabled and sys.stderr.isatty():
+    """A progress bar when stderr is a terminal and nobody turned it off, else nothing."""
+    if enabled and not progress_disabled_by_env() and sys.stderr.isatty():
         return BarProgress()
     return None
