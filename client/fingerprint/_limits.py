@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import stat
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -82,8 +81,8 @@ MAX_SKETCH_SIDE = 2**21
 """m + n of a matrix the sketch layer projects: its sign matrices take 64·(m+n) bytes."""
 MAX_SKETCH_CACHE_BYTES = 256 * 1024 * 1024
 """Sign matrices kept between tensors of the same shape."""
-MAX_SKETCH_WORK = 4 * 10**10
-"""Multiply-adds to sketch one adapter module from its factors (~20 s at worst)."""
+MAX_SKETCH_WORK = 10**10
+"""Multiply-adds to sketch one adapter module from its factors (seconds, at worst)."""
 
 MAX_TREE_ENTRIES = 1_000_000
 """Entries a recursive walk of folders may visit."""
@@ -186,9 +185,6 @@ def read_sidecar(path: Path, limit: int = MAX_SIDECAR_BYTES) -> bytes:
     return data
 
 
-_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-
-
 def check_json(
     path: Path | str,
     raw: bytes,
@@ -199,15 +195,27 @@ def check_json(
 ) -> None:
     """Refuse JSON text whose parse would build too many values or nest too deep.
 
-    Counted on the text with its strings blanked, before ``json`` builds anything:
-    every value but the first follows a comma or opens a container.
+    Counted on the text outside its strings, before ``json`` builds anything, a
+    bounded chunk at a time: every value (or key) but the first follows a comma or
+    opens a container, so one plus their count bounds what ``json`` would build. Escaped backslashes and quotes are dropped first, so every quote
+    left opens or closes a string (a backslash outside a string is invalid JSON,
+    which ``json`` refuses at that point, before building what follows).
     """
-    bare = _STRING.sub(b'""', raw)
-    values = 1 + bare.count(b",") + bare.count(b"[") + bare.count(b"{")
-    if values > max_values:
-        raise too_large(path, f"{what}: JSON values", values, max_values)
-    brackets = bare.translate(None, delete=_NOT_BRACKETS)
-    del bare
+    text = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    values = 1
+    brackets = bytearray()
+    inside = False
+    for i in range(0, len(text), _CHUNK):
+        pieces = text[i : i + _CHUNK].split(b'"')
+        outside = b"".join(pieces[1 if inside else 0 :: 2])
+        del pieces
+        values += outside.count(b",") + outside.count(b"[") + outside.count(b"{")
+        brackets += outside.translate(None, _NOT_BRACKETS)
+        if values > max_values:
+            raise too_large(path, f"{what}: JSON values", values, max_values)
+        if text.count(b'"', i, i + _CHUNK) % 2:
+            inside = not inside
+    del text
     for _ in range(max_depth):
         if not brackets:
             return
@@ -218,6 +226,7 @@ def check_json(
         )
 
 
+_CHUNK = 1 << 20
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 

@@ -401,8 +401,8 @@ def _lokr_blocks(a: npt.NDArray[np.float32], bt: npt.NDArray[np.float32],
     step = max(1, _BLOCK // (K * max(c, d, i1)))
     for j in range(0, j1, step):
         cols = w1[:, j : j + step]  # a x jb
-        # t[jb, K, c] = Σ_i cols[i, jb] a3[K, i, c]
-        t = np.einsum("ij,kic->jkc", cols, a3, optimize=True)
+        # t[jb, K, c] = Σ_i cols[i, jb] a3[K, i, c], then u = t w2 (matrix products)
+        t = np.tensordot(cols, a3, axes=([0], [1]))
         u = t @ w2  # jb x K x d
-        out += np.einsum("jkd,jdl->kl", u, b3[j : j + step].astype(np.float64))
+        out += np.tensordot(u, b3[j : j + step].astype(np.float64), axes=([0, 2], [0, 1]))
     return out

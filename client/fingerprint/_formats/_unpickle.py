@@ -63,7 +63,7 @@ MAX_OPCODES = 4_000_000
 MAX_NESTING = 200
 """Deepest nesting of values in a pickle; checked before the unpickler builds (and
 hashes) anything. Real checkpoints nest under 20 deep."""
-MAX_COLLECTION_ITEMS = 8_000_000
+MAX_COLLECTION_ITEMS = 1_000_000
 """Items the allow-listed ``set``/``frozenset`` builders may copy in one pickle."""
 MAX_REFUSED = 1000
 _MEMO_SLACK = 1024
