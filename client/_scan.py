@@ -19,7 +19,7 @@ from typing import Any, Literal, Protocol
 from modelhash._calls import Checkable, file_map, with_sketch
 from modelhash.errors import ModelhashError
 from modelhash.fingerprint import Layers, Outcome, Progress, fingerprint_path
-from modelhash.fingerprint._guard import guarded
+from modelhash.fingerprint._guard import as_error, guarded
 from modelhash.fingerprint._limits import MAX_TREE_ENTRIES
 from modelhash.wire import CheckResult, Match
 
@@ -181,7 +181,7 @@ def _fingerprint_one(path: Path, layers: Layers, progress: Progress | None) -> l
     try:
         return guarded(path, lambda: fingerprint_for_check(path, layers=layers, progress=progress))
     except ModelhashError as exc:
-        return [Outcome(path=str(path), error=exc)]
+        return [Outcome(path=str(path), error=as_error(path, exc))]
 
 
 def fingerprint_all(

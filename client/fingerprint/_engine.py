@@ -16,7 +16,7 @@ from modelhash.fingerprint._content import canonical_names, content_digest
 from modelhash.fingerprint._describe import describe
 from modelhash.fingerprint._folder import Unit, resolve
 from modelhash.fingerprint._formats import parse_file
-from modelhash.fingerprint._guard import guarded
+from modelhash.fingerprint._guard import as_error, guarded
 from modelhash.fingerprint._limits import MAX_TENSORS_PER_MODEL, check_tensor_count, open_regular
 from modelhash.fingerprint._model import ParsedFile, TensorRecord
 from modelhash.fingerprint._pass import (
@@ -105,7 +105,7 @@ def fingerprint_path(
     try:
         units = guarded(path, lambda: resolve(Path(path)))
     except ModelhashError as exc:
-        return [Outcome(path=str(path), error=exc)]
+        return [Outcome(path=str(path), error=as_error(path, exc))]
     for unit in units:
         if isinstance(unit, ModelhashError):
             outcomes.append(Outcome(path=unit.path, error=unit))
@@ -117,9 +117,12 @@ def fingerprint_path(
 def _guarded_unit(unit: Unit, progress: Progress | None, chunk: int, layers: Layers) -> Outcome:
     """The per-file boundary: nothing that goes wrong with one model escapes it."""
     try:
-        return guarded(unit.path, lambda: _fingerprint_unit(unit, progress, chunk, layers))
+        out = guarded(unit.path, lambda: _fingerprint_unit(unit, progress, chunk, layers))
     except ModelhashError as exc:
-        return Outcome(path=str(unit.path), error=exc)
+        return Outcome(path=str(unit.path), error=as_error(unit.path, exc))
+    if out.error is not None:  # kept with the result: drop the frames it was raised in
+        out.error = as_error(unit.path, out.error)
+    return out
 
 
 def _fingerprint_unit(

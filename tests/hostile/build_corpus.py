@@ -45,7 +45,7 @@ from tests.fixtures.torch_pickles import (
     torch_zip,
 )
 
-__all__ = ["Case", "build", "main"]
+__all__ = ["Case", "build", "main", "remove_tree"]
 
 
 @dataclass
@@ -427,8 +427,9 @@ def _pickles(out: Path, add: Callable[..., None]) -> None:
 BUILDERS = (_names, _nesting, _hidden, _memory, _time, _non_files, _lora_factors, _printed, _deep_tree, _pickles)
 
 
-def build(out: Path) -> list[Case]:
-    """Write the corpus under ``out`` (which must not exist) and return its cases."""
+def build(out: Path, builders: tuple[Callable[..., None], ...] = BUILDERS) -> list[Case]:
+    """Write the corpus (or the classes ``builders`` make) under ``out``, which must
+    not exist, and return its cases."""
     out.mkdir(parents=True)
     good_weights(out / "good.safetensors")
     cases: list[Case] = []
@@ -437,7 +438,7 @@ def build(out: Path) -> list[Case]:
         bad = 0 if expect == "ok" else len(paths)
         cases.append(Case(name, kind, [str(p) for p in paths], expect, command, notes, bad))
 
-    for builder in BUILDERS:
+    for builder in builders:
         sub = out / builder.__name__.strip("_")
         sub.mkdir()
         builder(sub, add)
@@ -468,3 +469,22 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def remove_tree(top: Path) -> None:
+    """Remove a folder tree of any depth (shutil.rmtree recurses, so it cannot)."""
+    stack = [str(top)]
+    while stack:
+        current = stack[-1]
+        subdirs = []
+        with os.scandir(current) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=False):
+                    subdirs.append(entry.path)
+                else:
+                    os.unlink(entry.path)
+        if subdirs:
+            stack.extend(subdirs)
+        else:
+            os.rmdir(current)
+            stack.pop()
