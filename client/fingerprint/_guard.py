@@ -14,8 +14,8 @@ memory alive for as long as the result is kept.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import TypeVar
 
 from modelhash.errors import (
@@ -30,7 +30,7 @@ __all__ = ["as_error", "guarded"]
 T = TypeVar("T")
 
 
-def guarded(path: Path | str, fn: Callable[[], T]) -> T:
+def guarded(path: str | os.PathLike[str], fn: Callable[[], T]) -> T:
     """Run ``fn``; any exception comes out as a bare ModelhashError naming ``path``."""
     try:
         return fn()
@@ -39,8 +39,9 @@ def guarded(path: Path | str, fn: Callable[[], T]) -> T:
     raise err  # outside the except block: no __context__ back to the failure
 
 
-def as_error(path: Path | str, exc: BaseException) -> ModelhashError:
+def as_error(path: str | os.PathLike[str], exc: BaseException) -> ModelhashError:
     """``exc`` as the one-line error of ``path``, stripped of frames and chains."""
+    path = os.fspath(path)
     if isinstance(exc, ModelhashError):
         err = exc
     elif isinstance(exc, MemoryError):

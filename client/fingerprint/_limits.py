@@ -79,7 +79,7 @@ MAX_MATERIALIZED = 256 * 1024 * 1024
 
 MAX_SKETCH_SIDE = 2**21
 """m + n of a matrix the sketch layer projects: its sign matrices take 64·(m+n) bytes."""
-MAX_SKETCH_CACHE_BYTES = 256 * 1024 * 1024
+MAX_SKETCH_CACHE_BYTES = 128 * 1024 * 1024
 """Sign matrices kept between tensors of the same shape."""
 MAX_SKETCH_WORK = 10**10
 """Multiply-adds to sketch one adapter module from its factors (seconds, at worst)."""
@@ -197,9 +197,10 @@ def check_json(
 
     Counted on the text outside its strings, before ``json`` builds anything, a
     bounded chunk at a time: every value (or key) but the first follows a comma or
-    opens a container, so one plus their count bounds what ``json`` would build. Escaped backslashes and quotes are dropped first, so every quote
-    left opens or closes a string (a backslash outside a string is invalid JSON,
-    which ``json`` refuses at that point, before building what follows).
+    opens a container, so one plus their count bounds what ``json`` would build.
+    Escaped backslashes and quotes are dropped first, so every quote left opens or
+    closes a string (a backslash outside a string is invalid JSON, which ``json``
+    refuses at that point, before building what follows).
     """
     text = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
     values = 1

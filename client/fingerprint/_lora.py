@@ -381,8 +381,8 @@ def _lokr(
     work = K * (i1 * j1 * c + j1 * c * d + K * j1 * d)
     if m + n > MAX_SKETCH_SIDE or work > MAX_SKETCH_WORK:
         return TOO_LARGE
-    a, bt = projections(m, n)
-    sketch = _lokr_blocks(a, bt, w1, w2)
+    signs, bt = projections(m, n)
+    sketch = _lokr_blocks(signs, bt, w1, w2)
     scale = _scale(group, arrays, configs, rank)
     return TensorSketch(group.key, mn, sketch * (scale / math.sqrt(m * n)))
 

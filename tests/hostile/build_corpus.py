@@ -22,7 +22,6 @@ import os
 import pickle
 import struct
 import sys
-import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -389,7 +388,6 @@ def _deep_tree(out: Path, add: Callable[..., None]) -> None:
 
 
 def _pickles(out: Path, add: Callable[..., None]) -> None:
-    payload = glob("os", "system")
     cmd = text("touch /tmp/modelhash-hostile-PWNED")
     # STACK_GLOBAL after pushing junk that POP removes: the scan must not desync.
     sg = text("os") + text("system") + text("junk") + b"0" + b"\x93"

@@ -126,9 +126,9 @@ def follow(
                 module, _, attr = arg.partition(" ")
                 flow.names[canonical(module, attr)] = None
             elif name == "STACK_GLOBAL" and len(popped) == 2:
-                module, attr = (st.text.get(i) for i in popped)
-                if module is not None and attr is not None:
-                    flow.names[canonical(module, attr)] = None
+                mod, att = (st.text.get(i) for i in popped)
+                if mod is not None and att is not None:
+                    flow.names[canonical(mod, att)] = None
             elif name in _EXT_OPS and isinstance(arg, int):
                 flow.names[".".join(extension(arg))] = None
             deepest = _push(st, op, popped, arg)

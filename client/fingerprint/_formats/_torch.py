@@ -164,8 +164,8 @@ def _parse_zip(path: Path, size: int, fh: BinaryIO) -> ParsedFile:
             blobs[key] = Blob(info.file_size, offset=starts[info.filename])
         else:
             inflated += info.file_size
-            member = InflatedMember(path, info.filename, info.file_size)
-            blobs[key] = Blob(info.file_size, member=member)
+            inflater = InflatedMember(path, info.filename, info.file_size)
+            blobs[key] = Blob(info.file_size, member=inflater)
     if inflated > MAX_INFLATED:
         raise ResourceLimitError(path, f"compressed storages inflate to {inflated} bytes")
     tensors, notes = state_records(path, obj, blobs, big_endian=big_endian)
