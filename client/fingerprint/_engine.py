@@ -130,9 +130,13 @@ def _fingerprint_unit(
 ) -> Outcome:
     out = Outcome(path=str(unit.path))
     parsed: list[tuple[str, ParsedFile]] = []
+    total = 0
     try:
         for prefix, f in unit.files:
-            parsed.append((prefix, parse_file(f)))
+            pf = parse_file(f)
+            total += len(pf.tensors)
+            check_tensor_count(f, total, MAX_TENSORS_PER_MODEL)  # before the next shard
+            parsed.append((prefix, pf))
     except ModelhashError as exc:
         out.error = exc
         # Still hash the file that failed: its exact bytes are a useful signal.
@@ -212,9 +216,6 @@ def _assemble(
     chunk: int,
     layers: Layers,
 ) -> ModelFingerprint:
-    check_tensor_count(
-        unit.path, sum(len(pf.tensors) for _, pf in parsed), MAX_TENSORS_PER_MODEL
-    )
     tensors: list[TensorDigest] = []
     notes = list(unit.notes)
     metadata: dict[str, str] = dict(parsed[0][1].metadata) if len(parsed) == 1 else {}
