@@ -192,6 +192,16 @@ def _memory(out: Path, add: Callable[..., None]) -> None:
     infos = [(f"t{i}".encode(), [0], 0, 0) for i in range(100_000)]
     p.write_bytes(gguf(infos, b""))
     add("GGUF with 100,000 empty tensors (the limit)", "memory", [p], expect="ok")
+    p = out / "limit-values.safetensors"
+    entry = b'"t%d":{"dtype":"F32","shape":[1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1],"data_offsets":[%d,%d]}'
+    header = b"{" + b",".join(entry % (i, 4 * i, 4 * i + 4) for i in range(100_000)) + b"}"
+    p.write_bytes(safetensors(header, f32(100_000)))
+    add("safetensors: 100,000 tensors of 16 dims (2.2M JSON values, near the limit)", "memory",
+        [p], expect="ok")
+    p = torch_zip(out / "opcodes.pt", proto(2) + b"](" + b"}" * 3_900_000 + b"e" + STOP, {})
+    add("pickle of 3.9M empty dicts (just under the opcode limit)", "memory", [p])
+    p = torch_zip(out / "bigpickle.pt", proto(3) + binbytes(b"z" * 60_000_000) + STOP, {})
+    add("data.pkl of 60 MB (just under the pickle size limit)", "memory", [p])
     for label, cols in (("too wide to sketch", 9_728_000), ("just inside the sketch limit", 2_000_000)):
         p = out / f"wide-{cols}.gguf"
         p.write_bytes(gguf([("wide.weight", [cols, 2], 2, 0)], bytes(2 * cols // 32 * 18)))

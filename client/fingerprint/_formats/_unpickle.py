@@ -485,27 +485,25 @@ def scan(data: bytes, path: Path, where: str) -> Scan:
     Raises ScanError if the pickle is broken or does not end inside ``data``, and
     ResourceLimitError for memo and size bombs.
     """
-    flow = follow(data, MAX_NESTING, _extension, canonical_global)
-    if flow.too_deep:
+    flow = follow(
+        data,
+        max_depth=MAX_NESTING,
+        max_opcodes=MAX_OPCODES,
+        memo_slack=_MEMO_SLACK,
+        extension=_extension,
+        canonical=canonical_global,
+    )
+    if flow.stopped == "depth":
         raise MalformedFileError(path, f"{where}: pickle values nested deeper than {MAX_NESTING}")
-    refused = [printable(n, 200) for n in flow.names if n not in ALLOWED]
-    memo = 0
-    extensions = 0
-    stream = io.BytesIO(data)
-    try:
-        for count, (op, arg, _) in enumerate(pickletools.genops(stream)):
-            if count >= MAX_OPCODES:
-                raise ResourceLimitError(path, f"{where}: more than {MAX_OPCODES} pickle opcodes")
-            if op.name in _PUT_OPS:
-                if isinstance(arg, int) and arg > memo + _MEMO_SLACK:
-                    raise ResourceLimitError(path, f"{where}: pickle memo index {arg} out of range")
-                memo += 1
-            elif op.name in _EXT_OPS:
-                extensions += 1
-    except (ValueError, UnicodeDecodeError) as exc:
-        truncated = stream.tell() >= len(data)
-        raise ScanError(one_line(exc), truncated=truncated, refused=refused) from None
-    end = stream.tell()
+    if flow.stopped == "opcodes":
+        raise ResourceLimitError(path, f"{where}: more than {MAX_OPCODES} pickle opcodes")
+    if flow.stopped == "memo":
+        raise ResourceLimitError(path, f"{where}: pickle memo index out of range")
+    if flow.broken is not None:
+        refused = [printable(n, 200) for n in flow.names if n not in ALLOWED]
+        raise ScanError(flow.broken, truncated=flow.truncated, refused=refused)
+    extensions = flow.extensions
+    end = flow.end
     body = data[:end]
     if extensions:
         body = _rewrite_extensions(body)
