@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import hashlib
 import io
-import json
 import os
 import struct
 import tempfile
@@ -35,6 +34,7 @@ from modelhash.fingerprint import FileHashes, ModelFingerprint, Outcome, TensorD
 from modelhash.fingerprint._content import canonical_names, content_digest
 from modelhash.fingerprint._describe import describe
 from modelhash.fingerprint._formats._safetensors import MAX_HEADER, SafetensorsReader
+from modelhash.fingerprint._limits import load_json
 from modelhash.fingerprint._pass import SpanHasher
 
 __all__ = ["StreamFingerprinter"]
@@ -90,7 +90,7 @@ class _FileHasher:
 def _claimed_size(header: bytes, n: int) -> int:
     """The file size a safetensors header implies; 8 + n when it cannot say."""
     try:
-        entries = json.loads(header)
+        entries = load_json("upload", header, "safetensors header", max_depth=3)  # bounded
         ends = [v["data_offsets"][1] for k, v in entries.items() if k != "__metadata__"]
         end = max(ends, default=0)
         return 8 + n + end if isinstance(end, int) and end >= 0 else 8 + n
