@@ -32,6 +32,7 @@ __all__ = [
     "MAX_NAME_BYTES",
     "MAX_PICKLE_OBJECT_BYTES",
     "MAX_SIDECAR_BYTES",
+    "MAX_SKETCHED",
     "MAX_SKETCH_CACHE_BYTES",
     "MAX_SKETCH_SIDE",
     "MAX_SKETCH_WORK",
@@ -81,6 +82,8 @@ MAX_SKETCH_SIDE = 2**21
 """m + n of a matrix the sketch layer projects: its sign matrices take 64·(m+n) bytes."""
 MAX_SKETCH_CACHE_BYTES = 128 * 1024 * 1024
 """Sign matrices kept between tensors of the same shape."""
+MAX_SKETCHED = 65_536
+"""Matrices sketched per model (2 KiB each); the largest MoE models have ~45,000."""
 MAX_SKETCH_WORK = 10**10
 """Multiply-adds to sketch one adapter module from its factors (seconds, at worst)."""
 

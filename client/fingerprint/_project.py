@@ -190,7 +190,7 @@ class SketchJob:
     length: int
     decoder: Decoder
     shape: tuple[int, int]
-    acc: F64 = field(default_factory=lambda: np.zeros((K, K)))
+    acc: F64 | None = None  # made at the first row: a job waiting for its bytes holds none
     rows_done: int = 0
     pending: bytearray = field(default_factory=bytearray)
 
@@ -222,22 +222,27 @@ class SketchJob:
         rb = self.row_bytes
         rows = len(raw) // rb
         step = max(1, BLOCK_ELEMENTS // n)
+        if self.acc is None:
+            self.acc = np.zeros((K, K))
+        acc = self.acc
         # Blocks small enough to stay in cache between decoding and projecting.
         # Hostile or corrupt bytes may decode to inf/NaN; result() rejects those.
         with np.errstate(all="ignore"):
             for i in range(0, rows, step):
                 j = min(rows, i + step)
                 x = self.decoder.fn(np.frombuffer(raw[i * rb : j * rb], dtype=np.uint8))
-                self.acc += a[:, r0 + i : r0 + j] @ (x.reshape(-1, n) @ bt)
+                acc += a[:, r0 + i : r0 + j] @ (x.reshape(-1, n) @ bt)
         self.rows_done += rows
 
     def result(self) -> F64 | None:
         """The finished sketch, or None if rows are missing or a value is not finite."""
         if self.rows_done != self.shape[0] or self.pending:
             return None
-        if not np.all(np.isfinite(self.acc)):
+        if self.acc is None or not np.all(np.isfinite(self.acc)):
             return None
-        out: F64 = self.acc / math.sqrt(self.shape[0] * self.shape[1])
+        out: F64 = self.acc
+        self.acc = None  # the result takes the accumulator over: no second copy
+        out /= math.sqrt(self.shape[0] * self.shape[1])
         return out
 
 

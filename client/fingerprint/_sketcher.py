@@ -21,7 +21,7 @@ import numpy as np
 from modelhash.errors import MalformedFileError, ModelhashError, ResourceLimitError
 from modelhash.fingerprint._dequant import DECODERS
 from modelhash.fingerprint._keys import module_key, tensor_module
-from modelhash.fingerprint._limits import open_regular, read_sidecar
+from modelhash.fingerprint._limits import MAX_SKETCHED, open_regular, read_sidecar
 from modelhash.fingerprint._lora import (
     MAX_CONFIG_BYTES,
     TOO_LARGE,
@@ -67,6 +67,9 @@ class Sketcher:
             if isinstance(plan, str):
                 if plan != "shape":
                     self.skipped[plan] += 1
+                continue
+            if len(self.tensors) + len(self._jobs) + len(self._later) >= MAX_SKETCHED:
+                self.skipped[f"past {MAX_SKETCHED:,} matrices"] += 1
                 continue
             key = module_key(prefix + tensor_module(name))
             if t.span is None:

@@ -198,6 +198,12 @@ def _memory(out: Path, add: Callable[..., None]) -> None:
     p.write_bytes(safetensors(header, f32(100_000)))
     add("safetensors: 100,000 tensors of 16 dims (2.2M JSON values, near the limit)", "memory",
         [p], expect="ok")
+    p = out / "limit-sketched.safetensors"
+    entry = b'"t%d.weight":{"dtype":"F32","shape":[16,16],"data_offsets":[%d,%d]}'
+    n = 100_000
+    header = b"{" + b",".join(entry % (i, 1024 * i, 1024 * i + 1024) for i in range(n)) + b"}"
+    p.write_bytes(safetensors(header, f32(256 * n)))
+    add("safetensors: 100,000 sketchable 16 x 16 matrices (100 MB)", "memory", [p], expect="ok")
     p = torch_zip(out / "opcodes.pt", proto(2) + b"](" + b"}" * 3_900_000 + b"e" + STOP, {})
     add("pickle of 3.9M empty dicts (just under the opcode limit)", "memory", [p])
     p = torch_zip(out / "bigpickle.pt", proto(3) + binbytes(b"z" * 60_000_000) + STOP, {})
