@@ -281,6 +281,16 @@ def _time(out: Path, add: Callable[..., None]) -> None:
     add("6,000 one-byte tensors of one deflated storage", "time", [p], expect="ok")
 
 
+    p = out / "vocab.gguf"
+    count = 3_900_000
+    kv = b"".join([gguf_str("tokenizer.list"), struct.pack("<IIQ", 9, 8, count)]
+                  + [gguf_str("a")] * count)
+    head = b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + kv
+    head += gguf_str("w") + struct.pack("<IQQIQ", 2, 16, 16, 0, 0)
+    p.write_bytes(head + b"\0" * (-len(head) % 32) + f32(256))
+    add("GGUF array of 3.9M strings (just under the item limit)", "time", [p], expect="ok")
+
+
 def _non_files(out: Path, add: Callable[..., None]) -> None:
     fifo = out / "fifo.safetensors"
     os.mkfifo(fifo)

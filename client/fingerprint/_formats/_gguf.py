@@ -36,9 +36,9 @@ MAX_TENSORS = MAX_TENSORS_PER_FILE
 MAX_DIMS = 8
 MAX_NAME = 1024 * 1024
 MAX_ARRAY_DEPTH = 8
-# Strings and nested arrays visited while skipping KV values; real vocabularies and
-# merge lists stay well under a million.
-MAX_ITEMS = 16_000_000
+# Strings and nested arrays visited while skipping KV values (each a Python step);
+# real vocabularies and merge lists stay well under a million.
+MAX_ITEMS = 4_000_000
 MAX_METADATA_ENTRIES = 256
 MAX_METADATA_VALUE = 4096
 CHUNK = 1024 * 1024
