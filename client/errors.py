@@ -28,7 +28,9 @@ The tree::
         └── HubError                  the Hugging Face Hub could not be reached or failed
 
 Only the CLI prints errors or exits; library code raises these with enough context
-(the path, the offending globals) for the caller to decide.
+(the path, the offending globals) for the caller to decide. ``diagnostics()`` and
+``printable`` escape control characters, so a hostile file or tensor name always
+prints as one line.
 """
 
 from __future__ import annotations
