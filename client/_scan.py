@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from modelhash._calls import Checkable, file_map, with_sketch
+from modelhash.errors import ModelhashError
 from modelhash.fingerprint import Layers, Outcome, Progress, fingerprint_path
+from modelhash.fingerprint._guard import as_error, guarded
+from modelhash.fingerprint._limits import MAX_TREE_ENTRIES
 from modelhash.wire import CheckResult, Match
 
 __all__ = [
@@ -107,15 +110,36 @@ def _is_model_folder(folder: Path) -> bool:
     return any(folder.glob("*.safetensors.index.json")) or any(folder.glob("*.bin.index.json"))
 
 
-def _walk(folder: Path) -> list[Path]:
-    try:
-        entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-    except OSError:
-        return [folder]  # fingerprint_path reports why it cannot be listed
-    out = [p for p in entries if p.suffix.lower() in _WEIGHT_SUFFIXES and p.is_file()]
-    for sub in entries:
-        if sub.is_dir() and not sub.is_symlink():
-            out.extend([sub] if _is_model_folder(sub) else _walk(sub))
+def _walk(top: Path) -> list[Path]:
+    """Weight files and model folders below ``top``, depth-first in name order.
+
+    Iterative, so a tree thousands of levels deep is walked like a shallow one; at
+    most MAX_TREE_ENTRIES entries are visited (the rest are not walked).
+    """
+    out: list[Path] = []
+    budget = MAX_TREE_ENTRIES
+    # Each stack item is a folder still to list, or a path already found.
+    stack: list[tuple[Path, bool]] = [(top, False)]
+    while stack:
+        folder, found = stack.pop()
+        if found:
+            out.append(folder)
+            continue
+        try:
+            entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+        except OSError:
+            out.append(folder)  # fingerprint_path reports why it cannot be listed
+            continue
+        budget -= len(entries)
+        if budget < 0:
+            break
+        later: list[tuple[Path, bool]] = [
+            (p, True) for p in entries if p.suffix.lower() in _WEIGHT_SUFFIXES and p.is_file()
+        ]
+        for sub in entries:
+            if sub.is_dir() and not sub.is_symlink():
+                later.append((sub, _is_model_folder(sub)))
+        stack.extend(reversed(later))
     return out
 
 
@@ -140,12 +164,31 @@ def expand(paths: Sequence[str | os.PathLike[str]], *, recursive: bool = False) 
 
 
 def _size(path: Path) -> int:
+    """Bytes under ``path``, for the progress total: regular files only, bounded walk."""
+    total = 0
+    stack = [path]
+    seen = 0
+    while stack and seen < MAX_TREE_ENTRIES:
+        p = stack.pop()
+        seen += 1
+        try:
+            if p.is_symlink() and p != path:
+                continue
+            if p.is_file():
+                total += p.stat().st_size
+            elif p.is_dir():
+                stack.extend(p.iterdir())
+        except OSError:
+            continue
+    return total
+
+
+def _fingerprint_one(path: Path, layers: Layers, progress: Progress | None) -> list[Outcome]:
+    """One path's outcomes; whatever goes wrong is that path's error, never the run's."""
     try:
-        if path.is_file():
-            return path.stat().st_size
-        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    except OSError:
-        return 0
+        return guarded(path, lambda: fingerprint_for_check(path, layers=layers, progress=progress))
+    except ModelhashError as exc:
+        return [Outcome(path=str(path), error=as_error(path, exc))]
 
 
 def fingerprint_all(
@@ -166,11 +209,9 @@ def fingerprint_all(
     feed = _Feed(progress) if progress is not None else None
     try:
         if workers <= 1 or len(paths) <= 1:
-            return [fingerprint_for_check(p, layers=layers, progress=feed) for p in paths]
+            return [_fingerprint_one(p, layers, feed) for p in paths]
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="modelhash") as pool:
-            return list(pool.map(
-                lambda p: fingerprint_for_check(p, layers=layers, progress=feed), paths
-            ))
+            return list(pool.map(lambda p: _fingerprint_one(p, layers, feed), paths))
     finally:
         if progress is not None:
             progress.finish()

@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import dataclasses
 import io
-import json
 import os
 import queue
 import shutil
@@ -36,6 +35,7 @@ from modelhash.errors import InputError, MalformedFileError, ModelhashError, Upl
 from modelhash.fingerprint import Layers, Outcome, fingerprint_path
 from modelhash.fingerprint._engine import fingerprint_source, hash_source
 from modelhash.fingerprint._formats._safetensors import MAX_HEADER, SafetensorsReader
+from modelhash.fingerprint._limits import load_json
 from modelhash.fingerprint._pass import ChunkSource, Source
 
 __all__ = [
@@ -130,7 +130,7 @@ class _Prefixed:
 def _claimed_size(header: bytes, n: int) -> int:
     """The file size a safetensors header implies; 8 + n when it cannot say."""
     try:
-        entries = json.loads(header)
+        entries = load_json("upload", header, "safetensors header", max_depth=3)  # bounded
         ends = [v["data_offsets"][1] for k, v in entries.items() if k != "__metadata__"]
         end = max(ends, default=0)
         return 8 + n + end if isinstance(end, int) and end >= 0 else 8 + n

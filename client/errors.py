@@ -7,7 +7,8 @@ The tree::
     │   ├── InvalidHashError        a hash string that parses as no known algorithm
     │   ├── UnsupportedFormatError  a file or folder that is no weight format we read
     │   ├── MalformedFileError      a weight file whose structure is broken or inconsistent
-    │   │   └── ResourceLimitError  a file that asks for more than the reader allows
+    │   │   ├── ResourceLimitError  a file that asks for more than the reader allows
+    │   │   └── InternalReadError   an unexpected failure while reading one file (a bug)
     │   ├── UnsafeFileError         a pickle that references code; carries the globals
     │   ├── UploadTooLargeError     an upload stream longer than the caller allows
     │   └── HubNotFoundError        no such Hugging Face repo, revision or file (or gated)
@@ -27,7 +28,9 @@ The tree::
         └── HubError                  the Hugging Face Hub could not be reached or failed
 
 Only the CLI prints errors or exits; library code raises these with enough context
-(the path, the offending globals) for the caller to decide.
+(the path, the offending globals) for the caller to decide. ``diagnostics()`` and
+``printable`` escape control characters, so a hostile file or tensor name always
+prints as one line.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ __all__ = [
     "HubError",
     "HubNotFoundError",
     "InputError",
+    "InternalReadError",
     "InvalidHashError",
     "MalformedFileError",
     "MirrorError",
@@ -58,7 +62,30 @@ __all__ = [
     "UnsafeFileError",
     "UnsupportedFormatError",
     "UploadTooLargeError",
+    "printable",
 ]
+
+
+def printable(text: str, limit: int | None = None) -> str:
+    """``text`` safe to print on one line: control characters, lone surrogates and
+    other unprintable characters escaped (``\\n``, ``\\x1b``, ``\\ud800``), and at most
+    ``limit`` characters long if given.
+
+    File and tensor names come from the files being checked, so a name could
+    otherwise end a line early or send a terminal escape sequence.
+    """
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else _escape(c) for c in text)
+    if limit is not None and len(text) > limit:
+        text = text[: max(0, limit - 3)] + "..."
+    return text
+
+
+def _escape(c: str) -> str:
+    code = ord(c)
+    if code < 0x100:
+        return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(c, f"\\x{code:02x}")
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 class ModelhashError(Exception):
@@ -68,8 +95,8 @@ class ModelhashError(Exception):
     kind: ClassVar[str] = "error"
 
     def diagnostics(self) -> str:
-        """One line for a human: what went wrong and with what."""
-        return str(self)
+        """One line for a human: what went wrong and with what, unprintables escaped."""
+        return printable(str(self))
 
     def to_json(self) -> dict[str, Any]:
         """The one JSON shape of an error: ``message``, ``kind``, then fields of its own."""
@@ -117,6 +144,14 @@ class ResourceLimitError(MalformedFileError):
     """A file asks for more memory or work than the reader allows."""
 
     kind = "limit"
+
+
+class InternalReadError(_FileError):
+    """Reading one file failed in a way the readers did not expect: a bug in modelhash.
+
+    Raised by the per-file boundary in place of whatever escaped, so that one file's
+    failure is that file's one-line error and never costs the results of the others.
+    """
 
 
 class UnsafeFileError(InputError):

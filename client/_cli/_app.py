@@ -18,7 +18,7 @@ import click
 
 from modelhash import __version__
 from modelhash._cli._exit import Exit
-from modelhash.errors import InputError, ModelhashError, RegistryError
+from modelhash.errors import InputError, ModelhashError, RegistryError, printable
 
 T = TypeVar("T")
 
@@ -73,9 +73,7 @@ class CommandError(Exception):
 
 def safe_text(text: str) -> str:
     """``text`` with control characters escaped, so a hostile name prints as one line."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return printable(text)
 
 
 def exit_code_for(exc: ModelhashError) -> Exit:

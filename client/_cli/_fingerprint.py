@@ -75,7 +75,7 @@ def _print_human(o: Outcome) -> None:
         click.echo(f"  sketch        {sk.algorithm}, {sk.kind}, {len(sk)} tensors, "
                    f"{len(sk.to_bytes()):,} bytes")
     for note in fp.notes:
-        click.echo(f"  note          {note}")
+        click.echo(f"  note          {safe_text(note)}")
 
 
 @click.command()

@@ -24,6 +24,8 @@ from modelhash.fingerprint._content import canonical_names, content_digest
 from modelhash.fingerprint._describe import describe
 from modelhash.fingerprint._folder import Unit, resolve
 from modelhash.fingerprint._formats import parse_file
+from modelhash.fingerprint._guard import as_error, guarded
+from modelhash.fingerprint._limits import MAX_TENSORS_PER_MODEL, check_tensor_count, open_regular
 from modelhash.fingerprint._model import ParsedFile, TensorRecord
 from modelhash.fingerprint._pass import (
     CHUNK,
@@ -134,11 +136,15 @@ def fingerprint_path(
 ) -> list[Outcome]:
     """Fingerprint every model at ``path``; errors are returned, never raised."""
     outcomes: list[Outcome] = []
-    for unit in resolve(Path(path)):
+    try:
+        units = guarded(path, lambda: resolve(Path(path)))
+    except ModelhashError as exc:
+        return [Outcome(path=str(path), error=as_error(path, exc))]
+    for unit in units:
         if isinstance(unit, ModelhashError):
             outcomes.append(Outcome(path=unit.path, error=unit))
             continue
-        outcomes.append(_fingerprint_unit(unit, progress, chunk, layers))
+        outcomes.append(_guarded_unit(unit, progress, chunk, layers))
     return outcomes
 
 
@@ -164,9 +170,11 @@ def fingerprint_source(
     out = Outcome(path=name)
     part = _Part("", pf, name, source=source, verify=verify)
     try:
-        out.fingerprint = _assemble(unit, [part], out, progress, chunk, layers)
+        out.fingerprint = guarded(
+            name, lambda: _assemble(unit, [part], out, progress, chunk, layers)
+        )
     except ModelhashError as exc:
-        out.error = exc
+        out.error = as_error(name, exc)
     return out
 
 
@@ -179,31 +187,49 @@ def hash_source(
     return finish()
 
 
+def _guarded_unit(unit: Unit, progress: Progress | None, chunk: int, layers: Layers) -> Outcome:
+    """The per-file boundary: nothing that goes wrong with one model escapes it."""
+    try:
+        out = guarded(unit.path, lambda: _fingerprint_unit(unit, progress, chunk, layers))
+    except ModelhashError as exc:
+        return Outcome(path=str(unit.path), error=as_error(unit.path, exc))
+    if out.error is not None:  # kept with the result: drop the frames it was raised in
+        out.error = as_error(unit.path, out.error)
+    return out
+
+
 def _fingerprint_unit(
     unit: Unit, progress: Progress | None, chunk: int, layers: Layers
 ) -> Outcome:
     out = Outcome(path=str(unit.path))
     parsed: list[tuple[str, ParsedFile]] = []
+    total = 0
     try:
         for prefix, f in unit.files:
-            parsed.append((prefix, parse_file(f)))
+            pf = parse_file(f)
+            total += len(pf.tensors)
+            check_tensor_count(f, total, MAX_TENSORS_PER_MODEL)  # before the next shard
+            parsed.append((prefix, pf))
     except ModelhashError as exc:
         out.error = exc
         # Still hash the file that failed: its exact bytes are a useful signal.
         failed = unit.files[len(parsed)][1]
-        with contextlib.suppress(ModelhashError, OSError):
-            out.files.append(_hash_file_only(failed, progress, chunk))
+        with contextlib.suppress(ModelhashError):
+            out.files.append(guarded(failed, lambda: _hash_file_only(failed, progress, chunk)))
         return out
     parts = [_Part(prefix, pf, str(pf.path), folder=pf.path.parent) for prefix, pf in parsed]
     try:
-        out.fingerprint = _assemble(unit, parts, out, progress, chunk, layers)
+        out.fingerprint = guarded(
+            unit.path, lambda: _assemble(unit, parts, out, progress, chunk, layers)
+        )
     except ModelhashError as exc:
         out.error = exc
     return out
 
 
 def _hash_file_only(path: Path, progress: Progress | None, chunk: int) -> FileHashes:
-    size = path.stat().st_size
+    fh, size = open_regular(path)  # never a FIFO or device
+    fh.close()
     works, finish = file_layer_work(path, size, None)
     _read(path.name, size, path, works, progress, chunk)
     return finish()

@@ -343,15 +343,17 @@ def file_layer_work(
 class SpanHasher:
     """Work that hashes many byte spans of the file, each with its own BLAKE3.
 
-    Spans may overlap (tensors sharing a storage); each sees exactly its bytes.
+    Spans may overlap (tensors sharing a storage); each sees exactly its bytes. A
+    hasher exists only while its span is being read, so memory follows the spans
+    open at once, not the number of tensors in the file.
     """
 
     def __init__(self, spans: Sequence[tuple[int, int]]) -> None:
         self._order = sorted(range(len(spans)), key=lambda i: spans[i][0])
         self._spans = list(spans)
-        self._hashers = [blake3.blake3() for _ in spans]
+        self._digests: list[str | None] = [None] * len(spans)
         self._next = 0
-        self._active: list[int] = []
+        self._active: list[tuple[int, blake3.blake3]] = []
 
     def __call__(self, off: int, view: memoryview) -> None:
         end = off + len(view)
@@ -359,19 +361,30 @@ class SpanHasher:
             i = self._order[self._next]
             if self._spans[i][0] >= end:
                 break
-            self._active.append(i)
+            self._active.append((i, blake3.blake3()))
             self._next += 1
-        still: list[int] = []
-        for i in self._active:
+        still: list[tuple[int, blake3.blake3]] = []
+        for i, h in self._active:
             start, length = self._spans[i]
             stop = start + length
             lo, hi = max(start, off), min(stop, end)
             if hi > lo:
-                self._hashers[i].update(view[lo - off : hi - off])
+                h.update(view[lo - off : hi - off])
             if stop > end:
-                still.append(i)
+                still.append((i, h))
+            else:
+                self._digests[i] = h.hexdigest()
         self._active = still
 
     def hexdigests(self) -> list[str]:
         """The BLAKE3 of each span, in the order the spans were given."""
-        return [h.hexdigest() for h in self._hashers]
+        for i, h in self._active:
+            self._digests[i] = h.hexdigest()
+        out: list[str] = []
+        for d, (_, length) in zip(self._digests, self._spans, strict=True):
+            if d is None:
+                if length:
+                    raise ValueError("a tensor span was never read")
+                d = blake3.blake3().hexdigest()
+            out.append(d)
+        return out

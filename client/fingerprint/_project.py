@@ -29,7 +29,6 @@ sketched tensor.
 
 from __future__ import annotations
 
-import functools
 import math
 import struct
 import threading
@@ -43,6 +42,7 @@ import numpy as np
 import numpy.typing as npt
 
 from modelhash.fingerprint._dequant import DECODERS, Decoder
+from modelhash.fingerprint._limits import MAX_SKETCH_CACHE_BYTES, MAX_SKETCH_SIDE
 
 __all__ = [
     "MIN_ELEMENTS",
@@ -93,11 +93,31 @@ def _seed(tag: bytes, m: int, n: int) -> bytes:
     return _DOMAIN + tag + struct.pack("<QQQ", K, m, n)
 
 
-def _signs(tag: bytes, m: int, n: int, length: int) -> F32:
-    """K x length random signs, from BLAKE3 XOF output of the seed."""
-    raw = blake3.blake3(_seed(tag, m, n)).digest(length=(K * length + 7) // 8)
-    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")[: K * length]
-    out: F32 = (1.0 - 2.0 * bits.astype(np.float32)).reshape(K, length)
+_SIGN_CHUNK_BITS = 1 << 20
+_COLUMN_BLOCK = 1 << 16
+
+
+def _signs(tag: bytes, m: int, n: int, length: int, *, transposed: bool = False) -> F32:
+    """K x length random signs from BLAKE3 XOF output of the seed (length x K if
+    ``transposed``), generated a bounded chunk of bits at a time."""
+    seed = blake3.blake3(_seed(tag, m, n))
+    out: F32 = np.empty((length, K) if transposed else (K, length), dtype=np.float32)
+    total = K * length
+    for b0 in range(0, total, _SIGN_CHUNK_BITS):
+        b1 = min(total, b0 + _SIGN_CHUNK_BITS)
+        raw = seed.digest(length=(b1 - b0 + 7) // 8, seek=b0 // 8)
+        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+        signs = 1.0 - 2.0 * bits[: b1 - b0].astype(np.float32)
+        if not transposed:
+            out.reshape(-1)[b0:b1] = signs
+            continue
+        # Bit b belongs to row b // length, column b % length of the K x length matrix.
+        pos = b0
+        while pos < b1:
+            k, j = divmod(pos, length)
+            stop = min(b1, (k + 1) * length)
+            out[j : j + stop - pos, k] = signs[pos - b0 : stop - b0]
+            pos = stop
     return out
 
 
@@ -190,25 +210,79 @@ class Projection:
         return self._side(b"cols", c0, c1)
 
 
-@functools.lru_cache(maxsize=128)
+class _Cache:
+    """Sign matrices by shape, kept up to MAX_SKETCH_CACHE_BYTES (least recent first out)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._items: OrderedDict[tuple[int, int], tuple[F32, F32]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, m: int, n: int) -> tuple[F32, F32]:
+        with self._lock:
+            found = self._items.get((m, n))
+            if found is not None:
+                self._items.move_to_end((m, n))
+                return found
+        a = _signs(b"rows", m, n, m)
+        bt = _signs(b"cols", m, n, n, transposed=True)
+        a.flags.writeable = False
+        bt.flags.writeable = False
+        size = a.nbytes + bt.nbytes
+        with self._lock:
+            while self._items and self._bytes + size > self._limit:
+                _, (old_a, old_b) = self._items.popitem(last=False)
+                self._bytes -= old_a.nbytes + old_b.nbytes
+            if size <= self._limit:
+                self._items[(m, n)] = (a, bt)
+                self._bytes += size
+        return a, bt
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+
+_CACHE = _Cache(MAX_SKETCH_CACHE_BYTES)
+
+
 def projections(m: int, n: int) -> tuple[F32, F32]:
     """A (K x m) and Bᵀ (n x K) for matrices of shape (m, n); cached per shape.
 
     For matrices already in memory (an adapter's factors); the read pass uses
     :class:`Projection`, which bounds memory for any shape.
+
+    Only shapes with m + n <= MAX_SKETCH_SIDE are projected (see
+    :func:`decoder_for`), so one pair takes at most 64 * MAX_SKETCH_SIDE bytes.
     """
-    a = _signs(b"rows", m, n, m)
-    bt = np.ascontiguousarray(_signs(b"cols", m, n, n).T)
-    a.flags.writeable = False
-    bt.flags.writeable = False
-    return a, bt
+    if m + n > MAX_SKETCH_SIDE:
+        raise ValueError(f"matrix {m} x {n} is too large to sketch")
+    return _CACHE.get(m, n)
+
+
+def _left(a: F32, x: F64) -> F64:
+    """``a @ x`` in float64, a bounded block of a's columns at a time."""
+    out: F64 = np.zeros((a.shape[0], x.shape[1]))
+    for i in range(0, a.shape[1], _COLUMN_BLOCK):
+        out += a[:, i : i + _COLUMN_BLOCK].astype(np.float64) @ x[i : i + _COLUMN_BLOCK]
+    return out
+
+
+def _right(x: F64, bt: F32) -> F64:
+    """``x @ bt`` in float64, a bounded block of bt's rows at a time."""
+    out: F64 = np.zeros((x.shape[0], bt.shape[1]))
+    for i in range(0, bt.shape[0], _COLUMN_BLOCK):
+        out += x[:, i : i + _COLUMN_BLOCK] @ bt[i : i + _COLUMN_BLOCK].astype(np.float64)
+    return out
 
 
 def project(w: npt.NDArray[np.floating[Any]]) -> F64:
     """The sketch of one matrix (any float dtype), in float64."""
     m, n = w.shape
     a, bt = projections(m, n)
-    s = a.astype(np.float64) @ (w.astype(np.float64) @ bt.astype(np.float64))
+    s = _left(a, _right(w.astype(np.float64), bt))
     out: F64 = s / math.sqrt(m * n)
     return out
 
@@ -217,7 +291,7 @@ def project_factors(up: F64, down: F64, scale: float) -> F64:
     """The sketch of ``scale * up @ down`` without forming the product."""
     m, n = up.shape[0], down.shape[1]
     a, bt = projections(m, n)
-    s = (a.astype(np.float64) @ up) @ (down @ bt.astype(np.float64))
+    s = _left(a, up) @ _right(down, bt)
     out: F64 = s * (scale / math.sqrt(m * n))
     return out
 
@@ -411,6 +485,8 @@ def decoder_for(dtype: str, shape: Sequence[int]) -> tuple[Decoder, tuple[int, i
     mn = matrix_shape(shape)
     if mn is None:
         return "shape"
+    if mn[0] + mn[1] > MAX_SKETCH_SIDE:
+        return "too large to sketch"
     dec = DECODERS.get(dtype)
     if dec is None:
         return dtype

@@ -4,7 +4,8 @@
 :class:`~modelhash.fingerprint._pass.Work` item for it. A checkpoint's eligible
 tensors are projected as their bytes stream by (see
 :class:`~modelhash.fingerprint._project.SketchWork`); an adapter's factor tensors are
-small, so their bytes are kept and each module's delta is sketched after the pass.
+read back one module at a time after the pass (from the page cache, for a file
+just read), so memory holds one module's factors, never the whole adapter.
 Tensors whose bytes are not one span of the file are decoded from their
 ``materialize`` stream afterwards. Whatever is skipped is counted in notes.
 """
@@ -18,11 +19,19 @@ from pathlib import Path
 
 import numpy as np
 
-from modelhash.errors import MalformedFileError, ResourceLimitError
+from modelhash.errors import MalformedFileError, ModelhashError, ResourceLimitError
 from modelhash.fingerprint._dequant import DECODERS
 from modelhash.fingerprint._keys import module_key, tensor_module
-from modelhash.fingerprint._lora import adapter_configs, group_lora, sketch_group
-from modelhash.fingerprint._model import ParsedFile, TensorRecord
+from modelhash.fingerprint._limits import MAX_SKETCHED, open_regular, read_sidecar
+from modelhash.fingerprint._lora import (
+    MAX_CONFIG_BYTES,
+    TOO_LARGE,
+    FactorError,
+    adapter_configs,
+    group_lora,
+    sketch_group,
+)
+from modelhash.fingerprint._model import ParsedFile, TensorRecord, numel
 from modelhash.fingerprint._pass import Work
 from modelhash.fingerprint._project import SketchJob, SketchWork, decoder_for, merged
 from modelhash.fingerprint._sketch import Sketch, TensorSketch
@@ -31,11 +40,13 @@ __all__ = ["MAX_ADAPTER_BYTES", "Sketcher"]
 
 MAX_ADAPTER_BYTES = 4 * 1024**3
 MAX_STRIPES = 8
+MAX_MODULE_ELEMENTS = 32 * 1024 * 1024
+"""Factor elements of one adapter module, decoded as float64 (256 MiB) to sketch it."""
 SIDECAR = "adapter_config.json"
 
 
 class _Collect:
-    """Work that keeps the bytes of some spans of the file (an adapter's factors)."""
+    """Work that keeps the bytes of some spans (a streamed adapter's factors)."""
 
     def __init__(self, spans: Mapping[str, tuple[int, int]]) -> None:
         self.spans = dict(spans)
@@ -59,8 +70,8 @@ class Sketcher:
         self.skipped: Counter[str] = Counter()
         self._jobs: list[tuple[str, list[SketchJob]]] = []
         self._parts: dict[str, tuple[TensorRecord, Path]] = {}
-        self._collectors: list[_Collect] = []
         self._later: list[tuple[str, TensorRecord]] = []
+        self._kept: dict[str, bytearray] = {}
         self._adapter_bytes = 0
         self._sidecar: bytes | None = None
 
@@ -85,6 +96,9 @@ class Sketcher:
             if isinstance(plan, str):
                 if plan != "shape":
                     self.skipped[plan] += 1
+                continue
+            if len(self.tensors) + len(self._jobs) + len(self._later) >= MAX_SKETCHED:
+                self.skipped[f"past {MAX_SKETCHED:,} matrices"] += 1
                 continue
             key = module_key(prefix + tensor_module(name))
             if t.span is None:
@@ -127,12 +141,13 @@ class Sketcher:
     def _adapter_work(
         self, pf: ParsedFile, names: list[str], prefix: str, folder: Path | None
     ) -> Work | None:
+        """Note an adapter's factors; a stream's are kept as they pass, a file's are
+        read back one module at a time after the pass."""
         sidecar = folder / SIDECAR if folder is not None else None
-        if self._sidecar is None and sidecar is not None and sidecar.is_file():
+        if self._sidecar is None and sidecar is not None and sidecar.exists():
             try:
-                if sidecar.stat().st_size <= 1024 * 1024:
-                    self._sidecar = sidecar.read_bytes()
-            except OSError:
+                self._sidecar = read_sidecar(sidecar, MAX_CONFIG_BYTES)
+            except ModelhashError:
                 self._sidecar = None
         spans: dict[str, tuple[int, int]] = {}
         for name, t in zip(names, pf.tensors, strict=True):
@@ -144,13 +159,18 @@ class Sketcher:
                     pf.path, f"adapter tensors exceed {MAX_ADAPTER_BYTES} bytes for sketching"
                 )
             self._parts[prefix + name] = (t, pf.path)
-            if t.span is not None:
+            if folder is None and t.span is not None:  # a stream: its bytes go by once
                 spans[prefix + name] = t.span
         if not spans:
             return None
         collect = _Collect(spans)
-        self._collectors.append(collect)
+        self._kept.update(collect.data)
         return Work(collect, 0.05)
+
+    def _factor_bytes(self, name: str, t: TensorRecord, path: Path) -> bytes | bytearray:
+        """A factor's bytes: kept from a stream, else read back from its file."""
+        kept = self._kept.pop(name, None)
+        return kept if kept is not None else _tensor_bytes(path, t)
 
     def finish(self) -> Sketch:
         """The sketch layer, with a note for whatever was skipped."""
@@ -163,32 +183,48 @@ class Sketcher:
         return Sketch("lora" if self.adapter else "model", self.tensors, notes=notes)
 
     def _finish_adapter(self, notes: list[str]) -> None:
-        data: dict[str, bytes | bytearray] = {}
-        for c in self._collectors:
-            data.update(c.data)
         groups, _ = group_lora(list(self._parts))
         configs = adapter_configs(self.metadata, self._sidecar)
         needs_config = False
         for key, g in groups.items():
-            arrays: dict[str, np.ndarray] = {}
-            for role, name in g.parts.items():
-                t, path = self._parts[name]
-                raw = data.get(name)
-                if raw is None:
-                    raw = b"".join(_materialized(path, t))
-                arrays[role] = _decode(t, raw)
+            parts = {role: self._parts[name] for role, name in g.parts.items()}
+            elements = sum(numel(t.shape) for t, _ in parts.values())
+            if elements > MAX_MODULE_ELEMENTS:
+                self.skipped[TOO_LARGE] += 1
+                continue
+            arrays = {
+                role: _decode(t, self._factor_bytes(g.parts[role], t, path))
+                for role, (t, path) in parts.items()
+            }
             if "alpha" not in arrays and not configs and "down" in arrays:
                 needs_config = True
             if "dora" in arrays:
                 self.skipped["DoRA magnitudes ignored"] += 1
-            with np.errstate(all="ignore"):
-                out = sketch_group(g, arrays, configs)
+            try:
+                with np.errstate(all="ignore"):
+                    out = sketch_group(g, arrays, configs)
+            except FactorError as exc:
+                path = next(iter(parts.values()))[1]
+                raise MalformedFileError(path, f"adapter module {g.module!r}: {exc}") from None
             if isinstance(out, str) or not np.all(np.isfinite(out.values)):
                 self.skipped[out if isinstance(out, str) else "non-finite values"] += 1
             else:
                 self.tensors[key] = out
         if needs_config:
             notes.append("sketch: adapter alpha unknown (no alpha tensors or config); scale 1")
+
+
+def _tensor_bytes(path: Path, t: TensorRecord) -> bytes:
+    """One factor's bytes: read back from its span, or from its materialize stream."""
+    if t.span is None:
+        return b"".join(_materialized(path, t))
+    fh, _ = open_regular(path)
+    with fh:
+        fh.seek(t.span[0])
+        data = fh.read(t.span[1])
+    if len(data) != t.span[1]:
+        raise MalformedFileError(path, f"tensor {t.name!r}: file changed while reading")
+    return data
 
 
 def _decode(t: TensorRecord, raw: bytes | bytearray) -> np.ndarray:
