@@ -136,6 +136,16 @@ class Secrets:
         self._previous: Signer | None = None
         self._range: bytes | None = None
 
+    def check_files(self) -> None:
+        """Load the configured key files now, so a bad one stops the server at start.
+
+        Raises ConfigurationError naming the file; without this, the first export
+        request would find out, long after the operator has walked away.
+        """
+        if self._settings.signing_key_file is not None:
+            self.signer()
+        self.previous_signer()
+
     def signer(self) -> Signer:
         """The export signer, from the key file or the database."""
         with self._lock:

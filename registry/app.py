@@ -81,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.secrets = Secrets(settings, engine)
+    app.state.secrets.check_files()
     app.state.head_revision = head_revision()
     app.state.export_cache = mirror.ExportCache()
 

@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from modelhash.registry._logging import JsonFormatter
 from modelhash.registry._settings import Settings, normalise_database_url
+from modelhash.registry.errors import ConfigurationError
 from tests.utils.registry import auth, flag_body, random_fingerprint
 
 
@@ -164,8 +165,11 @@ def test_the_signing_key_can_come_from_a_file(tmp_path, tmp_sqlite):
     )
     assert served == expected
 
+    # A bad key file stops the server at start, naming the file: it never becomes a
+    # 500 on the first export request.
     path.write_text("not a key")
-    app = create_app(Settings(database_url=tmp_sqlite, signing_key_file=path))
-    with TestClient(app, raise_server_exceptions=False) as c:
-        r = c.get("/v1/export/public-key")
-        assert r.status_code == 500 and "PEM" in r.json()["detail"]
+    with pytest.raises(ConfigurationError, match="PEM"):
+        create_app(Settings(database_url=tmp_sqlite, signing_key_file=path))
+    with pytest.raises(ConfigurationError, match="previous"):
+        create_app(Settings(database_url=tmp_sqlite,
+                            previous_signing_key_file=tmp_path / "previous-missing.pem"))
