@@ -101,6 +101,9 @@ def test_the_wheel_holds_one_top_level_name(wheel: Path) -> None:
         "modelhash/registry/_alembic/env.py",
         "modelhash/registry/_alembic/script.py.mako",
         "modelhash/registry/_alembic/versions/0001_initial.py",
+        "modelhash/registry/ui/templates/base.html",
+        "modelhash/registry/ui/static/vendor/htmx.min.js",
+        "modelhash/registry/ui/static/vendor/swagger-ui-bundle.js",
     ):
         assert needed in names, needed
 
