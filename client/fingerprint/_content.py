@@ -16,28 +16,86 @@ import blake3
 from modelhash.fingerprint._digest import CONTENT_ALGORITHM, Digest
 from modelhash.fingerprint._result import TensorDigest
 
-__all__ = ["WRAPPER_PREFIXES", "canonical_names", "content_digest"]
+__all__ = ["WRAPPER_PREFIXES", "canonical_names", "canonical_unit_names", "content_digest"]
 
 # Prefixes that wrappers add to every key: DataParallel/DDP, torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
+# First words that name a component or an adapter format: a prefix that says
+# *what* the tensors are is kept even when every name shares it.
+_MEANINGFUL = frozenset({
+    "base_model", "cond_stage_model", "conditioner", "diffusion_model", "first_stage_model",
+    "text_encoder", "text_encoder_2", "text_encoder_3", "text_encoders", "transformer",
+    "unet", "vae",
+})
+# Leaf words that name a parameter of one module (``x.weight``, ``x.lora_up.weight``,
+# ``x.alpha``): a prefix followed by these is the module itself, not a wrapper.
+_LEAVES = frozenset({
+    "weight", "bias", "alpha", "scale", "lora_down", "lora_up", "lora_mid", "lora_A",
+    "lora_B", "lora", "lora_linear_layer", "dora_scale", "lora_magnitude_vector",
+    "string_to_param", "string_to_token", "running_mean", "running_var",
+})
+# A prefix is one word followed by a dot; the longest prefix that is also a
+# component prefix (``model.diffusion_model.``) is meaningful as a whole.
+_COMPONENT_HEADS = ("model.diffusion_model.",)
+
 _DOMAIN = b"modelhash/content/v1\x00"
+
+
+def _shared_wrapper(names: Sequence[str]) -> str | None:
+    """The first word every name shares, if it only wraps the model; else None.
+
+    A wrapper (DataParallel's ``module.``, torch.compile's ``_orig_mod.``,
+    Lightning's ``model.``, ``net.``, ``ema.``...) is recognised by what it is
+    not: a component name, an adapter marker, or a module whose parameters follow
+    directly. A real layer that happens to be called ``module`` in one key keeps
+    its name, as only a prefix of *all* names counts.
+    """
+    first, _, _ = names[0].partition(".")
+    prefix = first + "."
+    if not first or first in _MEANINGFUL:
+        return None
+    if not all(n.startswith(prefix) and len(n) > len(prefix) for n in names):
+        return None
+    if prefix in WRAPPER_PREFIXES:
+        return prefix
+    if any(n.startswith(h) for n in names for h in _COMPONENT_HEADS):
+        return None
+    rests = [n[len(prefix) :] for n in names]
+    if all("." not in r or r.partition(".")[0] in _LEAVES for r in rests):
+        return None
+    return prefix
 
 
 def canonical_names(names: Sequence[str]) -> list[str]:
     """Strip wrapper prefixes that every name shares, repeatedly.
 
-    Only prefixes carried by *all* names are removed: a real layer that happens to
-    be called ``module`` in one key must keep its name.
+    :data:`WRAPPER_PREFIXES` always count; any other first word counts when every
+    name shares it and it only wraps the model (see :func:`_shared_wrapper`), so a
+    Lightning checkpoint (``model.``) and the same tensors saved bare agree.
     """
     out = list(names)
-    changed = True
-    while changed and out:
-        changed = False
-        for prefix in WRAPPER_PREFIXES:
-            if all(n.startswith(prefix) and len(n) > len(prefix) for n in out):
-                out = [n[len(prefix) :] for n in out]
-                changed = True
+    while out:
+        prefix = _shared_wrapper(out)
+        if prefix is None:
+            break
+        out = [n[len(prefix) :] for n in out]
+    return out
+
+
+def canonical_unit_names(files: Sequence[Sequence[str]]) -> list[list[str]]:
+    """:func:`canonical_names` over every file of one model at once, split back per file.
+
+    The shards of one checkpoint must agree on what is a wrapper: a shard that
+    happens to hold only ``model.layers.*`` must not lose a prefix that the shard
+    holding ``lm_head`` keeps.
+    """
+    flat = canonical_names([n for names in files for n in names])
+    out: list[list[str]] = []
+    i = 0
+    for names in files:
+        out.append(flat[i : i + len(names)])
+        i += len(names)
     return out
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import blake3
 
 from modelhash.errors import MalformedFileError, ModelhashError, UnsupportedFormatError
-from modelhash.fingerprint._content import canonical_names, content_digest
+from modelhash.fingerprint._content import canonical_unit_names, content_digest
 from modelhash.fingerprint._describe import describe
 from modelhash.fingerprint._folder import Unit, resolve
 from modelhash.fingerprint._formats import parse_file
@@ -196,7 +196,7 @@ def _assemble(
     notes = list(unit.notes)
     metadata: dict[str, str] = dict(parsed[0][1].metadata) if len(parsed) == 1 else {}
     formats: set[str] = set()
-    names = [canonical_names([t.name for t in pf.tensors]) for _, pf in parsed]
+    names = canonical_unit_names([[t.name for t in pf.tensors] for _, pf in parsed])
     model = describe(
         [
             (prefix + n, t.dtype, t.shape)
