@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import blake3
 
 from modelhash.fingerprint._digest import CONTENT_ALGORITHM, Digest
+from modelhash.fingerprint._keys import module_key
 from modelhash.fingerprint._result import TensorDigest
 
 __all__ = ["WRAPPER_PREFIXES", "canonical_names", "canonical_unit_names", "content_digest"]
@@ -47,9 +48,10 @@ def _shared_wrapper(names: Sequence[str]) -> str | None:
 
     A wrapper (DataParallel's ``module.``, torch.compile's ``_orig_mod.``,
     Lightning's ``model.``, ``net.``, ``ema.``...) is recognised by what it is
-    not: a component name, an adapter marker, or a module whose parameters follow
-    directly. A real layer that happens to be called ``module`` in one key keeps
-    its name, as only a prefix of *all* names counts.
+    not: a component name, an adapter marker, a module whose parameters follow
+    directly, a module list, or a single subtree. A real layer that happens to be
+    called ``module`` in one key keeps its name, as only a prefix of *all* names
+    counts.
     """
     first, _, _ = names[0].partition(".")
     prefix = first + "."
@@ -63,6 +65,14 @@ def _shared_wrapper(names: Sequence[str]) -> str | None:
         return None
     rests = [n[len(prefix) :] for n in names]
     if all("." not in r or r.partition(".")[0] in _LEAVES for r in rests):
+        return None
+    heads = {r.partition(".")[0] for r in rests}
+    # A wrapper holds a whole model: several top-level modules, not one module
+    # list (``double_blocks.0``...) or one subtree (a LoRA on ``encoder.layers``
+    # only), and it is not itself a layer the key layer knows.
+    if any(h.isdigit() for h in heads) or module_key(first).partition(":")[0]:
+        return None
+    if len(heads) < 2 and _shared_wrapper(rests) is None:
         return None
     return prefix
 

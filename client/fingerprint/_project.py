@@ -117,6 +117,9 @@ class SketchJob:
     acc: F64 = field(default_factory=lambda: np.zeros((K, K)))
     rows_done: int = 0
     pending: bytearray = field(default_factory=bytearray)
+    targets: npt.NDArray[np.intp] | None = None
+    """Row of ``shape`` that each stored row is (a row block of a fused matrix, or
+    rows stored permuted); None when stored row i is row i of the whole matrix."""
 
     @property
     def row_bytes(self) -> int:
@@ -152,12 +155,16 @@ class SketchJob:
             for i in range(0, rows, step):
                 j = min(rows, i + step)
                 x = self.decoder.fn(np.frombuffer(raw[i * rb : j * rb], dtype=np.uint8))
-                self.acc += a[:, r0 + i : r0 + j] @ (x.reshape(-1, n) @ bt)
+                cols = a[:, r0 + i : r0 + j] if self.targets is None else a[
+                    :, self.targets[r0 + i : r0 + j]
+                ]
+                self.acc += cols @ (x.reshape(-1, n) @ bt)
         self.rows_done += rows
 
     def result(self) -> F64 | None:
         """The finished sketch, or None if rows are missing or a value is not finite."""
-        if self.rows_done != self.shape[0] or self.pending:
+        rows = self.shape[0] if self.targets is None else len(self.targets)
+        if self.rows_done != rows or self.pending:
             return None
         if not np.all(np.isfinite(self.acc)):
             return None

@@ -20,7 +20,8 @@ import numpy as np
 from modelhash.errors import MalformedFileError, ResourceLimitError
 from modelhash.fingerprint._dequant import DECODERS
 from modelhash.fingerprint._keys import module_key, tensor_module
-from modelhash.fingerprint._lora import adapter_configs, group_lora, sketch_group
+from modelhash.fingerprint._layouts import pieces, split_adapter
+from modelhash.fingerprint._lora import LoraGroup, adapter_configs, group_lora, sketch_group
 from modelhash.fingerprint._model import ParsedFile, TensorRecord
 from modelhash.fingerprint._pass import Work
 from modelhash.fingerprint._project import SketchJob, SketchWork, decoder_for
@@ -58,7 +59,10 @@ class Sketcher:
         self._jobs: list[tuple[str, SketchJob]] = []
         self._parts: dict[str, tuple[TensorRecord, Path]] = {}
         self._collectors: list[_Collect] = []
-        self._later: list[tuple[str, TensorRecord]] = []
+        self._later: list[tuple[str, TensorRecord, SketchJob]] = []
+        # Rows each canonical module needs, and how many its pieces have filled.
+        self._expected: dict[str, int] = {}
+        self._rows: dict[str, int] = {}
         self._adapter_bytes = 0
         self._sidecar: bytes | None = None
 
@@ -73,13 +77,22 @@ class Sketcher:
                 if plan != "shape":
                     self.skipped[plan] += 1
                 continue
+            decoder, (m, n) = plan
             key = module_key(prefix + tensor_module(name))
-            if t.span is None:
-                self._later.append((key, t))
-                continue
-            job = SketchJob(len(self._jobs), t.span[0], t.span[1], plan[0], plan[1])
-            self._jobs.append((key, job))
-            jobs.append(job)
+            row_bytes = n // decoder.block * decoder.size
+            for p in pieces(key, m, n, self.metadata):
+                whole = p.rows == m and p.count == m and p.at == 0 and p.order is None
+                job = SketchJob(
+                    len(self._jobs), p.start * row_bytes, p.count * row_bytes, decoder,
+                    (p.rows, n), targets=None if whole else p.targets(),
+                )
+                self._expected[p.key] = p.rows
+                if t.span is None:
+                    self._later.append((p.key, t, job))
+                    continue
+                job.start += t.span[0]
+                self._jobs.append((p.key, job))
+                jobs.append(job)
         if not jobs:
             return None
         w = SketchWork(jobs)
@@ -90,24 +103,39 @@ class Sketcher:
         if self.adapter:
             return
         for key, job in self._jobs:
-            self._add(key, job.shape, job.result())
+            self._add(key, job)
         self._jobs.clear()
-        for key, t in self._later:
-            plan = decoder_for(t.dtype, t.shape)
-            assert not isinstance(plan, str)
-            job = SketchJob(0, 0, t.nbytes, plan[0], plan[1])
+        for key, t, job in self._later:
+            stop = job.start + job.length
+            at = 0
             for piece in _materialized(pf.path, t):
-                job.feed(memoryview(piece))
-            self._add(key, job.shape, job.result())
+                lo, hi = max(job.start, at), min(stop, at + len(piece))
+                if hi > lo:
+                    job.feed(memoryview(piece)[lo - at : hi - at])
+                at += len(piece)
+            self._add(key, job)
         self._later.clear()
 
-    def _add(self, key: str, shape: tuple[int, int], values: np.ndarray | None) -> None:
+    def _add(self, key: str, job: SketchJob) -> None:
+        """Add a job's sketch; row pieces of one canonical module add up to its sketch."""
+        values = job.result()
+        rows = job.shape[0] if job.targets is None else len(job.targets)
         if values is None:
             self.skipped["non-finite values"] += 1
-        elif key in self.tensors:
+            return
+        have = self._rows.get(key, 0)
+        if key in self.tensors and have >= self._expected.get(key, job.shape[0]):
             self.skipped["duplicate module keys"] += 1
+        elif key in self.tensors:
+            old = self.tensors[key]
+            if old.shape != job.shape:
+                self.skipped["duplicate module keys"] += 1
+                return
+            self.tensors[key] = TensorSketch(key, job.shape, old.values + values)
+            self._rows[key] = have + rows
         else:
-            self.tensors[key] = TensorSketch(key, shape, values)
+            self.tensors[key] = TensorSketch(key, job.shape, values)
+            self._rows[key] = rows
 
     def _adapter_work(self, pf: ParsedFile, names: list[str], prefix: str) -> Work | None:
         sidecar = pf.path.parent / SIDECAR
@@ -140,6 +168,10 @@ class Sketcher:
         notes: list[str] = []
         if self.adapter:
             self._finish_adapter(notes)
+        for key, want in self._expected.items():
+            if key in self.tensors and self._rows.get(key, 0) != want:
+                del self.tensors[key]
+                self.skipped["incomplete fused pieces"] += 1
         if self.skipped:
             what = ", ".join(f"{n} ({why})" for why, n in sorted(self.skipped.items()))
             notes.append(f"sketch: tensors skipped: {what}")
@@ -164,12 +196,16 @@ class Sketcher:
                 needs_config = True
             if "dora" in arrays:
                 self.skipped["DoRA magnitudes ignored"] += 1
-            with np.errstate(all="ignore"):
-                out = sketch_group(g, arrays, configs)
-            if isinstance(out, str) or not np.all(np.isfinite(out.values)):
-                self.skipped[out if isinstance(out, str) else "non-finite values"] += 1
-            else:
-                self.tensors[key] = out
+            for sub_key, sub_arrays in split_adapter(key, arrays, self.metadata):
+                sub = LoraGroup(sub_key, g.module, g.parts)
+                with np.errstate(all="ignore"):
+                    out = sketch_group(sub, sub_arrays, configs)
+                if isinstance(out, str) or not np.all(np.isfinite(out.values)):
+                    self.skipped[out if isinstance(out, str) else "non-finite values"] += 1
+                elif sub_key in self.tensors:
+                    self.skipped["duplicate module keys"] += 1
+                else:
+                    self.tensors[sub_key] = out
         if needs_config:
             notes.append("sketch: adapter alpha unknown (no alpha tensors or config); scale 1")
 

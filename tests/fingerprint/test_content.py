@@ -180,3 +180,16 @@ def test_shards_agree_on_what_is_a_wrapper() -> None:
     assert canonical_unit_names(shards) == shards
     lightning = [["model.a.weight"], ["model.b.weight"]]
     assert canonical_unit_names(lightning) == [["a.weight"], ["b.weight"]]
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        # a LoRA on one module list or one subtree keeps its structure
+        ["double_blocks.0.processor.qkv_lora1.down.weight", "double_blocks.0.processor.proj_lora1.up.weight"],
+        ["text_model.encoder.layers.0.q.lora_A.weight", "text_model.encoder.layers.1.q.lora_A.weight"],
+        ["mid_block.attentions.0.a.weight", "mid_block.resnets.0.b.weight"],
+    ],
+)
+def test_structure_is_not_a_wrapper(names: list[str]) -> None:
+    assert canonical_names(names) == names
