@@ -243,8 +243,13 @@ class RowOrderRule:
     source: str
 
 
-ROTARY_ARCHITECTURES = frozenset({"llama", "mistral", "granite", "granitemoe", "deci", "llama4"})
-"""GGUF architectures whose converter (``LlamaModel`` and subclasses) permutes q and k."""
+ROTARY_ARCHITECTURES = frozenset({
+    "llama", "deci", "granite", "granitemoe", "arcee", "afmoe", "smollm3", "cogvlm",
+    "llama-embed", "nanbeige",
+})
+"""GGUF architectures whose converter permutes q and k: ``LlamaModel`` and the
+subclasses that keep its ``undo_permute = True`` (not llama4, apertus, mistral3),
+and DeciLM's own copy of ``permute`` (llama.cpp conversion/llama.py, granite.py...)."""
 
 ROW_ORDERS: list[RowOrderRule] = [
     RowOrderRule(re.compile(r"(.*)_q_proj_rotary"), r"\1_q_proj", _rotary("head_count"),
