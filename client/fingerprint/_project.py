@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,6 +120,8 @@ class SketchJob:
     targets: npt.NDArray[np.intp] | None = None
     """Row of ``shape`` that each stored row is (a row block of a fused matrix, or
     rows stored permuted); None when stored row i is row i of the whole matrix."""
+    scale: Callable[[int, int], F32] | None = None
+    """Factor for this job's stored rows ``i:i+count`` (scaled fp8), or None."""
 
     @property
     def row_bytes(self) -> int:
@@ -155,6 +157,8 @@ class SketchJob:
             for i in range(0, rows, step):
                 j = min(rows, i + step)
                 x = self.decoder.fn(np.frombuffer(raw[i * rb : j * rb], dtype=np.uint8))
+                if self.scale is not None:
+                    x = (x.reshape(-1, n) * self.scale(r0 + i, j - i)).astype(np.float32)
                 cols = a[:, r0 + i : r0 + j] if self.targets is None else a[
                     :, self.targets[r0 + i : r0 + j]
                 ]

@@ -12,7 +12,7 @@ Tensors whose bytes are not one span of the file are decoded from their
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,8 @@ from modelhash.fingerprint._layouts import pieces, split_adapter
 from modelhash.fingerprint._lora import LoraGroup, adapter_configs, group_lora, sketch_group
 from modelhash.fingerprint._model import ParsedFile, TensorRecord
 from modelhash.fingerprint._pass import Work
-from modelhash.fingerprint._project import SketchJob, SketchWork, decoder_for
+from modelhash.fingerprint._project import F32, SketchJob, SketchWork, decoder_for
+from modelhash.fingerprint._scaled import Scale, scale_for, scale_names
 from modelhash.fingerprint._sketch import Sketch, TensorSketch
 
 __all__ = ["MAX_ADAPTER_BYTES", "Sketcher"]
@@ -71,7 +72,12 @@ class Sketcher:
         if self.adapter:
             return self._adapter_work(pf, names, prefix)
         jobs: list[SketchJob] = []
+        by_name = dict(zip(names, pf.tensors, strict=True))
+        scales = scale_names(by_name)
+        scale_tensors = set(scales.values())
         for name, t in zip(names, pf.tensors, strict=True):
+            if name in scale_tensors:
+                continue
             plan = decoder_for(t.dtype, t.shape)
             if isinstance(plan, str):
                 if plan != "shape":
@@ -80,11 +86,17 @@ class Sketcher:
             decoder, (m, n) = plan
             key = module_key(prefix + tensor_module(name))
             row_bytes = n // decoder.block * decoder.size
+            scale = None
+            if name in scales:
+                scale = scale_for(by_name[scales[name]], pf.path, m, n, _read_tensor)
+                if scale is None:
+                    self.skipped["unreadable weight scales"] += 1
             for p in pieces(key, m, n, self.metadata):
                 whole = p.rows == m and p.count == m and p.at == 0 and p.order is None
                 job = SketchJob(
                     len(self._jobs), p.start * row_bytes, p.count * row_bytes, decoder,
                     (p.rows, n), targets=None if whole else p.targets(),
+                    scale=_rows_of(scale, p.start, n),
                 )
                 self._expected[p.key] = p.rows
                 if t.span is None:
@@ -208,6 +220,26 @@ class Sketcher:
                     self.tensors[sub_key] = out
         if needs_config:
             notes.append("sketch: adapter alpha unknown (no alpha tensors or config); scale 1")
+
+
+def _rows_of(scale: Scale | None, first: int, cols: int) -> Callable[[int, int], F32] | None:
+    """The scale of a piece whose first stored row is ``first``, as SketchJob takes it."""
+    if scale is None:
+        return None
+    return lambda row, count: scale.rows(first + row, count, cols)
+
+
+def _read_tensor(path: Path, t: TensorRecord) -> Iterator[bytes]:
+    """A small tensor's bytes, read on their own (weight scales, before the pass)."""
+    if t.span is None:
+        yield from _materialized(path, t)
+        return
+    try:
+        with path.open("rb") as fh:
+            fh.seek(t.span[0])
+            yield fh.read(t.span[1])
+    except OSError as exc:
+        raise MalformedFileError(path, f"cannot read {t.name!r}: {exc.strerror or exc}") from None
 
 
 def _decode(t: TensorRecord, raw: bytes | bytearray) -> np.ndarray:
