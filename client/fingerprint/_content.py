@@ -8,6 +8,7 @@ do not change it; a dtype cast or any changed value does.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Sequence
 
@@ -39,6 +40,10 @@ _LEAVES = frozenset({
 # A prefix is one word followed by a dot; the longest prefix that is also a
 # component prefix (``model.diffusion_model.``) is meaningful as a whole.
 _COMPONENT_HEADS = ("model.diffusion_model.",)
+
+# A1111's textual-inversion file: one token's vectors and its token id.
+_A1111 = re.compile(r"string_to_(param|token)\.[^.]+")
+_A1111_NAMES = {"string_to_param": "emb_params", "string_to_token": "emb_token"}
 
 _DOMAIN = b"modelhash/content/v1\x00"
 
@@ -78,11 +83,13 @@ def _shared_wrapper(names: Sequence[str]) -> str | None:
 
 
 def canonical_names(names: Sequence[str]) -> list[str]:
-    """Strip wrapper prefixes that every name shares, repeatedly.
+    """Strip wrapper prefixes that every name shares, repeatedly; name embeddings alike.
 
     :data:`WRAPPER_PREFIXES` always count; any other first word counts when every
     name shares it and it only wraps the model (see :func:`_shared_wrapper`), so a
-    Lightning checkpoint (``model.``) and the same tensors saved bare agree.
+    Lightning checkpoint (``model.``) and the same tensors saved bare agree. A
+    textual inversion saved by A1111 (``string_to_param.<token>``) names its
+    vectors as the safetensors form does (``emb_params``).
     """
     out = list(names)
     while out:
@@ -90,6 +97,10 @@ def canonical_names(names: Sequence[str]) -> list[str]:
         if prefix is None:
             break
         out = [n[len(prefix) :] for n in out]
+    if out and all(_A1111.fullmatch(n) for n in out):
+        params = [n for n in out if n.startswith("string_to_param.")]
+        if len(params) == 1:
+            out = [_A1111_NAMES[n.partition(".")[0]] for n in out]
     return out
 
 

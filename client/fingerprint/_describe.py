@@ -68,7 +68,9 @@ LORA_PARTS: list[LoraPart] = [
 ]
 _FLAVOUR_ORDER = ["loha", "lokr", "kohya", "peft", "diffusers", "xlabs", "gguf"]
 
-_EMBEDDING = re.compile(r"^(emb_params|clip_l|clip_g|(.*\.)?string_to_(param|token)\..+)$")
+_EMBEDDING = re.compile(
+    r"^(emb_params|emb_token|clip_l|clip_g|(.*\.)?string_to_(param|token)\..+)$"
+)
 # The tensors of a textual inversion that hold the vectors of the one text encoder.
 _EMBEDDING_VECTORS = re.compile(r"^(emb_params|(.*\.)?string_to_param\..+)$")
 

@@ -34,7 +34,17 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["RENAMES", "ROW_ORDERS", "SPLITS", "Piece", "pieces", "rename"]
+__all__ = [
+    "EMBEDDINGS",
+    "EMBEDDING_ROW",
+    "RENAMES",
+    "ROW_ORDERS",
+    "SPLITS",
+    "Piece",
+    "embedding_view",
+    "pieces",
+    "rename",
+]
 
 _SINGLE_FILE = "diffusers loaders/single_file_utils.py "
 _DIFFUSERS_FLUX = _SINGLE_FILE + "convert_flux_transformer_checkpoint_to_diffusers"
@@ -380,3 +390,27 @@ def split_adapter(
         part = out.setdefault(p.key, {**arrays, "up": np.zeros((p.rows, up2.shape[1]))})
         part["up"][p.targets()] = up2[p.start : p.start + p.count]
     return [(k, v) for k, v in out.items()]
+
+
+EMBEDDINGS: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"emb_params|string_to_param\.[^.]+"), "te1:embedding"),
+    (re.compile(r"clip_l"), "te1:embedding"),
+    (re.compile(r"clip_g"), "te2:embedding"),
+]
+"""Textual-inversion tensors (A1111 ``.pt``, safetensors ``emb_params``, SDXL
+``clip_l``/``clip_g``) and the canonical key of the vectors each holds."""
+
+EMBEDDING_ROW = 32
+"""Elements per sketched row of an embedding: its vectors, read in order, are viewed
+as rows of this width, so even a single 768-wide vector is a 24 x 32 matrix."""
+
+
+def embedding_view(name: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, int]] | None:
+    """The canonical key and matrix shape of a textual-inversion tensor, or None."""
+    total = int(np.prod(shape)) if shape else 1
+    if total % EMBEDDING_ROW or total < 2 * EMBEDDING_ROW:
+        return None
+    for pattern, key in EMBEDDINGS:
+        if pattern.fullmatch(name):
+            return key, (total // EMBEDDING_ROW, EMBEDDING_ROW)
+    return None

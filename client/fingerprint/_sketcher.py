@@ -20,7 +20,7 @@ import numpy as np
 from modelhash.errors import MalformedFileError, ResourceLimitError
 from modelhash.fingerprint._dequant import DECODERS
 from modelhash.fingerprint._keys import module_key, tensor_module
-from modelhash.fingerprint._layouts import pieces, split_adapter
+from modelhash.fingerprint._layouts import embedding_view, pieces, split_adapter
 from modelhash.fingerprint._lora import LoraGroup, adapter_configs, group_lora, sketch_group
 from modelhash.fingerprint._model import ParsedFile, TensorRecord
 from modelhash.fingerprint._pass import Work
@@ -54,6 +54,7 @@ class Sketcher:
 
     def __init__(self, kind: str, metadata: Mapping[str, str]) -> None:
         self.adapter = kind == "lora"
+        self.embedding = kind == "embedding"
         self.metadata = dict(metadata)
         self.tensors: dict[str, TensorSketch] = {}
         self.skipped: Counter[str] = Counter()
@@ -78,13 +79,14 @@ class Sketcher:
         for name, t in zip(names, pf.tensors, strict=True):
             if name in scale_tensors:
                 continue
-            plan = decoder_for(t.dtype, t.shape)
+            view = embedding_view(name, t.shape) if self.embedding else None
+            plan = decoder_for(t.dtype, view[1] if view else t.shape)
             if isinstance(plan, str):
                 if plan != "shape":
                     self.skipped[plan] += 1
                 continue
             decoder, (m, n) = plan
-            key = module_key(prefix + tensor_module(name))
+            key = view[0] if view else module_key(prefix + tensor_module(name))
             row_bytes = n // decoder.block * decoder.size
             scale = None
             if name in scales:

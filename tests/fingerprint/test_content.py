@@ -161,7 +161,6 @@ def test_any_prefix_every_name_shares_is_a_wrapper(tmp_path: Path, wrapper: str)
         ["lora_unet_x.lora_down.weight", "lora_unet_x.lora_up.weight"],
         ["lora_unet_x.alpha", "lora_unet_x.lora_down.weight", "lora_unet_x.lora_up.weight"],
         ["x.weight", "x.bias"],
-        ["string_to_param.*"],
         # a component or an adapter marker says what the tensors are
         ["transformer.a.weight", "transformer.b.weight"],
         ["text_encoder_2.a.weight", "text_encoder_2.b.weight"],
@@ -193,3 +192,10 @@ def test_shards_agree_on_what_is_a_wrapper() -> None:
 )
 def test_structure_is_not_a_wrapper(names: list[str]) -> None:
     assert canonical_names(names) == names
+
+
+def test_a1111_embeddings_name_their_vectors_like_safetensors() -> None:
+    assert canonical_names(["string_to_token.*", "string_to_param.*"]) == ["emb_token", "emb_params"]
+    assert canonical_names(["emb_params"]) == ["emb_params"]
+    two = ["string_to_param.a", "string_to_param.b"]
+    assert canonical_names(two) == two
