@@ -905,11 +905,12 @@ def find_matches(
     for sid, kind, row_base, blob, flag_id, category, severity, status in rows:
         if flag_id in skip:
             continue
-        base_id: str | None = verify_with.get(int(sid), row_base)
-        if base_id is None and kind == "model":
-            # A raw flag is judged relative to the upload's nearest base, so that
-            # the near-duplicate rule works in delta terms (see Thresholds).
-            base_id = deltas.nearest()
+        # A raw flag is judged relative to the upload's nearest base, so that the
+        # near-duplicate rule works in delta terms (see Thresholds).
+        row_base = verify_with.get(int(sid), row_base)
+        if row_base is None and kind == "model":
+            row_base = deltas.nearest()
+        base_id = row_base
         base = bases.get(base_id) if base_id is not None else None
         if base_id is not None and base is None:
             _log.warning("sketch %s is relative to base %s, whose sketch is missing", sid,
