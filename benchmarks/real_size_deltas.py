@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from modelhash.fingerprint._project import project
-from modelhash.fingerprint._similarity import compare, match
+from modelhash.fingerprint._similarity import compare, match, storage_copy
 from modelhash.fingerprint._sketch import Sketch, TensorSketch
 
 SHAPES = {
@@ -66,8 +66,10 @@ def main() -> None:
     base = sketches(args.layers, 0)
     d_flag = sketches(args.layers, 1)
     d_sib = sketches(args.layers, 2)
-    print(f"projected {3 * 7 * args.layers} full-size matrices in {time.time() - t0:.0f} s")
-    print("eps     stored   sibling cos   sibling z   flag re-upload cos   z    match(sibling)")
+    print(f"projected {3 * 7 * args.layers} full-size matrices in {time.time() - t0:.0f} s",
+          flush=True)
+    print("eps     stored   sibling cos   sibling z   flag re-upload cos   z    "
+          "match(sibling)  match(base)  base is a copy of flag's base")
     for eps in args.eps:
         b = build([(1.0, base)])
         f = build([(1.0, base), (eps, d_flag)])
@@ -77,8 +79,11 @@ def main() -> None:
             c = compare(su, sf, sb)
             again = compare(stored(f, precision), sf, sb)
             m = match(su, sf, sb)
+            mb = match(sb, sf, sb)
+            copy = storage_copy(sf, sb)
             print(f"{eps:<7g} {precision:<8} {c.cosine:>11.4f} {c.z:>11.2f} "
-                  f"{again.cosine:>18.4f} {again.z:>7.1f}    {m.match if m else 'none'}")
+                  f"{again.cosine:>18.4f} {again.z:>7.1f}    {m.match if m else 'none':<15} "
+                  f"{mb.match if mb else 'none':<12} {copy}", flush=True)
 
 
 if __name__ == "__main__":
