@@ -143,3 +143,10 @@ def test_fused_lora_up_is_split_by_rows() -> None:
 
 def test_every_table_row_cites_its_source() -> None:
     assert all(r.source for r in RENAMES) and all(s.source for s in SPLITS)
+
+
+def test_xlabs_lora_is_described_as_a_flux_lora() -> None:
+    m = fingerprint_file(FLUX / "xlabs.safetensors").model
+    assert (m.kind, m.flavour, m.architecture) == ("lora", "xlabs", "flux")
+    m = fingerprint_file(FLUX / "base_bfl.safetensors").model
+    assert (m.kind, m.architecture) == ("checkpoint", "flux")
