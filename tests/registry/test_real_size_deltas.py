@@ -38,6 +38,9 @@ def _bf16(sd: StateDict) -> StateDict:
 
 
 def _item(folder: Path, name: str, sd: StateDict) -> dict[str, str]:
+    # Another block than the other registry tests' models: the bases registered
+    # here must not cover (and so adopt) adapters flagged by those tests.
+    sd = {k.replace("down_blocks.0.", "down_blocks.3."): v for k, v in sd.items()}
     (o,) = fingerprint_path(write(folder, name, sd), layers="all")
     assert o.fingerprint is not None and o.fingerprint.sketch is not None
     return {**o.fingerprint.summary(), "sketch": encode_sketch(o.fingerprint.sketch)}
