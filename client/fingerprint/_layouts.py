@@ -30,9 +30,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
-import numpy.typing as npt
+if TYPE_CHECKING:  # numpy is imported where used: exact-only runs never load it
+    import numpy as np
+    import numpy.typing as npt
+
+    F64 = npt.NDArray[np.float64]
 
 __all__ = [
     "EMBEDDINGS",
@@ -213,6 +217,7 @@ SPLITS: list[Split] = [
 
 
 RowOrder = Callable[[int, Mapping[str, str]], "npt.NDArray[np.intp] | None"]
+"""Given a matrix's row count and the file's hints, the inverse of its row order."""
 
 
 def _rotary(count_key: str) -> RowOrder:
@@ -223,6 +228,8 @@ def _rotary(count_key: str) -> RowOrder:
     """
 
     def order(rows: int, hints: Mapping[str, str]) -> npt.NDArray[np.intp] | None:
+        import numpy as np
+
         arch = hints.get("general.architecture", "")
         heads = _count(hints.get(f"{arch}.attention.{count_key}"))
         if count_key == "head_count_kv" and heads is None:
@@ -295,6 +302,8 @@ class Piece:
 
     def targets(self) -> npt.NDArray[np.intp]:
         """Canonical row of each stored row of this piece."""
+        import numpy as np
+
         if self.order is not None:
             return self.order
         return np.arange(self.at, self.at + self.count, dtype=np.intp)
@@ -363,8 +372,6 @@ def _split(component: str, ms: re.Match[str], split: Split, m: int, n: int) -> l
     return out
 
 
-F64 = npt.NDArray[np.float64]
-
 
 def split_adapter(
     key: str, arrays: Mapping[str, F64], hints: Mapping[str, str] | None = None
@@ -376,6 +383,8 @@ def split_adapter(
     diffusers' converters write when they split such a LoRA. Any other adapter
     (LoHa, LoKr, or a shape the split does not fit) stays whole under ``key``.
     """
+    import numpy as np
+
     up, down = arrays.get("up"), arrays.get("down")
     if up is None or down is None or up.ndim < 2 or down.ndim < 2:
         return [(key, dict(arrays))]
@@ -407,7 +416,9 @@ as rows of this width, so even a single 768-wide vector is a 24 x 32 matrix."""
 
 def embedding_view(name: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, int]] | None:
     """The canonical key and matrix shape of a textual-inversion tensor, or None."""
-    total = int(np.prod(shape)) if shape else 1
+    total = 1
+    for d in shape:
+        total *= d
     if total % EMBEDDING_ROW or total < 2 * EMBEDDING_ROW:
         return None
     for pattern, key in EMBEDDINGS:
