@@ -2,7 +2,9 @@
 
 Writes a safetensors file of --size-gib (default 1 GiB) of random fp16 weights in
 --workdir, warms the page cache, then runs each command --repeat times and prints
-the best wall time, throughput, peak RSS and the ratio to openssl. Also reports
+the best wall time, throughput, peak RSS and the ratio to openssl. The same bytes
+are also fingerprinted as an upload body (all layers, read in 1 MiB chunks from a
+pipe-like iterator, as ``scan_upload`` does, without a registry). Also reports
 MB/s for a sharded folder and, when torch is importable (or --torch-python names an
 interpreter that has it), for a PyTorch zip checkpoint.
 
@@ -79,22 +81,87 @@ p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.
 _, status, usage = os.wait4(p.pid, 0)
 wall = time.perf_counter() - t0
 err = p.stderr.read().decode()
-print(os.waitstatus_to_exitcode(status), wall, usage.ru_maxrss * 1024, err.strip()[:500], sep="\\t")
+cpu = usage.ru_utime + usage.ru_stime
+print(os.waitstatus_to_exitcode(status), wall, usage.ru_maxrss * 1024, cpu, err.strip()[:500], sep="\\t")
 """
 
 
-def run(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one run of ``cmd``."""
+# The upload path: the body arrives as 1 MiB chunks of an iterator (never as a file),
+# and every layer is computed, exactly as scan_upload does before asking the registry.
+STREAM_DRIVER = """
+import sys
+from modelhash._stream import Body, fingerprint_body
+def body(path):
+    with open(path, "rb", buffering=0) as fh:
+        while block := fh.read(1 << 20):
+            yield block
+out = fingerprint_body(Body(body(sys.argv[1]), "upload.safetensors", 1 << 50), layers="all")
+assert out.error is None and out.fingerprint is not None and out.fingerprint.sketch is not None, out.error
+print(out.fingerprint.content.hex)
+"""
+
+
+# On a loaded machine the wall time of a multi-threaded pass says little about an idle
+# one. This measures, in one process, the CPU time of each lane of the read pass and
+# of the reading thread: on idle cores the pass takes about as long as the busiest.
+LANES_DRIVER = """
+import json, sys, time, threading
+from pathlib import Path
+import modelhash.fingerprint._pass as p
+from modelhash._stream import Body, fingerprint_body
+from modelhash.fingerprint import fingerprint_path
+busy = {}
+lock = threading.Lock()
+pack = p._pack
+def timed_pack(works, lanes):
+    out = []
+    for i, lane in enumerate(pack(works, lanes)):
+        def run(off, view, lane=lane, i=i):
+            t0 = time.thread_time()
+            lane(off, view)
+            with lock:
+                busy[i] = busy.get(i, 0.0) + time.thread_time() - t0
+        out.append(run)
+    return out
+p._pack = timed_pack
+def body(path):
+    with open(path, "rb", buffering=0) as fh:
+        while block := fh.read(1 << 20):
+            yield block
+mode, path = sys.argv[1], sys.argv[2]
+t0 = time.thread_time()
+if mode == "stream":
+    out = fingerprint_body(Body(body(path), "upload.safetensors", 1 << 50), layers="all")
+else:
+    (out,) = fingerprint_path(Path(path), layers=mode)
+assert out.error is None, out.error
+print(json.dumps({"reader": time.thread_time() - t0, "lanes": sorted(busy.values())}))
+"""
+
+
+def lanes(mode: str, path: Path) -> tuple[float, list[float]]:
+    out = subprocess.run([sys.executable, "-c", LANES_DRIVER, mode, str(path)],
+                         capture_output=True, text=True, check=True)
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    return float(data["reader"]), [float(x) for x in data["lanes"]]
+
+
+def run(cmd: list[str]) -> tuple[float, int, float]:
+    """Wall seconds, peak RSS (bytes) and CPU seconds (user + system) of one run."""
     out = subprocess.run([sys.executable, "-c", RSS_WRAPPER, *cmd], capture_output=True, text=True, check=True)
-    code, wall, rss, err = out.stdout.rstrip("\n").split("\t", 3)
+    code, wall, rss, cpu, err = out.stdout.rstrip("\n").split("\t", 4)
     if int(code) != 0:
         raise SystemExit(f"{cmd[0]} failed: {err}")
-    return float(wall), int(rss)
+    return float(wall), int(rss), float(cpu)
 
 
-def best(cmd: list[str], repeat: int) -> tuple[float, int]:
+def best(cmd: list[str], repeat: int) -> tuple[float, int, float]:
+    """Best wall time, highest peak RSS and least CPU time over ``repeat`` runs.
+
+    The commands are run in turn (not all repeats of one, then the next), by the
+    caller, so a change in machine load hits every row alike."""
     runs = [run(cmd) for _ in range(repeat)]
-    return min(r[0] for r in runs), max(r[1] for r in runs)
+    return min(r[0] for r in runs), max(r[1] for r in runs), min(r[2] for r in runs)
 
 
 def tree_size(p: Path) -> int:
@@ -126,41 +193,66 @@ def main() -> None:
         print(f"writing {size / 2**30:.2f} GiB safetensors ...", file=sys.stderr)
         write_safetensors(st, size)
     warm(st)
+    load = f"{os.getloadavg()[0]:.2f}"
     nbytes = st.stat().st_size
     mh = [args.modelhash, "fingerprint", "--layers", "exact", "--json", "--no-progress"]
     mh_all = [args.modelhash, "fingerprint", "--layers", "all", "--json", "--no-progress"]
 
-    ref_t, ref_rss = best(["openssl", "dgst", "-sha256", str(st)], args.repeat)
-    mh_t, mh_rss = best([*mh, str(st)], args.repeat)
-    all_t, all_rss = best([*mh_all, str(st)], args.repeat)
+    cmds = {
+        "openssl dgst -sha256 (1 pass)": ["openssl", "dgst", "-sha256", str(st)],
+        "modelhash fingerprint --layers exact": [*mh, str(st)],
+        "modelhash fingerprint --layers all": [*mh_all, str(st)],
+        "upload body streamed, all layers": [sys.executable, "-c", STREAM_DRIVER, str(st)],
+    }
+    runs: dict[str, list[tuple[float, int, float]]] = {k: [] for k in cmds}
+    for _ in range(args.repeat):  # interleaved, so load changes hit every command alike
+        for name, cmd in cmds.items():
+            runs[name].append(run(cmd))
+    stats = {k: (min(r[0] for r in v), max(r[1] for r in v), min(r[2] for r in v))
+             for k, v in runs.items()}
+    (ref_t, _, ref_cpu), (mh_t, _, mh_cpu), (all_t, _, all_cpu), (stream_t, _, stream_cpu) = (
+        stats.values())
     ref_rate = nbytes / ref_t / 1e6
-    rows = [
-        ("openssl dgst -sha256 (1 pass)", ref_t, ref_rss, nbytes),
-        ("modelhash fingerprint --layers exact", mh_t, mh_rss, nbytes),
-        ("modelhash fingerprint --layers all", all_t, all_rss, nbytes),
-    ]
+    rows = [(name, t, rss, nbytes, cpu) for name, (t, rss, cpu) in stats.items()]
+
+    print("busiest lane of the read pass, CPU seconds (what bounds it on idle cores):")
+    for mode, label in (("exact", "file, exact layers"), ("all", "file, all layers"),
+                        ("stream", "upload body streamed, all layers")):
+        reader, busy = min((lanes(mode, st) for _ in range(args.repeat)),
+                           key=lambda r: max([r[0], *r[1]]))
+        crit = max([reader, *busy])
+        print(f"  {label:34} lanes {', '.join(f'{b:.2f}' for b in busy)}; reading thread "
+              f"{reader:.2f}; busiest / openssl CPU: {crit / ref_cpu:.2f}x")
 
     sharded = args.workdir / "sharded"
     if not sharded.exists():
         write_sharded(sharded, st)
     warm(sharded)
-    t, rss = best([*mh, str(sharded)], args.repeat)
-    rows.append(("modelhash, sharded folder (4 shards)", t, rss, tree_size(sharded)))
+    t, rss, cpu = best([*mh, str(sharded)], args.repeat)
+    rows.append(("modelhash, sharded folder (4 shards)", t, rss, tree_size(sharded), cpu))
 
     pt = args.workdir / "bench.pt"
     if pt.exists() or write_torch_zip(pt, st, args.torch_python):
         warm(pt)
-        t, rss = best([*mh, str(pt)], args.repeat)
-        rows.append(("modelhash, PyTorch zip checkpoint", t, rss, tree_size(pt)))
+        t, rss, cpu = best([*mh, str(pt)], args.repeat)
+        rows.append(("modelhash, PyTorch zip checkpoint", t, rss, tree_size(pt), cpu))
     else:
         print("(no torch available: skipped the PyTorch zip checkpoint row)", file=sys.stderr)
 
     print(f"file: {nbytes / 2**30:.2f} GiB, warm page cache, best of {args.repeat}, {os.cpu_count()} cores")
-    print(f"{'command':42} {'seconds':>8} {'MB/s':>8} {'peak RSS MB':>12} {'x openssl':>10}")
-    for name, secs, rss, n in rows:
-        print(f"{name:42} {secs:8.3f} {n / secs / 1e6:8.0f} {rss / 1e6:12.1f} {secs / ref_t * nbytes / n:10.2f}")
-    print(f"ratio (exact layers / one openssl SHA-256 pass): {mh_t / ref_t:.2f}x; openssl: {ref_rate:.0f} MB/s")
-    print(f"ratio (all layers, sketch included / one openssl SHA-256 pass): {all_t / ref_t:.2f}x")
+    print(f"load average before: {load}; after: {os.getloadavg()[0]:.2f}")
+    print(f"{'command':42} {'seconds':>8} {'MB/s':>8} {'peak RSS MB':>12} {'x openssl':>10} "
+          f"{'CPU s':>7} {'CPU x':>6}")
+    for name, secs, rss, n, cpu in rows:
+        scale = nbytes / n
+        print(f"{name:42} {secs:8.3f} {n / secs / 1e6:8.0f} {rss / 1e6:12.1f} "
+              f"{secs / ref_t * scale:10.2f} {cpu:7.2f} {cpu / ref_cpu * scale:6.2f}")
+    print(f"ratio (exact layers / one openssl SHA-256 pass): {mh_t / ref_t:.2f}x wall, "
+          f"{mh_cpu / ref_cpu:.2f}x CPU; openssl: {ref_rate:.0f} MB/s")
+    print(f"ratio (all layers, sketch included / one openssl SHA-256 pass): {all_t / ref_t:.2f}x "
+          f"wall, {all_cpu / ref_cpu:.2f}x CPU")
+    print(f"ratio (streamed upload body, all layers / one openssl SHA-256 pass): "
+          f"{stream_t / ref_t:.2f}x wall, {stream_cpu / ref_cpu:.2f}x CPU")
     if not args.keep:
         shutil.rmtree(args.workdir, ignore_errors=True)
 

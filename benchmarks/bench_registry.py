@@ -9,6 +9,7 @@ and a time limit. It prints throughput and p50/p99 latency for:
 - ``GET /healthz``: the same server doing no work, the reference;
 - ``POST /v1/check`` with one fingerprint (half of them flagged);
 - ``POST /v1/check`` with a batch of 100 (one in ten flagged);
+- ``POST /v1/check`` with one unflagged fingerprint carrying a 400-matrix sketch;
 - ``GET /v1/hashes/sha256/{value}``: an exact lookup.
 
 The ratio columns divide by /healthz in the same run, so they show what the lookup
@@ -41,13 +42,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import numpy as np
 from sqlalchemy import create_engine, insert, text
 from sqlalchemy.engine import make_url
 
+from modelhash.fingerprint._sketch import sketch_from_arrays
 from modelhash.registry._db import make_engine, session_scope
 from modelhash.registry._migrations import upgrade
 from modelhash.registry.crud.keys import CLI, create_key
 from modelhash.registry.models import Fingerprint, Flag, WeakHash
+from modelhash.wire import encode_sketch
 
 PG_DEFAULT = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
@@ -262,6 +266,18 @@ def run_backend(label: str, url: str, args: argparse.Namespace) -> list[Result]:
         ]
         return http.post("/v1/check", json={"items": items}, headers=headers)
 
+    # A sketch the size of a diffusion model's (400 matrices, random values, so it
+    # compresses as real weights do); nothing is flagged by sketch, so this is the
+    # cost of decoding and scanning for an upload that matches no flag by hash.
+    sketch = encode_sketch(sketch_from_arrays("model", {
+        f"layer.{i}.weight": ((320, 320), np.random.default_rng(i).standard_normal((16, 16)))
+        for i in range(400)
+    }))
+
+    def with_sketch(http: httpx.Client) -> httpx.Response:
+        item = {"sha256": os.urandom(32).hex(), "sketch": sketch}
+        return http.post("/v1/check", json={"items": [item]}, headers=headers)
+
     def lookup(http: httpx.Client) -> httpx.Response:
         return http.get(f"/v1/hashes/sha256/{rng.choice(shas)}", headers=headers)
 
@@ -284,6 +300,7 @@ def run_backend(label: str, url: str, args: argparse.Namespace) -> list[Result]:
             ("GET /healthz", healthz, 0),
             ("check x1", single, 1),
             ("check x100", batch, 100),
+            ("check sketch", with_sketch, 1),
             ("lookup sha256", lookup, 1),
         ):
             requests = args.requests if per != 100 else max(1, args.requests // 5)

@@ -33,12 +33,19 @@ if TYPE_CHECKING:
     from modelhash._client import RegistryClient
     from modelhash._config import DEFAULT_REGISTRY, ClientSettings
     from modelhash._hf import HubReport, hub_check, parse_repo_ref
+    from modelhash._hubqueue import CheckQueue
     from modelhash._policy import Decision, Unreachable
     from modelhash._retry import Retry
     from modelhash._scan import Checker, PathResult, check_paths
     from modelhash._stream import StreamFingerprinter
-    from modelhash._upload import DEFAULT_MAX_UPLOAD, UploadVerdict, scan_upload, scan_upload_async
-    from modelhash._webhook import RepoEvent, WebhookReceiver, background_checker
+    from modelhash._upload import (
+        DEFAULT_MAX_UPLOAD,
+        UploadVerdict,
+        scan_upload,
+        scan_upload_async,
+        scan_upload_parts,
+    )
+    from modelhash._webhook import BackgroundChecker, RepoEvent, WebhookReceiver, background_checker
 
 # Imported on first use: ``modelhash fingerprint`` and ``import modelhash.fingerprint``
 # should not pay for httpx, asyncio and the wire schema.
@@ -64,6 +71,9 @@ _LAZY = {
     "UploadVerdict": "modelhash._upload",
     "scan_upload": "modelhash._upload",
     "scan_upload_async": "modelhash._upload",
+    "scan_upload_parts": "modelhash._upload",
+    "CheckQueue": "modelhash._hubqueue",
+    "BackgroundChecker": "modelhash._webhook",
     "RepoEvent": "modelhash._webhook",
     "WebhookReceiver": "modelhash._webhook",
     "background_checker": "modelhash._webhook",
@@ -81,6 +91,8 @@ __all__ = [
     "DEFAULT_MAX_UPLOAD",
     "DEFAULT_REGISTRY",
     "AsyncRegistryClient",
+    "BackgroundChecker",
+    "CheckQueue",
     "Checker",
     "ClientSettings",
     "Decision",
@@ -103,4 +115,5 @@ __all__ = [
     "parse_repo_ref",
     "scan_upload",
     "scan_upload_async",
+    "scan_upload_parts",
 ]

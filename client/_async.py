@@ -13,13 +13,14 @@ Create one per process (or per event loop) and reuse it: it keeps a connection p
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
 import httpx
 
-from modelhash import _calls
+from modelhash import _analyst, _calls
 from modelhash._calls import Call, Checkable, check_batches, check_items, decode
 from modelhash._policy import Decision, Unreachable, decide, unchecked
 from modelhash._requests import (
@@ -32,19 +33,24 @@ from modelhash._requests import (
     transport_reason,
 )
 from modelhash._retry import Retry
+from modelhash._scan import PathResult, check_maps, check_outcomes, expand, fingerprint_all
 from modelhash.errors import RegistryError, RegistryUnreachableError
-from modelhash.fingerprint import ModelFingerprint
+from modelhash.fingerprint import Layers, ModelFingerprint
 from modelhash.wire import (
+    AuditRecord,
     BasePublic,
     ChangeEvent,
     ChangesPage,
     CheckResult,
     FlagDetail,
+    FlagPage,
+    ImportResult,
     KeyCreated,
     KeyPublic,
     LookupResult,
     PublicKey,
     RangeResult,
+    ReportPublic,
     SignedExport,
 )
 
@@ -135,6 +141,24 @@ class AsyncRegistryClient:
                 out.append(r.model_copy(update={"index": len(out)}))
         return out
 
+    async def check_paths(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        *,
+        recursive: bool = False,
+        workers: int = 1,
+        layers: Layers = "all",
+    ) -> list[PathResult]:
+        """Fingerprint local files or model folders (in a worker thread) and check
+        them. Every layer by default, so derivatives of flagged models match;
+        ``layers="exact"`` sends only exact hashes and the results say so."""
+        outcomes = [o for group in await asyncio.to_thread(
+            fingerprint_all, expand(paths, recursive=recursive), workers=workers, layers=layers
+        ) for o in group]
+        flat = [m for o in outcomes for m in check_maps(o)[1]]
+        answers = await self.check(flat) if flat else []
+        return check_outcomes(outcomes, _Answered(answers), layers=layers)
+
     async def screen(
         self,
         fingerprints: Iterable[Checkable],
@@ -209,6 +233,46 @@ class AsyncRegistryClient:
         """Make a disputed or revoked flag active again (admins)."""
         return await self._run(_calls.flag_action(flag_id, "reinstate", reason))
 
+    # Analyst work
+
+    async def search_flags(
+        self, *, limit: int = PAGE, offset: int = 0, **filters: Any
+    ) -> FlagPage:
+        """One page of a flag search, with the total (submitters).
+
+        Filters: ``q`` (any hash form, a flag id, or note text), ``status``,
+        ``category``, ``severity``, ``submitter``, ``since``, ``until`` (aware
+        datetimes) and ``reported``; the registry refuses unknown ones.
+        """
+        return await self._run(_analyst.search_flags(filters, limit, offset))
+
+    async def audit(self, flag_id: str) -> list[AuditRecord]:
+        """A flag's audit trail (admins, and the flag's own submitter)."""
+        return await self._run(_analyst.audit(flag_id))
+
+    async def report(self, flag_id: str, *, kind: str, note: str | None = None) -> ReportPublic:
+        """Report a suspected ``false-positive`` or a ``confirmed-hit`` (any key)."""
+        return await self._run(_analyst.report(flag_id, kind, note))
+
+    async def reports(self, flag_id: str | None = None) -> list[ReportPublic]:
+        """Reports on one flag, or the newest reports on all (submitters)."""
+        return await self._run(_analyst.reports(flag_id))
+
+    async def import_flags(
+        self, text: str, *, format: str = "csv", category: str | None = None,
+        severity: str | None = None, batch: int = _analyst.IMPORT_BATCH,
+    ) -> ImportResult:
+        """Flag every row of a CSV or a plain hash list, in batches; a result per row."""
+        parts = []
+        for part, first in _analyst.import_batches(text, format, batch):
+            request = _analyst.import_request(part, format, category, severity, first)
+            parts.append(await self._run(_analyst.import_call(request)))
+        return _analyst.merge_results(parts)
+
+    async def export_csv(self, **filters: Any) -> str:
+        """Every flag matching the filters (as :meth:`search_flags`), as CSV text."""
+        return await self._run(_analyst.export_csv(filters))
+
     # Bases and keys
 
     async def add_base(
@@ -264,3 +328,13 @@ class AsyncRegistryClient:
     async def ready(self) -> dict[str, Any]:
         """``/readyz``: raises when the registry or its database is not ready."""
         return await self._run(_calls.health())
+
+
+class _Answered:
+    """A checker that hands back answers already fetched, in order."""
+
+    def __init__(self, answers: list[CheckResult]) -> None:
+        self._answers = answers
+
+    def check(self, fingerprints: Iterable[Checkable]) -> list[CheckResult]:
+        return list(self._answers)

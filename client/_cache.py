@@ -1,16 +1,22 @@
 """The offline mirror: a verified copy of the list on disk, and checks answered from it.
 
 ``sync`` fetches the registry's signed export, verifies its ed25519 signature with a
-pinned public key, then follows the change feed from the export's cursor. The
-result is written atomically (temporary file, then rename) to one file in the
-cache folder, readable by its owner only: the list is for members.
+pinned public key, then follows the change feed from the export's cursor, verifying
+every page's signature too (the feed is signed with the same key). The mirror file
+keeps the signed documents themselves, written atomically (temporary file, then
+rename) to one file in the cache folder, readable by its owner only.
 
 The key is pinned the first time (trust on first use, reported to the caller) unless
-one is given; afterwards an export signed by any other key is refused. Checks
-re-verify the stored export every time they load it, so a cache edited on disk is
-refused too. The change feed after the export is not signed: it is only as
-trustworthy as the connection it came over, and ``sync(full=True)`` replaces it with
-a freshly verified export.
+one is given; afterwards anything signed by another key is refused. Every load
+re-verifies everything: the export, each stored page, that the pages follow each
+other from the export's cursor, and that the file's unsigned fields (cursor, time,
+key id) agree with the signed ones. Any edit is refused (:class:`MirrorError`, exit
+3). Freshness (``max_age``) is measured from the registry's own signed
+``generated_at``, never from a local clock value in the file, so replaying an old
+export cannot pass it. An export older than the cached list (a lower cursor) is
+refused as a rollback. When the registry rotates its key and the pinned key
+endorses the new one (``GET /v1/export/public-key``), the mirror pins the new key
+and fetches a full export; a new key without that endorsement is refused.
 """
 
 from __future__ import annotations
@@ -27,15 +33,23 @@ from typing import Any
 from modelhash._calls import Checkable, check_items
 from modelhash._client import RegistryClient
 from modelhash._config import default_cache_dir
-from modelhash._export import ExportVerificationError, key_id, load_public_key, verify_export
+from modelhash._export import (
+    ExportVerificationError,
+    key_id,
+    load_public_key,
+    verify_changes,
+    verify_endorsement,
+    verify_export,
+)
 from modelhash.errors import InputError, MirrorError
 from modelhash.fingerprint import CONTENT_ALGORITHM
 from modelhash.wire import STRONG_ALGORITHMS, CheckResult, Match, MatchEvidence
 
 __all__ = ["MIRROR_FORMAT", "MirrorIndex", "OfflineCache", "SyncReport"]
 
-MIRROR_FORMAT = "modelhash-mirror-v1"
+MIRROR_FORMAT = "modelhash-mirror-v2"
 _COUNTING = ("active", "disputed")
+_MAX_PAGES = 100_000
 
 
 @dataclass(frozen=True)
@@ -48,6 +62,18 @@ class SyncReport:
     key_id: str
     pinned_now: bool
     full: bool
+
+
+@dataclass
+class _Verified:
+    """A mirror's content once every signature and link has been checked."""
+
+    export: dict[str, Any]
+    payload: dict[str, Any]
+    pages: list[dict[str, Any]]
+    changes: list[dict[str, Any]]
+    cursor: int
+    as_of: datetime
 
 
 class OfflineCache:
@@ -82,19 +108,35 @@ class OfflineCache:
         public_key: str | None = None,
         full: bool = False,
     ) -> SyncReport:
-        """Bring the mirror up to date; refuse (MirrorError) an export that fails to verify.
+        """Bring the mirror up to date; refuse (MirrorError) anything that fails to verify.
 
         ``public_key`` (PEM text) pins that key; without it the pinned key is used,
-        or, on the first sync, the registry's key is fetched and pinned.
+        or, on the first sync, the registry's key is fetched and pinned. ``full``
+        fetches a new export even when the cache could be followed from its cursor;
+        an export older than the verified cache is refused either way.
         """
         pem, pinned_now = self._key(client, public_key)
         kid = key_id(pem)
-        state = None if full else self._read_state()
-        if state is not None and (state.get("registry") != client.registry or
-                                  state.get("key_id") != kid):
-            state = None
-        if state is None:
-            full = True
+        previous: _Verified | None = None
+        try:
+            raw = self._read_state()
+        except MirrorError:
+            if not full:
+                raise
+            raw = None  # unreadable, or an older format: --full starts afresh
+        if raw is not None and raw.get("registry") == client.registry and (
+            raw.get("key_id") == kid
+        ):
+            try:
+                previous = _verify_state(raw, pem, self.path)
+            except MirrorError:
+                if not full:
+                    raise
+        if public_key is None and not pinned_now:
+            rotated = self._follow_rotation(client, pem)
+            if rotated is not None:
+                pem, kid, full = rotated, key_id(rotated), True
+        if previous is None or full:
             document = client.export().model_dump(mode="json")
             try:
                 payload = verify_export(document, pem)
@@ -102,27 +144,73 @@ class OfflineCache:
                 raise MirrorError(
                     f"refused the export from {client.registry}: {exc.diagnostics()}"
                 ) from None
-            state = {"export": document, "changes": [], "cursor": _cursor(payload)}
-            flags = len(payload.get("flags", []))
+            cursor = _cursor(payload)
+            if previous is not None and cursor < previous.cursor:
+                raise MirrorError(
+                    f"refused the export from {client.registry}: it is older (cursor "
+                    f"{cursor}) than the verified cache (cursor {previous.cursor}), a "
+                    f"rollback or a replay; if the registry was restored from a backup, "
+                    f"delete {self.path} and sync again"
+                )
+            full = True
+            export, pages = document, []
         else:
-            flags = -1
-        cursor = int(state["cursor"])
+            export, pages = previous.export, list(previous.pages)
+            cursor = previous.cursor
         applied = 0
-        for change in client.iter_changes(cursor):
-            state["changes"].append(change.model_dump(mode="json"))
-            cursor = max(cursor, change.cursor)
-            applied += 1
-        state.update(
-            format=MIRROR_FORMAT,
-            registry=client.registry,
-            key_id=kid,
-            cursor=cursor,
-            synced_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        )
+        for page in self._fetch_pages(client, pem, cursor):
+            pages.append(page)
+            applied += len(json.loads(page["payload"])["changes"])
+        pages = _compact(pages)
+        state: dict[str, Any] = {"format": MIRROR_FORMAT, "registry": client.registry,
+                                 "key_id": kid, "export": export, "pages": pages}
+        verified = _verify_state({**state, "cursor": None, "synced_at": None}, pem, self.path,
+                                 check_fields=False)
+        state["cursor"] = verified.cursor
+        state["synced_at"] = verified.as_of.isoformat()
         self._write(self.path, json.dumps(state, separators=(",", ":")))
-        if flags < 0:
-            flags = len(self.load().flags)
-        return SyncReport(flags, applied, cursor, kid, pinned_now, full)
+        flags = len(self.load().flags)
+        return SyncReport(flags, applied, verified.cursor, kid, pinned_now, full)
+
+    def _follow_rotation(self, client: RegistryClient, pinned: str) -> str | None:
+        """The registry's new key if the pinned one endorses it (then pinned), else None."""
+        offered = client.public_key()
+        if offered.key_id == key_id(pinned) or offered.endorsement is None:
+            return None
+        try:
+            new = verify_endorsement(offered.endorsement.model_dump(mode="json"), pinned)
+        except ExportVerificationError:
+            return None  # not vouched for: the export will be refused as foreign
+        if key_id(new) != offered.key_id:
+            return None
+        self._write(self.key_path, new)
+        return new
+
+    def _fetch_pages(self, client: RegistryClient, pem: str, since: int) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for _ in range(_MAX_PAGES):
+            page = client.changes(since)
+            if page.signed is None:
+                raise MirrorError(
+                    f"{client.registry} sent an unsigned change feed: upgrade the registry"
+                )
+            signed = page.signed.model_dump(mode="json")
+            try:
+                payload = verify_changes(signed, pem)
+            except ExportVerificationError as exc:
+                raise MirrorError(
+                    f"refused a change-feed page from {client.registry}: {exc.diagnostics()}"
+                ) from None
+            if payload["since"] != since:
+                raise MirrorError(
+                    f"refused a change-feed page from {client.registry}: it starts at "
+                    f"{payload['since']}, not at {since}"
+                )
+            out.append(signed)
+            if not payload.get("has_more") or payload["next_cursor"] == since:
+                return out
+            since = payload["next_cursor"]
+        raise MirrorError(f"{client.registry}: the change feed does not end")
 
     def load(self, *, max_age: timedelta | None = None) -> MirrorIndex:
         """The verified list, with the change feed applied; MirrorError if it cannot be."""
@@ -132,27 +220,19 @@ class OfflineCache:
         state = self._read_state()
         if state is None:
             raise MirrorError(f"no offline cache in {self.directory}: run 'modelhash sync' first")
-        try:
-            payload = verify_export(state.get("export") or {}, pem)
-        except ExportVerificationError as exc:
+        if state.get("key_id") != key_id(pem):
             raise MirrorError(
-                f"{self.path}: the stored export fails verification, refusing it: "
-                f"{exc.diagnostics()}"
-            ) from None
-        try:
-            synced = datetime.fromisoformat(str(state["synced_at"]))
-            changes = list(state["changes"])
-        except (KeyError, TypeError, ValueError):
-            raise MirrorError(f"{self.path}: the cache is damaged: run 'modelhash sync --full'")\
-                from None
-        if max_age is not None and datetime.now(UTC) - synced > max_age:
-            raise MirrorError(
-                f"the offline cache was last synced at {synced.isoformat()}, "
-                f"longer ago than allowed: run 'modelhash sync'"
+                f"{self.path}: not signed by the pinned key: run 'modelhash sync --full'"
             )
-        index = MirrorIndex(synced_at=synced, registry=str(state.get("registry", "")))
-        index.load_export(payload)
-        for change in changes:
+        verified = _verify_state(state, pem, self.path)
+        if max_age is not None and datetime.now(UTC) - verified.as_of > max_age:
+            raise MirrorError(
+                f"the offline cache is current as of {verified.as_of.isoformat()} (the "
+                f"registry's signed time), longer ago than allowed: run 'modelhash sync'"
+            )
+        index = MirrorIndex(synced_at=verified.as_of, registry=str(state.get("registry", "")))
+        index.load_export(verified.payload)
+        for change in verified.changes:
             index.apply(change)
         return index
 
@@ -191,7 +271,9 @@ class OfflineCache:
         except ValueError:
             raise MirrorError(f"{self.path}: not JSON: run 'modelhash sync --full'") from None
         if not isinstance(state, dict) or state.get("format") != MIRROR_FORMAT:
-            raise MirrorError(f"{self.path}: not a {MIRROR_FORMAT} file")
+            raise MirrorError(
+                f"{self.path}: not a {MIRROR_FORMAT} file: run 'modelhash sync --full'"
+            )
         return state
 
     def _write(self, path: Path, text: str) -> None:
@@ -211,6 +293,63 @@ class OfflineCache:
             raise MirrorError(f"{path}: cannot write the cache: {exc.strerror or exc}") from None
 
 
+def _signed_time(payload: dict[str, Any], what: str, path: Path) -> datetime:
+    try:
+        when = datetime.fromisoformat(str(payload["generated_at"]))
+    except (KeyError, ValueError):
+        raise MirrorError(f"{path}: {what} has no valid generated_at") from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def _verify_state(
+    state: dict[str, Any], pem: str, path: Path, *, check_fields: bool = True
+) -> _Verified:
+    """Verify every signed document of a mirror file and how they link; MirrorError if not."""
+    try:
+        payload = verify_export(state.get("export") or {}, pem)
+    except ExportVerificationError as exc:
+        raise MirrorError(
+            f"{path}: the stored export fails verification, refusing it: {exc.diagnostics()}"
+        ) from None
+    cursor = _cursor(payload)
+    as_of = _signed_time(payload, "the export", path)
+    pages = state.get("pages")
+    if not isinstance(pages, list):
+        raise MirrorError(f"{path}: the cache is damaged: run 'modelhash sync --full'")
+    changes: list[dict[str, Any]] = []
+    for n, page in enumerate(pages):
+        try:
+            body = verify_changes(page, pem)
+        except ExportVerificationError as exc:
+            raise MirrorError(
+                f"{path}: stored change page {n} fails verification, refusing the cache: "
+                f"{exc.diagnostics()}"
+            ) from None
+        if body["since"] != cursor:
+            raise MirrorError(
+                f"{path}: stored change page {n} starts at {body['since']}, not at {cursor}: "
+                "the cache was edited; run 'modelhash sync --full'"
+            )
+        changes.extend(body["changes"])
+        cursor = body["next_cursor"]
+        as_of = max(as_of, _signed_time(body, f"change page {n}", path))
+    stated = (state.get("cursor"), state.get("synced_at"))
+    if check_fields and stated != (cursor, as_of.isoformat()):
+        raise MirrorError(
+            f"{path}: its cursor or time disagrees with the signed content: the cache was "
+            "edited; run 'modelhash sync --full'"
+        )
+    return _Verified(dict(state.get("export") or {}), payload, pages, changes, cursor, as_of)
+
+
+def _compact(pages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pages with changes, plus the newest (its signed time says how fresh the list is)."""
+    if not pages:
+        return pages
+    kept = [p for p in pages[:-1] if json.loads(p["payload"])["changes"]]
+    return [*kept, pages[-1]]
+
+
 def _cursor(payload: dict[str, Any]) -> int:
     cursor = payload.get("cursor")
     if not isinstance(cursor, int) or isinstance(cursor, bool) or cursor < 0:
@@ -219,7 +358,13 @@ def _cursor(payload: dict[str, Any]) -> int:
 
 
 class MirrorIndex:
-    """The list in memory: flags and their strong hashes, checked like the registry does."""
+    """The list in memory: flags and their strong hashes, checked like the registry does.
+
+    A mirror holds no sketches, so it matches the exact layers only (``layers``).
+    """
+
+    layers = "exact"
+    """What this checker can match; results of checks against it say so."""
 
     def __init__(self, *, synced_at: datetime, registry: str) -> None:
         self.synced_at = synced_at

@@ -84,6 +84,8 @@ class Call(Generic[T]):
     body: Any = None
     params: Mapping[str, str | int] | None = None
     idempotent: bool = True
+    raw: bool = False
+    """``parse`` gets the whole response (headers, non-JSON bodies), not its JSON."""
 
 
 def _model(model: type[BaseModel]) -> Callable[[Any], Any]:
@@ -293,6 +295,12 @@ def decode(call: Call[T], response: httpx.Response) -> T:
         raise cls(call.method, url, status, _detail(response))
     if not 200 <= status < 300:
         raise RegistryResponseError(call.method, url, f"unexpected status {status}", status)
+    if call.raw:
+        try:
+            return call.parse(response)
+        except (ValidationError, ValueError, TypeError) as exc:
+            reason = str(exc).splitlines()[0][:200]
+            raise RegistryResponseError(call.method, url, reason, status) from None
     try:
         data = response.json()
     except ValueError:

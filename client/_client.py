@@ -17,14 +17,15 @@ failure is a :class:`modelhash.errors.RegistryError` subclass.
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
 import httpx
 
-from modelhash import _calls
+from modelhash import _analyst, _calls
 from modelhash._calls import Call, Checkable, check_batches, check_items, decode
 from modelhash._policy import Decision, Unreachable, decide, unchecked
 from modelhash._requests import (
@@ -37,19 +38,24 @@ from modelhash._requests import (
     transport_reason,
 )
 from modelhash._retry import Retry
+from modelhash._scan import PathResult, check_paths
 from modelhash.errors import RegistryError, RegistryUnreachableError
-from modelhash.fingerprint import ModelFingerprint
+from modelhash.fingerprint import Layers, ModelFingerprint
 from modelhash.wire import (
+    AuditRecord,
     BasePublic,
     ChangeEvent,
     ChangesPage,
     CheckResult,
     FlagDetail,
+    FlagPage,
+    ImportResult,
     KeyCreated,
     KeyPublic,
     LookupResult,
     PublicKey,
     RangeResult,
+    ReportPublic,
     SignedExport,
 )
 
@@ -140,6 +146,19 @@ class RegistryClient:
                 out.append(r.model_copy(update={"index": len(out)}))
         return out
 
+    def check_paths(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        *,
+        recursive: bool = False,
+        workers: int = 1,
+        layers: Layers = "all",
+    ) -> list[PathResult]:
+        """Fingerprint local files or model folders and check them: what ``modelhash
+        check`` does. Every layer by default, so derivatives of flagged models match;
+        ``layers="exact"`` sends only exact hashes and the results say so."""
+        return check_paths(paths, self, recursive=recursive, workers=workers, layers=layers)
+
     def screen(
         self,
         fingerprints: Iterable[Checkable],
@@ -212,6 +231,46 @@ class RegistryClient:
     def reinstate(self, flag_id: str, *, reason: str) -> FlagDetail:
         """Make a disputed or revoked flag active again (admins)."""
         return self._run(_calls.flag_action(flag_id, "reinstate", reason))
+
+    # Analyst work
+
+    def search_flags(
+        self, *, limit: int = PAGE, offset: int = 0, **filters: Any
+    ) -> FlagPage:
+        """One page of a flag search, with the total (submitters).
+
+        Filters: ``q`` (any hash form, a flag id, or note text), ``status``,
+        ``category``, ``severity``, ``submitter``, ``since``, ``until`` (aware
+        datetimes) and ``reported``; the registry refuses unknown ones.
+        """
+        return self._run(_analyst.search_flags(filters, limit, offset))
+
+    def audit(self, flag_id: str) -> list[AuditRecord]:
+        """A flag's audit trail (admins, and the flag's own submitter)."""
+        return self._run(_analyst.audit(flag_id))
+
+    def report(self, flag_id: str, *, kind: str, note: str | None = None) -> ReportPublic:
+        """Report a suspected ``false-positive`` or a ``confirmed-hit`` (any key)."""
+        return self._run(_analyst.report(flag_id, kind, note))
+
+    def reports(self, flag_id: str | None = None) -> list[ReportPublic]:
+        """Reports on one flag, or the newest reports on all (submitters)."""
+        return self._run(_analyst.reports(flag_id))
+
+    def import_flags(
+        self, text: str, *, format: str = "csv", category: str | None = None,
+        severity: str | None = None, batch: int = _analyst.IMPORT_BATCH,
+    ) -> ImportResult:
+        """Flag every row of a CSV or a plain hash list, in batches; a result per row."""
+        parts = []
+        for part, first in _analyst.import_batches(text, format, batch):
+            request = _analyst.import_request(part, format, category, severity, first)
+            parts.append(self._run(_analyst.import_call(request)))
+        return _analyst.merge_results(parts)
+
+    def export_csv(self, **filters: Any) -> str:
+        """Every flag matching the filters (as :meth:`search_flags`), as CSV text."""
+        return self._run(_analyst.export_csv(filters))
 
     # Bases and keys
 

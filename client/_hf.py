@@ -5,8 +5,11 @@ checks those hashes, with nothing downloaded: a re-upload of a flagged file is
 caught at the cost of one metadata request. If nothing matched, step two downloads
 the weight files (through ``huggingface_hub``, so ``HF_HOME``, ``HF_TOKEN`` and
 ``HF_HUB_OFFLINE`` apply, and files already in the cache are reused) and
-fingerprints them fully, which catches re-saved and converted copies too.
+fingerprints them with every layer, which catches re-saved and converted copies
+and derivatives (casts, merges, fine-tunes, LoRAs, baked LoRAs) too.
 
+A flag found by step one ends the check there: the report says it was checked by
+metadata only (``checked_by: "metadata"``, ``layers: "exact"``, and a ``note``).
 With ``HF_HUB_OFFLINE=1`` step one is skipped and step two reads the local cache.
 """
 
@@ -19,7 +22,7 @@ from typing import Any
 
 from modelhash._scan import Checker, PathResult, check_paths
 from modelhash.errors import HubError, HubNotFoundError, InputError, ModelhashError
-from modelhash.fingerprint import Progress
+from modelhash.fingerprint import Layers, Progress
 
 __all__ = ["HubReport", "hub_check", "parse_repo_ref"]
 
@@ -37,12 +40,19 @@ class HubReport:
     results: list[PathResult] = field(default_factory=list)
     downloaded: list[str] = field(default_factory=list)
     step: str = "metadata"
+    layers: Layers = "exact"
+    """``all`` once the files were fingerprinted with every layer; ``exact`` when only
+    the Hub's sha256 (or exact layers, asked for) were checked."""
+    note: str = ""
+    """Why the check stopped where it did, when that was short of a full check."""
 
     def to_json(self) -> dict[str, Any]:
         return {
             "repo": self.repo_id,
             "revision": self.revision,
             "checked_by": self.step,
+            "layers": self.layers,
+            "note": self.note,
             "downloaded": list(self.downloaded),
             "results": [r.to_json() for r in self.results],
         }
@@ -72,6 +82,16 @@ def _cache_dir() -> str | None:
     return str(Path(home) / "hub") if home else None
 
 
+def _require_hub() -> None:
+    """Fail with the extra to install when huggingface_hub is missing."""
+    try:
+        import huggingface_hub  # noqa: F401
+    except ImportError:
+        raise InputError(
+            "checking Hugging Face repos needs the hf extra: pip install 'modelhash[hf]'"
+        ) from None
+
+
 def _translate(exc: Exception, what: str) -> ModelhashError:
     from huggingface_hub import errors as hf
 
@@ -98,13 +118,17 @@ def hub_check(
     endpoint: str | None = None,
     workers: int = 1,
     progress: Progress | None = None,
+    layers: Layers = "all",
 ) -> HubReport:
     """Check the model repo ``ref`` (``org/name[@revision]``) against ``checker``.
 
-    A match on the Hub's own sha256 ends the check with no download. Raises
+    A match on the Hub's own sha256 ends the check with no download, and the report
+    says it is metadata-only. Otherwise the weight files are downloaded and
+    fingerprinted with ``layers`` (every layer by default). Raises
     HubNotFoundError for a missing or gated repo, HubError when the Hub fails, and
     RegistryError when the list cannot answer.
     """
+    _require_hub()
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
     repo_id, revision = parse_repo_ref(ref)
@@ -117,8 +141,8 @@ def hub_check(
                                               local_files_only=True))
         except Exception as exc:
             raise _translate(exc, ref) from None
-        report = HubReport(repo_id, snapshot.name, step="files (offline cache)")
-        report.results = _check_folder(snapshot, report, checker, workers, progress)
+        report = HubReport(repo_id, snapshot.name, step="files (offline cache)", layers=layers)
+        report.results = _check_folder(snapshot, report, checker, workers, progress, layers)
         return report
 
     api = HfApi(endpoint=endpoint, token=token)
@@ -146,8 +170,19 @@ def hub_check(
     if not weights:
         results.append(PathResult(f"{repo_id}@{sha}", "error", {},
                                   error=f"{repo_id}@{sha}: the repo holds no weight files"))
+    for pr in results:
+        pr.layers = "exact"
     report.results = results
-    if any(r.verdict == "match" for r in results) or not download or not weights:
+    if any(r.verdict == "match" for r in results):
+        report.note = ("metadata only: a file's sha256 on the Hub is flagged, so nothing was "
+                       "downloaded")
+        return report
+    if not weights:
+        report.note = "the repo holds no weight files"
+        return report
+    if not download:
+        report.note = ("metadata only (download not asked for): exact hashes checked, "
+                       "derivatives of flagged models are not detected")
         return report
 
     wanted = [s.rfilename for s in siblings if s.rfilename.lower().endswith(WEIGHT_SUFFIXES)
@@ -167,14 +202,23 @@ def hub_check(
     assert folder is not None
     report.revision = folder.name  # the commit the files came from
     report.step = "files"
-    report.results = _check_folder(folder, report, checker, workers, progress)
+    report.layers = layers
+    report.results = _check_folder(folder, report, checker, workers, progress, layers)
     return report
 
 
 def _check_folder(
-    folder: Path, report: HubReport, checker: Checker, workers: int, progress: Progress | None
+    folder: Path,
+    report: HubReport,
+    checker: Checker,
+    workers: int,
+    progress: Progress | None,
+    layers: Layers,
 ) -> list[PathResult]:
-    results = check_paths([folder], checker, recursive=True, workers=workers, progress=progress)
+    results = check_paths([folder], checker, recursive=True, workers=workers, progress=progress,
+                          layers=layers)
+    if results:
+        report.layers = results[0].layers
     prefix = f"{report.repo_id}@{report.revision}"
     for r in results:
         try:

@@ -3,7 +3,9 @@
 This is what ``modelhash check`` runs, and what a platform that scans after the fact
 calls. Results come back one per model, in the order of the paths given; a file
 that cannot be read still gets a result (verdict ``error``), and its exact bytes are
-still checked, so a flagged hostile file matches.
+still checked, so a flagged hostile file matches. Every layer is computed and sent
+by default, so derivatives of flagged models match too; a caller may ask for the
+exact layers only, and each result then says ``layers: "exact"``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from modelhash._calls import Checkable, file_map, with_sketch
+from modelhash.errors import ModelhashError
 from modelhash.fingerprint import Layers, Outcome, Progress, fingerprint_path
+from modelhash.fingerprint._guard import as_error, guarded
+from modelhash.fingerprint._limits import MAX_TREE_ENTRIES
 from modelhash.wire import CheckResult, Match
 
 __all__ = [
@@ -29,6 +34,7 @@ __all__ = [
     "fingerprint_all",
     "fingerprint_exact",
     "fingerprint_for_check",
+    "layers_for",
 ]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".sft")
@@ -58,7 +64,8 @@ def fingerprint_for_check(
 
 class Checker(Protocol):
     """Anything that checks fingerprints: a :class:`~client.RegistryClient` or an
-    offline :class:`~client.MirrorIndex`."""
+    offline :class:`~client.MirrorIndex`. A checker that can match the exact layers
+    only says so with a ``layers = "exact"`` attribute."""
 
     def check(self, fingerprints: Iterable[Checkable]) -> list[CheckResult]:
         """One result per fingerprint, in order."""
@@ -74,15 +81,24 @@ class PathResult:
     fingerprint: dict[str, str]
     matches: list[Match] = field(default_factory=list)
     error: str | None = None
+    #: The error's JSON form (``message``, ``kind``, fields of its own), when it came
+    #: from a :class:`~modelhash.errors.ModelhashError`.
+    error_json: dict[str, Any] | None = None
+    layers: Layers = "all"
+    """Which layers were checked: ``all``, or ``exact`` (asked for, or offline)."""
 
     def to_json(self) -> dict[str, Any]:
-        """The documented JSON form."""
+        """The documented JSON form; ``error`` has the one error shape of every command."""
+        error = self.error_json
+        if error is None and self.error is not None:
+            error = {"message": self.error, "kind": "input"}
         return {
             "path": self.path,
             "verdict": self.verdict,
             "fingerprint": dict(self.fingerprint),
             "matches": [m.model_dump(mode="json") for m in self.matches],
-            "error": self.error,
+            "error": error,
+            "layers": self.layers,
         }
 
 
@@ -94,15 +110,36 @@ def _is_model_folder(folder: Path) -> bool:
     return any(folder.glob("*.safetensors.index.json")) or any(folder.glob("*.bin.index.json"))
 
 
-def _walk(folder: Path) -> list[Path]:
-    try:
-        entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-    except OSError:
-        return [folder]  # fingerprint_path reports why it cannot be listed
-    out = [p for p in entries if p.suffix.lower() in _WEIGHT_SUFFIXES and p.is_file()]
-    for sub in entries:
-        if sub.is_dir() and not sub.is_symlink():
-            out.extend([sub] if _is_model_folder(sub) else _walk(sub))
+def _walk(top: Path) -> list[Path]:
+    """Weight files and model folders below ``top``, depth-first in name order.
+
+    Iterative, so a tree thousands of levels deep is walked like a shallow one; at
+    most MAX_TREE_ENTRIES entries are visited (the rest are not walked).
+    """
+    out: list[Path] = []
+    budget = MAX_TREE_ENTRIES
+    # Each stack item is a folder still to list, or a path already found.
+    stack: list[tuple[Path, bool]] = [(top, False)]
+    while stack:
+        folder, found = stack.pop()
+        if found:
+            out.append(folder)
+            continue
+        try:
+            entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+        except OSError:
+            out.append(folder)  # fingerprint_path reports why it cannot be listed
+            continue
+        budget -= len(entries)
+        if budget < 0:
+            break
+        later: list[tuple[Path, bool]] = [
+            (p, True) for p in entries if p.suffix.lower() in _WEIGHT_SUFFIXES and p.is_file()
+        ]
+        for sub in entries:
+            if sub.is_dir() and not sub.is_symlink():
+                later.append((sub, _is_model_folder(sub)))
+        stack.extend(reversed(later))
     return out
 
 
@@ -127,12 +164,31 @@ def expand(paths: Sequence[str | os.PathLike[str]], *, recursive: bool = False) 
 
 
 def _size(path: Path) -> int:
+    """Bytes under ``path``, for the progress total: regular files only, bounded walk."""
+    total = 0
+    stack = [path]
+    seen = 0
+    while stack and seen < MAX_TREE_ENTRIES:
+        p = stack.pop()
+        seen += 1
+        try:
+            if p.is_symlink() and p != path:
+                continue
+            if p.is_file():
+                total += p.stat().st_size
+            elif p.is_dir():
+                stack.extend(p.iterdir())
+        except OSError:
+            continue
+    return total
+
+
+def _fingerprint_one(path: Path, layers: Layers, progress: Progress | None) -> list[Outcome]:
+    """One path's outcomes; whatever goes wrong is that path's error, never the run's."""
     try:
-        if path.is_file():
-            return path.stat().st_size
-        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    except OSError:
-        return 0
+        return guarded(path, lambda: fingerprint_for_check(path, layers=layers, progress=progress))
+    except ModelhashError as exc:
+        return [Outcome(path=str(path), error=as_error(path, exc))]
 
 
 def fingerprint_all(
@@ -140,7 +196,7 @@ def fingerprint_all(
     *,
     workers: int = 1,
     progress: Progress | None = None,
-    layers: Layers = "exact",
+    layers: Layers = "all",
 ) -> list[list[Outcome]]:
     """Fingerprint each path (one list of outcomes per path), ``workers`` at a time.
 
@@ -153,11 +209,9 @@ def fingerprint_all(
     feed = _Feed(progress) if progress is not None else None
     try:
         if workers <= 1 or len(paths) <= 1:
-            return [fingerprint_for_check(p, layers=layers, progress=feed) for p in paths]
+            return [_fingerprint_one(p, layers, feed) for p in paths]
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="modelhash") as pool:
-            return list(pool.map(
-                lambda p: fingerprint_for_check(p, layers=layers, progress=feed), paths
-            ))
+            return list(pool.map(lambda p: _fingerprint_one(p, layers, feed), paths))
     finally:
         if progress is not None:
             progress.finish()
@@ -179,6 +233,12 @@ class _Feed:
         pass
 
 
+def layers_for(checker: object, layers: Layers) -> Layers:
+    """The layers a check with ``checker`` really covers: ``exact`` if either the
+    caller asked for that or the checker cannot match sketches (an offline mirror)."""
+    return "exact" if layers == "exact" or getattr(checker, "layers", "all") == "exact" else "all"
+
+
 def check_maps(o: Outcome) -> tuple[dict[str, str], list[dict[str, str]]]:
     """What to show as the fingerprint, and every map to check for this outcome."""
     if o.fingerprint is not None and o.error is None:
@@ -190,8 +250,13 @@ def check_maps(o: Outcome) -> tuple[dict[str, str], list[dict[str, str]]]:
     return (maps[0] if len(maps) == 1 else {}), maps
 
 
-def check_outcomes(outcomes: Sequence[Outcome], checker: Checker) -> list[PathResult]:
-    """Check every outcome in one go (the checker batches); one result per outcome."""
+def check_outcomes(
+    outcomes: Sequence[Outcome], checker: Checker, *, layers: Layers = "all"
+) -> list[PathResult]:
+    """Check every outcome in one go (the checker batches); one result per outcome.
+
+    ``layers`` is what the outcomes were computed with, and is recorded in each
+    result."""
     plan = [check_maps(o) for o in outcomes]
     flat = [m for _, maps in plan for m in maps]
     answers = checker.check(flat) if flat else []
@@ -209,7 +274,8 @@ def check_outcomes(outcomes: Sequence[Outcome], checker: Checker) -> list[PathRe
         verdict: Literal["match", "clean", "error"] = (
             "match" if matched else "error" if error is not None else "clean"
         )
-        out.append(PathResult(o.path, verdict, shown, list(matches.values()), error))
+        out.append(PathResult(o.path, verdict, shown, list(matches.values()), error,
+                              o.error.to_json() if o.error is not None else None, layers))
     return out
 
 
@@ -221,17 +287,21 @@ def check_paths(
     workers: int = 1,
     progress: Progress | None = None,
     on_outcome: Callable[[Outcome], None] | None = None,
-    layers: Layers = "exact",
+    layers: Layers = "all",
 ) -> list[PathResult]:
     """Fingerprint and check ``paths``; raises RegistryError if the list cannot answer.
 
-    ``layers="all"`` also computes and sends the sketch layer, so the registry can
-    match derivatives of flagged models; ``exact`` is enough for an offline cache.
+    By default every layer is computed and the sketch layer is sent, so the registry
+    also matches derivatives of flagged models (casts, merges, fine-tunes, LoRAs).
+    ``layers="exact"`` sends the file and content hashes only (what an offline
+    mirror can match); each result then carries ``layers: "exact"``, as it does
+    when ``checker`` can match the exact layers only.
     """
+    layers = layers_for(checker, layers)
     outcomes = [o for group in fingerprint_all(
         expand(paths, recursive=recursive), workers=workers, progress=progress, layers=layers
     ) for o in group]
     if on_outcome is not None:
         for o in outcomes:
             on_outcome(o)
-    return check_outcomes(outcomes, checker)
+    return check_outcomes(outcomes, checker, layers=layers)

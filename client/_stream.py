@@ -1,96 +1,136 @@
-"""Fingerprint a file while its bytes arrive, front to back, with bounded memory.
+"""Upload bodies as sources for the one fingerprint pass.
 
-A safetensors file puts its header first, so once the header is in, every tensor's
-byte span is known and each tensor is hashed as it streams past: the file and
-content layers come out with no temporary file and no second read, and equal what
-``fingerprint_file`` computes for the same bytes. Other formats (PyTorch zips and
-pickles, GGUF) need random access; they are spooled to a temporary file, up to the
-caller's size limit, and fingerprinted from there.
+This module only adapts bytes that arrive over time to what the engine reads:
+
+- a safetensors body puts its header first: once the header is in, the engine's
+  pass (:func:`~modelhash.fingerprint._engine.fingerprint_source`) reads the rest
+  of the body as it arrives, with every layer's work items, the sketch included,
+  and no temporary file;
+- formats that need random access (PyTorch zips and pickles, GGUF) are spooled to
+  a temporary file, never past ``max_bytes``, and fingerprinted from there by the
+  same engine;
+- a model that arrives as several files (shards with their index, a diffusers
+  folder) is spooled to a temporary folder and fingerprinted as one model.
+
+Results name the upload, never the temporary file.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import io
-import json
 import os
+import queue
+import shutil
 import struct
 import tempfile
-from collections import Counter
-from pathlib import Path
-from typing import IO, Any
+import threading
+from collections.abc import AsyncIterable, Iterable, Iterator, Sequence
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
-import blake3
-
-try:  # the same CRC32 the engine uses; identical answers either way
-    from isal.isal_zlib import crc32
-except ImportError:  # pragma: no cover
-    from zlib import crc32
-
-from modelhash._scan import fingerprint_exact
-from modelhash.errors import MalformedFileError, ModelhashError, UploadTooLargeError
-from modelhash.fingerprint import FileHashes, ModelFingerprint, Outcome, TensorDigest
-from modelhash.fingerprint._content import canonical_names, content_digest
-from modelhash.fingerprint._describe import describe
+from modelhash.errors import InputError, MalformedFileError, ModelhashError, UploadTooLargeError
+from modelhash.fingerprint import Layers, Outcome, fingerprint_path
+from modelhash.fingerprint._engine import fingerprint_source, hash_source
 from modelhash.fingerprint._formats._safetensors import MAX_HEADER, SafetensorsReader
-from modelhash.fingerprint._pass import SpanHasher
+from modelhash.fingerprint._limits import load_json
+from modelhash.fingerprint._pass import ChunkSource, Source
 
-__all__ = ["StreamFingerprinter"]
+__all__ = [
+    "Body",
+    "Pipe",
+    "StreamFingerprinter",
+    "chunks_of",
+    "fingerprint_body",
+    "fingerprint_parts",
+]
 
-_AUTOV1_START, _AUTOV1_END, _AUTOV1_MIN = 0x100000, 0x110000, 2 * 1024 * 1024
-_AUTOV3_HEADER_LIMIT = 16 * 1024 * 1024
+READ_BLOCK = 1024 * 1024
+"""How much is read at a time from a file object, and carried per async hop."""
 _SNIFF = 9
 
+Chunks = Iterable[bytes | bytearray | memoryview]
 
-class _FileHasher:
-    """The file layer of a byte stream, exactly as the model sites define it."""
 
-    def __init__(self) -> None:
-        self.sha256 = hashlib.sha256()
-        self.blake3 = blake3.blake3()
-        self.crc = 0
-        self.autov1 = bytearray()
-        self.autov3: Any = None
-        self.autov3_from = 0
-        self.size = 0
+def chunks_of(stream: Chunks | BinaryIO) -> Iterator[bytes | bytearray | memoryview]:
+    """Iterate a body given as chunks or as a binary file object."""
+    read = getattr(stream, "read", None)
+    if read is None:
+        yield from stream
+        return
+    while block := read(READ_BLOCK):
+        yield block
 
-    def start_autov3(self, offset: int) -> None:
-        self.autov3 = hashlib.sha256()
-        self.autov3_from = offset
 
-    def update(self, view: memoryview) -> None:
-        off, n = self.size, len(view)
-        self.sha256.update(view)
-        self.blake3.update(view)
-        self.crc = crc32(view, self.crc)
-        if off < _AUTOV1_END and off + n > _AUTOV1_START:
-            self.autov1 += view[max(0, _AUTOV1_START - off) : _AUTOV1_END - off]
-        if self.autov3 is not None and off + n > self.autov3_from:
-            self.autov3.update(view[max(0, self.autov3_from - off) :])
-        self.size += n
+class Body:
+    """An upload body as a pass :class:`Source`: counts bytes, enforces ``max_bytes``.
 
-    def finish(self, name: str, *, autov3: bool) -> FileHashes:
-        sha = self.sha256.hexdigest()
-        return FileHashes(
-            path=name,
-            size=self.size,
-            sha256=sha,
-            blake3=self.blake3.hexdigest(),
-            crc32=self.crc.to_bytes(4, "little").hex(),
-            autov1=(
-                hashlib.sha256(self.autov1).hexdigest()[:8] if self.size >= _AUTOV1_MIN else None
-            ),
-            autov2=sha[:10],
-            autov3=self.autov3.hexdigest()[:12] if autov3 and self.autov3 is not None else None,
-        )
+    Raises UploadTooLargeError as soon as the body passes the limit, having read no
+    further; ``received`` is the number of bytes taken so far.
+    """
+
+    def __init__(self, chunks: Iterator[bytes | bytearray | memoryview], name: str,
+                 max_bytes: int) -> None:
+        self.name = name
+        self.max_bytes = max_bytes
+        self.received = 0
+        self.failure: BaseException | None = None
+        """Why the body could not be read to its end (too large, the client gone):
+        raised to the caller, never turned into a verdict about the file."""
+        self._chunks = chunks
+        self._src = ChunkSource(self._limited())
+
+    def _limited(self) -> Iterator[bytes | bytearray | memoryview]:
+        try:
+            for block in self._chunks:
+                n = memoryview(block).nbytes
+                if self.received + n > self.max_bytes:
+                    raise UploadTooLargeError(self.name, self.max_bytes)
+                self.received += n
+                yield block
+        except BaseException as exc:
+            self.failure = exc
+            raise
+
+    def readinto(self, buf: memoryview) -> int:
+        return self._src.readinto(buf)
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes; fewer only at the end of the body. Memory grows with
+        what arrives, not with ``n`` (a header length is the sender's claim)."""
+        out = bytearray()
+        buf = bytearray(min(n, READ_BLOCK))
+        view = memoryview(buf)
+        while len(out) < n:
+            k = self._src.readinto(view[: n - len(out)])
+            if not k:
+                break
+            out += view[:k]
+        return bytes(out)
+
+
+class _Prefixed:
+    """``head`` first, then the rest of ``rest``: bytes already sniffed are not lost."""
+
+    def __init__(self, head: bytes, rest: Source) -> None:
+        self._head = memoryview(head)
+        self._rest = rest
+
+    def readinto(self, buf: memoryview) -> int:
+        if len(self._head):
+            n = min(len(buf), len(self._head))
+            buf[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        return self._rest.readinto(buf)
 
 
 def _claimed_size(header: bytes, n: int) -> int:
     """The file size a safetensors header implies; 8 + n when it cannot say."""
     try:
-        entries = json.loads(header)
+        entries = load_json("upload", header, "safetensors header", max_depth=3)  # bounded
         ends = [v["data_offsets"][1] for k, v in entries.items() if k != "__metadata__"]
         end = max(ends, default=0)
         return 8 + n + end if isinstance(end, int) and end >= 0 else 8 + n
@@ -98,13 +138,260 @@ def _claimed_size(header: bytes, n: int) -> int:
         return 8 + n
 
 
-class StreamFingerprinter:
-    """Feed the bytes of one file in order with :meth:`feed`; :meth:`finish` gives the
-    :class:`~modelhash.fingerprint.Outcome` that ``fingerprint_path`` would.
+def fingerprint_body(
+    body: Body,
+    *,
+    layers: Layers = "all",
+    spool_dir: str | os.PathLike[str] | None = None,
+) -> Outcome:
+    """The outcome ``fingerprint_path`` would give for the body's bytes as a file.
 
-    ``name`` is used in results and for the file-name suffix some formats are
-    recognised by. More than ``max_bytes`` raises UploadTooLargeError at once.
-    Not thread-safe; one per upload.
+    Errors in the body (truncated, hostile, unsupported) come back in the outcome,
+    with the file layer of the bytes received; UploadTooLargeError is raised.
+    """
+    name = body.name
+    head = body.read(_SNIFF)
+    n = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else 0
+    if not (len(head) == _SNIFF and 2 <= n <= MAX_HEADER and head[8:9] == b"{"):
+        return _spooled(body, head, layers=layers, spool_dir=spool_dir)
+    head += body.read(8 + n - _SNIFF)
+    reader = SafetensorsReader()
+
+    def as_file(size: int) -> ModelhashError | None:
+        """The error a file of ``size`` bytes starting with ``head`` gives, if any."""
+        try:
+            reader.parse(Path(name), size, io.BytesIO(head))
+        except ModelhashError as exc:
+            return exc
+        return None
+
+    if len(head) < 8 + n:  # the body ended inside the header
+        err = as_file(len(head)) or MalformedFileError(name, "ended inside its header")
+        return Outcome(name, error=err, files=[hash_source(name, _Prefixed(head, body))])
+    claimed = _claimed_size(head[8:], n)
+    try:
+        pf = reader.parse(Path(name), claimed, io.BytesIO(head))
+    except ModelhashError as exc:
+        files = [hash_source(name, _Prefixed(head, body))]
+        # Judged as the file the whole body makes, as fingerprint_path would.
+        err = as_file(files[0].size) or exc
+        return Outcome(name, error=err, files=files)
+
+    def verify(got: int) -> None:
+        if got != claimed:
+            raise as_file(got) or MalformedFileError(
+                name, f"body of {got} bytes, its header describes {claimed}"
+            )
+
+    out = fingerprint_source(name, pf, _Prefixed(head, body), verify, layers=layers)
+    if body.failure is not None:
+        raise body.failure
+    return out
+
+
+def _spooled(
+    body: Body, head: bytes, *, layers: Layers, spool_dir: str | os.PathLike[str] | None
+) -> Outcome:
+    # The suffix helps recognise some formats; only plain characters are kept.
+    suffix = "." + "".join(c for c in PurePosixPath(body.name).suffix[1:17] if c.isalnum())
+    fd, raw = tempfile.mkstemp(prefix="modelhash-upload-", suffix=suffix, dir=spool_dir)
+    path = Path(raw)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            _copy(_Prefixed(head, body), fh)
+        (out,) = fingerprint_path(path, layers=layers)[:1]
+        return _renamed_outcome(out, {str(path): body.name})
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _copy(src: Source, fh: BinaryIO) -> None:
+    buf = bytearray(READ_BLOCK)
+    view = memoryview(buf)
+    while n := src.readinto(view):
+        fh.write(view[:n])
+
+
+def _safe_relative(name: str) -> PurePosixPath:
+    """A part's name as a relative path inside the spool folder; refuses escapes."""
+    p = PurePosixPath(name.replace("\\", "/"))
+    if (not name or p.is_absolute() or any(s in ("", ".", "..") for s in p.parts)
+            or any(s.startswith(".") for s in p.parts) or len(p.parts) > 8 or len(name) > 512):
+        raise InputError(f"upload part name {name[:100]!r} is not a plain relative path")
+    return p
+
+
+def fingerprint_parts(
+    parts: Sequence[tuple[str, Body]],
+    *,
+    layers: Layers = "all",
+    spool_dir: str | os.PathLike[str] | None = None,
+) -> list[Outcome]:
+    """Fingerprint the files of one upload (a multi-file form, a sharded or diffusers
+    model) as the folder they make: one outcome per model, as ``fingerprint_path``.
+
+    ``max_bytes`` applies to each part's :class:`Body`. Part names are relative paths
+    (``unet/diffusion_pytorch_model.safetensors``); anything else is an InputError.
+    """
+    rels = [_safe_relative(name) for name, _ in parts]
+    if len(set(rels)) != len(rels):
+        raise InputError("two upload parts have the same name")
+    folder = Path(tempfile.mkdtemp(prefix="modelhash-upload-", dir=spool_dir))
+    try:
+        for rel, (_, body) in zip(rels, parts, strict=True):
+            dst = folder.joinpath(*rel.parts)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            with dst.open("wb") as fh:
+                _copy(body, fh)
+        names = {str(folder.joinpath(*r.parts)): str(r) for r in rels}
+        names[str(folder)] = "upload"
+        return [_renamed_outcome(o, names) for o in fingerprint_path(folder, layers=layers)]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _rename(text: str, names: dict[str, str]) -> str:
+    for temp in sorted(names, key=len, reverse=True):
+        if temp in text:
+            rest = text.replace(temp, names[temp])
+            return rest.replace(names[temp] + os.sep, names[temp] + "/")
+    return text
+
+
+def _renamed_outcome(out: Outcome, names: dict[str, str]) -> Outcome:
+    """The same outcome, naming the upload's files instead of the temporary ones."""
+    files = [dataclasses.replace(f, path=_rename(f.path, names)) for f in out.files]
+    fp = out.fingerprint
+    if fp is not None:
+        fp = dataclasses.replace(fp, path=_rename(fp.path, names), files=files)
+    error = out.error
+    if error is not None:
+        error = _renamed(error, names)
+    return Outcome(_rename(out.path, names), fingerprint=fp if error is None else None,
+                   error=error, files=files)
+
+
+def _renamed(error: ModelhashError, names: dict[str, str]) -> ModelhashError:
+    """The same error, naming the upload instead of its temporary file."""
+    path = getattr(error, "path", None)
+    if isinstance(path, str | Path):
+        with contextlib.suppress(AttributeError):
+            error.path = _rename(str(path), names)  # type: ignore[attr-defined]
+    error.args = tuple(_rename(a, names) if isinstance(a, str) else a for a in error.args)
+    return error
+
+
+class Pipe:
+    """Hands an upload body, pushed by one side, to a pass reading in another thread.
+
+    At most ``depth`` blocks wait in between, so a fast client cannot fill memory
+    while the pass is busy. The producer pushes with :meth:`put` (blocking) or
+    :meth:`aput` (from an event loop, never blocking it and never holding an
+    executor thread), then :meth:`end`. The consumer reads :meth:`chunks` and calls
+    :meth:`stop` when it will read no more, which releases a waiting producer.
+    """
+
+    _END = object()
+
+    def __init__(self, depth: int = 8) -> None:
+        self._q: queue.Queue[object] = queue.Queue(maxsize=depth)
+        self._stopped = threading.Event()
+        self._space: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped.is_set()
+
+    def stop(self) -> None:
+        """The consumer will read no more."""
+        self._stopped.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._loop is not None and self._space is not None:
+            with contextlib.suppress(RuntimeError):  # the loop may be closed
+                self._loop.call_soon_threadsafe(self._space.set)
+
+    def put(self, item: object) -> bool:
+        """Queue ``item``, waiting for room; False if the consumer has stopped."""
+        while not self._stopped.is_set():
+            try:
+                self._q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    async def aput(self, item: object) -> bool:
+        """:meth:`put` for a coroutine: waits on the loop for room."""
+        if self._space is None:
+            self._loop = asyncio.get_running_loop()
+            self._space = asyncio.Event()
+        while not self._stopped.is_set():
+            try:
+                self._q.put_nowait(item)
+                return True
+            except queue.Full:
+                self._space.clear()
+                if not self._q.full():
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._space.wait(), 0.5)
+        return False
+
+    def end(self, failure: BaseException | None = None) -> None:
+        """No more blocks: the body ended, or failed with ``failure``."""
+        self.put(self._END if failure is None else failure)
+
+    async def aend(self, failure: BaseException | None = None) -> None:
+        await self.aput(self._END if failure is None else failure)
+
+    def chunks(self) -> Iterator[bytes]:
+        """The body's blocks, for the consumer; a producer failure becomes InputError."""
+        while True:
+            item = self._q.get()
+            self._wake()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise InputError(f"the upload body failed: {type(item).__name__}: {item}"[:300])
+            assert isinstance(item, bytes)
+            yield item
+
+    async def pump(self, stream: AsyncIterable[bytes] | Chunks | BinaryIO) -> None:
+        """Forward a body (async or sync chunks, or a file object) coalesced into
+        blocks of about :data:`READ_BLOCK`, then its end; stops early if the consumer
+        does. A failure of the body is passed on to the consumer and re-raised."""
+        pending = bytearray()
+        try:
+            if isinstance(stream, AsyncIterable):
+                async for block in stream:
+                    pending += block
+                    if len(pending) >= READ_BLOCK:
+                        data, pending = bytes(pending), bytearray()
+                        if not await self.aput(data):
+                            return
+            else:
+                for piece in chunks_of(stream):
+                    if not await self.aput(bytes(piece)):
+                        return
+            if pending and not await self.aput(bytes(pending)):
+                return
+            await self.aend()
+        except BaseException as exc:
+            await self.aend(exc)
+            raise
+
+
+class StreamFingerprinter:
+    """Push-style fingerprinting: :meth:`feed` the bytes of one file in order, then
+    :meth:`finish` gives the :class:`~modelhash.fingerprint.Outcome` that
+    ``fingerprint_path`` would for the same bytes, every layer included by default.
+
+    The pass runs in a thread of its own, reading what ``feed`` hands it (at most
+    a few blocks wait in between). More than ``max_bytes`` raises
+    UploadTooLargeError at once. Not thread-safe; one per upload.
     """
 
     def __init__(
@@ -113,186 +400,54 @@ class StreamFingerprinter:
         *,
         max_bytes: int,
         spool_dir: str | os.PathLike[str] | None = None,
+        layers: Layers = "all",
     ) -> None:
         self.name = name
         self.max_bytes = max_bytes
-        self._spool_dir = spool_dir
-        self._head = bytearray()
-        self._mode = "sniff"
-        self._hasher = _FileHasher()
-        self._error: ModelhashError | None = None
-        self._spans: SpanHasher | None = None
-        self._parsed: Any = None
-        self._expected = 0
-        self._spool: IO[bytes] | None = None
-        self._spool_path: Path | None = None
-        self._n = 0
         self.received = 0
         """Bytes fed so far."""
+        self._pipe = Pipe()
+        self._result: Outcome | None = None
+        self._error: BaseException | None = None
+        body = Body(self._pipe.chunks(), name, max_bytes)
+
+        def run() -> None:
+            try:
+                self._result = fingerprint_body(body, layers=layers, spool_dir=spool_dir)
+            except BaseException as exc:
+                self._error = exc
+            finally:
+                self._pipe.stop()
+
+        self._thread = threading.Thread(target=run, name="modelhash-stream", daemon=True)
+        self._thread.start()
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """The next bytes of the file."""
-        view = memoryview(data).cast("B")
-        if not len(view):
+        n = memoryview(data).nbytes
+        if not n:
             return
-        if self.received + len(view) > self.max_bytes:
+        if self.received + n > self.max_bytes:
             self.close()
             raise UploadTooLargeError(self.name, self.max_bytes)
-        self.received += len(view)
-        if self._mode == "sniff":
-            self._head += view
-            if len(self._head) >= _SNIFF:
-                self._decide()
-            return
-        if self._mode == "header":
-            self._head += view
-            self._try_header()
-            return
-        self._consume(view)
+        self.received += n
+        if not self._pipe.put(bytes(data)):
+            self._raise()
 
-    def _decide(self) -> None:
-        (n,) = struct.unpack("<Q", bytes(self._head[:8]))
-        if 2 <= n <= MAX_HEADER and self._head[8:9] == b"{":
-            self._n = n
-            self._mode = "header"
-            self._try_header()
-        else:
-            self._start_spool()
-
-    def _try_header(self) -> None:
-        n = self._n
-        if len(self._head) < 8 + n:
-            return
-        head, rest = bytes(self._head[: 8 + n]), memoryview(bytes(self._head[8 + n :]))
-        self._head = bytearray()
-        self._hasher.start_autov3(8 + n if n < _AUTOV3_HEADER_LIMIT else 8)
-        self._hasher.update(memoryview(head))
-        try:
-            self._expected = _claimed_size(head[8:], n)
-            parsed = SafetensorsReader().parse(Path(self.name), self._expected, io.BytesIO(head))
-        except ModelhashError as exc:
-            self._error = exc
-            self._mode = "bytes"
-        else:
-            self._parsed = parsed
-            self._spans = SpanHasher([t.span for t in parsed.tensors if t.span is not None])
-            self._mode = "tensors"
-        if len(rest):
-            self._consume(rest)
-
-    def _consume(self, view: memoryview) -> None:
-        if self._mode == "spool":
-            assert self._spool is not None
-            self._spool.write(view)
-            return
-        off = self._hasher.size
-        self._hasher.update(view)
-        if self._spans is not None:
-            self._spans(off, view)
-
-    def _start_spool(self) -> None:
-        suffix = Path(self.name).suffix[:16]
-        fd, path = tempfile.mkstemp(prefix="modelhash-upload-", suffix=suffix, dir=self._spool_dir)
-        self._spool = os.fdopen(fd, "wb")
-        self._spool_path = Path(path)
-        self._mode = "spool"
-        head, self._head = bytes(self._head), bytearray()
-        self._spool.write(head)
-
-    def close(self) -> None:
-        """Drop any temporary file; called by :meth:`finish` and on errors."""
-        if self._spool is not None:
-            with contextlib.suppress(OSError):
-                self._spool.close()
-            self._spool = None
-        if self._spool_path is not None:
-            self._spool_path.unlink(missing_ok=True)
-            self._spool_path = None
+    def _raise(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
     def finish(self) -> Outcome:
         """The outcome for the whole stream: a fingerprint, or an error with file hashes."""
-        try:
-            if self._mode == "sniff":
-                self._start_spool()
-            if self._mode == "header":
-                self._hasher.update(memoryview(bytes(self._head)))
-                got = self._hasher.size
-                err = MalformedFileError(
-                    self.name,
-                    f"safetensors header length {self._n} runs past the end of the file "
-                    f"({got} bytes)",
-                )
-                return Outcome(self.name, error=err,
-                               files=[self._hasher.finish(self.name, autov3=False)])
-            if self._mode == "spool":
-                return self._finish_spool()
-            return self._finish_safetensors()
-        finally:
-            self.close()
+        self._pipe.end()
+        self._raise()
+        assert self._result is not None
+        return self._result
 
-    def _finish_spool(self) -> Outcome:
-        assert self._spool is not None and self._spool_path is not None
-        self._spool.close()
-        self._spool = None
-        (out,) = fingerprint_exact(self._spool_path)[:1]
-        files = [dataclasses.replace(f, path=self.name) for f in out.files]
-        fp = out.fingerprint
-        if fp is not None:
-            fp = dataclasses.replace(fp, path=self.name, files=files)
-        error = out.error
-        if error is not None:
-            error = _renamed(error, str(self._spool_path), self.name)
-        return Outcome(self.name, fingerprint=fp if error is None else None, error=error,
-                       files=files)
-
-    def _finish_safetensors(self) -> Outcome:
-        size = self._hasher.size
-        if self._error is None and size != self._expected:
-            data_len = size - (self._expected - sum(t.nbytes for t in self._parsed.tensors))
-            need = self._expected - size
-            self._error = MalformedFileError(
-                self.name,
-                f"truncated: tensors need {need + data_len} data bytes, file has {data_len}"
-                if need > 0 else f"{-need} trailing bytes after the last tensor",
-            )
-        if self._error is not None:
-            files = [self._hasher.finish(self.name, autov3=False)]
-            return Outcome(self.name, error=self._error, files=files)
-        file_hashes = self._hasher.finish(self.name, autov3=True)
-        assert self._spans is not None
-        pf = self._parsed
-        names = canonical_names([t.name for t in pf.tensors])
-        tensors = [
-            TensorDigest(n, t.dtype, t.shape, d)
-            for n, t, d in zip(names, pf.tensors, self._spans.hexdigests(), strict=True)
-        ]
-        error: ModelhashError | None = None
-        if not tensors:
-            error = MalformedFileError(self.name, "holds no tensors")
-        dupes = [n for n, c in Counter(t.name for t in tensors).items() if c > 1]
-        if dupes:
-            error = MalformedFileError(self.name, f"tensor {dupes[0]!r} appears more than once")
-        if error is not None:
-            return Outcome(self.name, error=error, files=[file_hashes])
-        metadata = dict(pf.metadata)
-        fp = ModelFingerprint(
-            path=self.name,
-            format=pf.format,
-            files=[file_hashes],
-            content=content_digest(tensors),
-            tensors=tensors,
-            model=describe([(t.name, t.dtype, t.shape) for t in tensors], metadata),
-            metadata=metadata,
-            notes=list(pf.notes),
-        )
-        return Outcome(self.name, fingerprint=fp, files=[file_hashes])
-
-
-def _renamed(error: ModelhashError, temp: str, name: str) -> ModelhashError:
-    """The same error, naming the upload instead of its temporary file."""
-    for attr in ("path",):
-        if getattr(error, attr, None) == temp:
-            with contextlib.suppress(AttributeError):
-                setattr(error, attr, name)
-    error.args = tuple(a.replace(temp, name) if isinstance(a, str) else a for a in error.args)
-    return error
+    def close(self) -> None:
+        """Abandon the stream (the pass stops and drops any temporary file)."""
+        if self._thread.is_alive():
+            self._pipe.end(InputError("the upload was abandoned"))
+            self._thread.join()

@@ -3,8 +3,10 @@
 Point a Hub webhook (Settings -> Webhooks) at it with a secret; on every model repo
 created or updated it calls your ``on_event`` with the repo and its new commit.
 ``on_event`` should only enqueue (the Hub expects a quick answer);
-:func:`background_checker` makes one that runs :func:`~client.hub_check` in a
-worker thread and hands you each report::
+:func:`background_checker` makes one that writes the event to a durable queue (a
+SQLite file, so a restart loses nothing), runs :func:`~client.hub_check` with
+every layer in worker threads, retries repos that could not be fetched with
+backoff, and hands you each report::
 
     import os
     from modelhash import RegistryClient, WebhookReceiver, background_checker
@@ -18,7 +20,8 @@ worker thread and hands you each report::
 
 Answers: 200 (queued, or ignored with a reason), 401 for a missing or wrong
 secret (compared in constant time), 400 for a body that is not a Hub event, 405
-for anything but POST, 413 for a body over 1 MiB.
+for anything but POST, 413 for a body over 1 MiB, 503 when the event could not be
+queued (the Hub retries).
 """
 
 from __future__ import annotations
@@ -27,14 +30,23 @@ import hmac
 import inspect
 import json
 import logging
+import os
+import threading
+import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from modelhash._config import default_cache_dir
+from modelhash._hubqueue import CheckQueue, Job
 from modelhash._scan import Checker
+from modelhash.errors import InputError, ModelhashError
+from modelhash.fingerprint import Layers
 
-__all__ = ["RepoEvent", "WebhookReceiver", "background_checker"]
+__all__ = ["BackgroundChecker", "RepoEvent", "WebhookReceiver", "background_checker"]
+
+QUEUE_FILE = "hub-check-queue.sqlite3"
 
 _log = logging.getLogger("modelhash.webhook")
 
@@ -142,9 +154,14 @@ class WebhookReceiver:
         if isinstance(parsed, str):
             await _answer(send, 200, {"status": "ignored", "reason": parsed})
             return
-        result = self._on_event(parsed)
-        if inspect.isawaitable(result):
-            await result
+        try:
+            result = self._on_event(parsed)
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:  # the queue is full or its file unwritable: let the Hub retry
+            _log.error("could not queue %s: %s: %s", parsed.ref, type(exc).__name__, exc)
+            await _answer(send, 503, {"error": "could not queue the check; retry later"})
+            return
         await _answer(send, 200, {"status": "queued", "repo": parsed.repo_id,
                                   "revision": parsed.revision})
 
@@ -159,31 +176,148 @@ async def _answer(
     await send({"type": "http.response.body", "body": raw})
 
 
+class BackgroundChecker:
+    """An ``on_event`` that queues each event durably and checks it in the background.
+
+    Calling it writes the event to ``queue`` (a :class:`CheckQueue` or its file path;
+    default ``hub-check-queue.sqlite3`` in the modelhash cache folder) and returns at
+    once. ``workers`` threads (0: none, the queue only fills) run :func:`hub_check`
+    on due jobs, oldest first, with
+    every layer unless ``layers="exact"``; jobs left by a previous process are
+    picked up on start. ``on_report(event, report)`` gets each
+    :class:`~modelhash.HubReport`; a check that fails is retried with backoff
+    (the queue's ``base_delay``, doubling) and only after its last attempt is
+    ``on_report`` called with the exception. A bad repo reference is not retried.
+    """
+
+    def __init__(
+        self,
+        checker: Checker,
+        on_report: Callable[[RepoEvent, Any], None],
+        *,
+        queue: CheckQueue | str | os.PathLike[str] | None = None,
+        workers: int = 1,
+        download: bool = True,
+        layers: Layers = "all",
+        poll: float = 5.0,
+    ) -> None:
+        self._own = not isinstance(queue, CheckQueue)
+        self.queue = queue if isinstance(queue, CheckQueue) else CheckQueue(
+            Path(queue) if queue is not None else default_cache_dir() / QUEUE_FILE
+        )
+        self._checker = checker
+        self._on_report = on_report
+        self._download = download
+        self._layers: Layers = layers
+        self._poll = poll
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._busy = 0
+        self._busy_lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"modelhash-hub-{i}", daemon=True)
+            for i in range(max(0, workers))
+        ]
+        for t in self._threads:
+            t.start()
+
+    def __call__(self, event: RepoEvent) -> None:
+        self.queue.put(event.repo_id, event.revision, event.action, event.scope)
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with self._busy_lock:
+                    job = self.queue.claim()
+                    if job is not None:
+                        self._busy += 1
+                due = self.queue.next_due() if job is None else None
+            except Exception as exc:  # the queue file failed (disk full, locked): keep going
+                _log.error("check queue: %s: %s", type(exc).__name__, exc)
+                self._wake.wait(self._poll)
+                continue
+            if job is None:
+                wait = self._poll if due is None else max(0.01, min(self._poll, due - time.time()))
+                self._wake.wait(wait)
+                self._wake.clear()
+                continue
+            try:
+                self._run(job)
+            except Exception as exc:  # the job stays leased and runs again when that ends
+                _log.error("check of %s: %s: %s", job.repo_id, type(exc).__name__, exc)
+            finally:
+                with self._busy_lock:
+                    self._busy -= 1
+
+    def _run(self, job: Job) -> None:
+        from modelhash._hf import hub_check, parse_repo_ref
+
+        event = RepoEvent(job.repo_id, job.action, job.scope, job.revision)
+        report: Any
+        try:
+            parse_repo_ref(event.ref)
+        except InputError as exc:  # a bad reference never gets better: no retry
+            self.queue.give_up(job, exc.diagnostics())
+            _log.warning("hub check of %r refused: %s", event.ref, exc.diagnostics())
+            report = exc
+        else:
+            try:
+                report = hub_check(event.ref, self._checker, download=self._download,
+                                   layers=self._layers)
+            except Exception as exc:
+                why = exc.diagnostics() if isinstance(exc, ModelhashError) else (
+                    f"{type(exc).__name__}: {exc}")
+                if self.queue.retry(job, why):
+                    _log.warning("hub check of %s failed (attempt %d), will retry: %s",
+                                 event.ref, job.attempts, why)
+                    return
+                _log.warning("hub check of %s failed for good: %s", event.ref, why)
+                report = exc
+            else:
+                self.queue.done(job)
+        try:
+            self._on_report(event, report)
+        except Exception:
+            _log.exception("on_report failed for %s", event.ref)
+
+    def idle(self) -> bool:
+        """True when no job is running and none is due now."""
+        with self._busy_lock:
+            if self._busy:
+                return False
+            due = self.queue.next_due()
+            return due is None or due > time.time()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until :meth:`idle` (for tests and a graceful shutdown)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.idle():
+                return True
+            self._wake.set()
+            time.sleep(0.05)
+        return self.idle()
+
+    def close(self) -> None:
+        """Stop the workers after their current job; pending jobs stay queued."""
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join()
+        if self._own:
+            self.queue.close()
+
+
 def background_checker(
     checker: Checker,
     on_report: Callable[[RepoEvent, Any], None],
     *,
     workers: int = 1,
     download: bool = True,
-) -> Callable[[RepoEvent], None]:
-    """An ``on_event`` that runs :func:`hub_check` on a thread pool.
-
-    ``on_report(event, result)`` gets the :class:`HubReport`, or the exception if
-    the check failed (the Hub or the registry down): re-queue those.
-    """
-    from modelhash._hf import hub_check
-
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="modelhash-hub")
-
-    def run(event: RepoEvent) -> None:
-        try:
-            report: Any = hub_check(event.ref, checker, download=download)
-        except Exception as exc:
-            _log.warning("hub check of %s failed: %s", event.ref, exc)
-            report = exc
-        on_report(event, report)
-
-    def enqueue(event: RepoEvent) -> None:
-        pool.submit(run, event)
-
-    return enqueue
+    queue: CheckQueue | str | os.PathLike[str] | None = None,
+    layers: Layers = "all",
+) -> BackgroundChecker:
+    """A :class:`BackgroundChecker`: the ``on_event`` to give :class:`WebhookReceiver`."""
+    return BackgroundChecker(checker, on_report, queue=queue, workers=workers,
+                             download=download, layers=layers)

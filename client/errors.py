@@ -7,7 +7,8 @@ The tree::
     │   ├── InvalidHashError        a hash string that parses as no known algorithm
     │   ├── UnsupportedFormatError  a file or folder that is no weight format we read
     │   ├── MalformedFileError      a weight file whose structure is broken or inconsistent
-    │   │   └── ResourceLimitError  a file that asks for more than the reader allows
+    │   │   ├── ResourceLimitError  a file that asks for more than the reader allows
+    │   │   └── InternalReadError   an unexpected failure while reading one file (a bug)
     │   ├── UnsafeFileError         a pickle that references code; carries the globals
     │   ├── UploadTooLargeError     an upload stream longer than the caller allows
     │   └── HubNotFoundError        no such Hugging Face repo, revision or file (or gated)
@@ -27,13 +28,16 @@ The tree::
         └── HubError                  the Hugging Face Hub could not be reached or failed
 
 Only the CLI prints errors or exits; library code raises these with enough context
-(the path, the offending globals) for the caller to decide.
+(the path, the offending globals) for the caller to decide. ``diagnostics()`` and
+``printable`` escape control characters, so a hostile file or tensor name always
+prints as one line.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, ClassVar
 
 __all__ = [
     "ConflictError",
@@ -42,6 +46,7 @@ __all__ = [
     "HubError",
     "HubNotFoundError",
     "InputError",
+    "InternalReadError",
     "InvalidHashError",
     "MalformedFileError",
     "MirrorError",
@@ -57,23 +62,60 @@ __all__ = [
     "UnsafeFileError",
     "UnsupportedFormatError",
     "UploadTooLargeError",
+    "printable",
 ]
+
+
+def printable(text: str, limit: int | None = None) -> str:
+    """``text`` safe to print on one line: control characters, lone surrogates and
+    other unprintable characters escaped (``\\n``, ``\\x1b``, ``\\ud800``), and at most
+    ``limit`` characters long if given.
+
+    File and tensor names come from the files being checked, so a name could
+    otherwise end a line early or send a terminal escape sequence.
+    """
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else _escape(c) for c in text)
+    if limit is not None and len(text) > limit:
+        text = text[: max(0, limit - 3)] + "..."
+    return text
+
+
+def _escape(c: str) -> str:
+    code = ord(c)
+    if code < 0x100:
+        return {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(c, f"\\x{code:02x}")
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 class ModelhashError(Exception):
     """Root of every error modelhash raises on purpose."""
 
+    #: The ``kind`` of its JSON form: a stable word scripts can branch on.
+    kind: ClassVar[str] = "error"
+
     def diagnostics(self) -> str:
-        """One line for a human: what went wrong and with what."""
-        return str(self)
+        """One line for a human: what went wrong and with what, unprintables escaped."""
+        return printable(str(self))
+
+    def to_json(self) -> dict[str, Any]:
+        """The one JSON shape of an error: ``message``, ``kind``, then fields of its own."""
+        return {"message": self.diagnostics(), "kind": self.kind, **self._fields()}
+
+    def _fields(self) -> dict[str, Any]:
+        return {}
 
 
 class InputError(ModelhashError):
     """The caller gave us something we cannot use."""
 
+    kind = "input"
+
 
 class InvalidHashError(InputError):
     """A hash string matches no accepted algorithm or form."""
+
+    kind = "hash"
 
 
 class _FileError(InputError):
@@ -82,17 +124,34 @@ class _FileError(InputError):
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
 
+    def _fields(self) -> dict[str, Any]:
+        return {"path": self.path}
+
 
 class UnsupportedFormatError(_FileError):
     """The path is not a weight format modelhash reads."""
+
+    kind = "unsupported"
 
 
 class MalformedFileError(_FileError):
     """A weight file is truncated, inconsistent or otherwise broken."""
 
+    kind = "malformed"
+
 
 class ResourceLimitError(MalformedFileError):
     """A file asks for more memory or work than the reader allows."""
+
+    kind = "limit"
+
+
+class InternalReadError(_FileError):
+    """Reading one file failed in a way the readers did not expect: a bug in modelhash.
+
+    Raised by the per-file boundary in place of whatever escaped, so that one file's
+    failure is that file's one-line error and never costs the results of the others.
+    """
 
 
 class UnsafeFileError(InputError):
@@ -111,9 +170,16 @@ class UnsafeFileError(InputError):
             f"{self.path}: unsafe pickle{inner}: refers to {', '.join(self.globals)}"
         )
 
+    kind = "unsafe"
+
+    def _fields(self) -> dict[str, Any]:
+        return {"path": self.path, "globals": self.globals}
+
 
 class RegistryError(ModelhashError):
     """The registry could not be reached, or answered with an error."""
+
+    kind = "registry"
 
 
 class UploadTooLargeError(InputError):
@@ -123,6 +189,8 @@ class UploadTooLargeError(InputError):
         self.name = name
         self.limit = limit
         super().__init__(f"{name}: upload exceeds the {limit}-byte limit")
+
+    kind = "limit"
 
 
 class RegistryUnreachableError(RegistryError):
@@ -136,6 +204,11 @@ class RegistryUnreachableError(RegistryError):
         self.url = url
         self.reason = reason
         super().__init__(f"{method} {url}: registry unreachable: {reason}")
+
+    kind = "unreachable"
+
+    def _fields(self) -> dict[str, Any]:
+        return {"url": self.url}
 
 
 class RegistryResponseError(RegistryError):
@@ -159,13 +232,29 @@ class RegistryHTTPError(RegistryError):
         self.detail = detail
         super().__init__(f"{method} {url}: {status} {detail}")
 
+    kind = "http"
+
+    def _fields(self) -> dict[str, Any]:
+        return {"status": self.status, "url": self.url}
+
 
 class UnauthorizedError(RegistryHTTPError):
     """401: the request had no API key, or one the registry does not know or has revoked."""
 
+    kind = "unauthorized"
+
+    def diagnostics(self) -> str:
+        return (f"{self}: set MODELHASH_API_KEY or pass --api-key with a key this "
+                "registry knows and has not revoked")
+
 
 class ForbiddenError(RegistryHTTPError):
     """403: the API key is valid, but its role may not do this."""
+
+    kind = "forbidden"
+
+    def diagnostics(self) -> str:
+        return f"{self}: ask the registry's admin for a key with that role"
 
 
 class NotFoundError(RegistryHTTPError):
@@ -186,6 +275,8 @@ class MirrorError(RegistryError):
     A tampered or foreign-signed export is refused with this error, never used.
     """
 
+    kind = "mirror"
+
 
 class ExportVerificationError(MirrorError):
     """An export is malformed, signed by another key, or its signature is wrong."""
@@ -201,3 +292,5 @@ class HubError(RegistryError):
     A RegistryError because, like the registry, it is an outside service whose
     failure says nothing about the model: the CLI exits 3.
     """
+
+    kind = "hub"

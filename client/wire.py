@@ -39,8 +39,12 @@ from modelhash.fingerprint._sketch import SKETCH_ALGORITHM, Sketch
 __all__ = [
     "CATEGORIES",
     "MAX_CHECK_ITEMS",
+    "MAX_IMPORT_ROWS",
+    "MAX_IMPORT_TEXT",
+    "MAX_SKETCHED_TENSORS_PER_REQUEST",
     "MAX_SKETCH_BYTES",
     "MAX_SKETCH_DECODED",
+    "MAX_SKETCH_TENSORS",
     "ROLES",
     "SEVERITIES",
     "STRONG_ALGORITHMS",
@@ -58,7 +62,11 @@ __all__ = [
     "CheckResult",
     "FlagCreate",
     "FlagDetail",
+    "FlagPage",
     "FlagStatus",
+    "ImportRequest",
+    "ImportResult",
+    "ImportRow",
     "KeyCreate",
     "KeyCreated",
     "KeyPublic",
@@ -70,6 +78,9 @@ __all__ = [
     "PublicKey",
     "RangeResult",
     "ReasonBody",
+    "ReportCreate",
+    "ReportKind",
+    "ReportPublic",
     "Role",
     "Severity",
     "SignedExport",
@@ -77,6 +88,7 @@ __all__ = [
     "decode_sketch",
     "digests_from_map",
     "encode_sketch",
+    "sketch_tensor_count",
 ]
 
 #: Full-length hashes: a chance collision is out of reach, so an equal value means
@@ -103,6 +115,15 @@ MAX_SKETCH_BYTES = 8 * 1024 * 1024
 #: The largest sketch body accepted once decompressed (a zip bomb stops here).
 MAX_SKETCH_DECODED = 32 * 1024 * 1024
 _SKETCH_B64_MAX = 4 * ((MAX_SKETCH_BYTES + 2) // 3)
+#: The most tensors one sketch may hold. A tensor takes 526 stored bytes or more
+#: (its K x K float16 values dominate), and real weights barely compress, so no
+#: genuine sketch within :data:`MAX_SKETCH_BYTES` holds more; only a crafted one of
+#: tiny, compressible tensors would, and decoded each costs about 2.4 KB of memory.
+MAX_SKETCH_TENSORS = 16_384
+#: The most sketch tensors one check request may carry over all its items. Items
+#: are decoded one at a time, so memory stays bounded by one sketch; this bounds
+#: the work of one request.
+MAX_SKETCHED_TENSORS_PER_REQUEST = 2 * MAX_SKETCH_TENSORS
 
 Category = Literal["csam", "ncii", "real-person-likeness", "other"]
 #: ``csam``: made or tuned to produce child sexual abuse imagery.
@@ -116,16 +137,25 @@ FlagStatus = Literal["active", "disputed", "revoked"]
 Role = Literal["reader", "submitter", "admin"]
 ROLES: tuple[str, ...] = ("reader", "submitter", "admin")
 Strength = Literal["strong", "weak"]
+ReportKind = Literal["false-positive", "confirmed-hit"]
+#: The largest bulk import body, as text; clients send bigger lists in batches.
+MAX_IMPORT_TEXT = 2 * 1024 * 1024
+MAX_IMPORT_ROWS = 5000
 MatchKind = Literal["exact", "content", "near-duplicate", "derived", "lora", "lora-baked"]
 
 _HEX_MAX = 200
 
 
 def _no_nul(value: Any) -> Any:
-    """Refuse NUL characters anywhere in a value: databases cannot store them in text."""
+    """Refuse NUL characters and text that is not valid Unicode (lone surrogates)
+    anywhere in a value: databases cannot store them, nor can JSON answers carry them."""
     if isinstance(value, str):
         if "\x00" in value:
             raise ValueError("text must not contain NUL characters")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text must be valid Unicode (no lone surrogates)") from None
     elif isinstance(value, dict):
         for k, v in value.items():
             _no_nul(k)
@@ -179,13 +209,7 @@ def encode_sketch(sketch: Sketch) -> str:
     return base64.b64encode(sketch.to_bytes()).decode("ascii")
 
 
-def decode_sketch(text: str, *, kinds: tuple[str, ...] = ("model", "lora")) -> Sketch:
-    """Parse a wire sketch; raise ``ValueError`` saying what is wrong with it.
-
-    Refuses bad base64, more than :data:`MAX_SKETCH_BYTES`, a body that inflates past
-    :data:`MAX_SKETCH_DECODED`, a malformed blob, another algorithm, an empty sketch
-    and a kind outside ``kinds``.
-    """
+def _sketch_blob(text: str) -> bytes:
     if len(text) > _SKETCH_B64_MAX:
         raise ValueError(f"sketch: larger than {MAX_SKETCH_BYTES} bytes")
     try:
@@ -194,6 +218,45 @@ def decode_sketch(text: str, *, kinds: tuple[str, ...] = ("model", "lora")) -> S
         raise ValueError("sketch: not valid base64 (standard alphabet, padded)") from None
     if len(blob) > MAX_SKETCH_BYTES:
         raise ValueError(f"sketch: larger than {MAX_SKETCH_BYTES} bytes")
+    return blob
+
+
+def _tensor_count(blob: bytes) -> int:
+    """The tensor count in a sketch's header, read without inflating the rest."""
+    if blob[:4] != _SKETCH_MAGIC or len(blob) < 6:
+        raise ValueError("sketch: not a modelhash sketch")
+    head = blob[6:6 + 512]
+    if blob[5]:
+        try:
+            head = zlib.decompressobj().decompress(blob[6:6 + 4096], 512)
+        except zlib.error:
+            raise ValueError("sketch: corrupt compressed body") from None
+    if len(head) < 1 or len(head) < 1 + head[0] + 5:
+        raise ValueError("sketch: truncated header")
+    count = int.from_bytes(head[2 + head[0] : 6 + head[0]], "little")
+    if count > MAX_SKETCH_TENSORS:
+        raise ValueError(f"sketch: {count} tensors, more than the {MAX_SKETCH_TENSORS} allowed")
+    return count
+
+
+def sketch_tensor_count(text: str) -> int:
+    """How many tensors a wire sketch says it holds; ValueError past the budget.
+
+    Cheap: only the header is inflated. :func:`decode_sketch` checks the rest.
+    """
+    return _tensor_count(_sketch_blob(text))
+
+
+def decode_sketch(text: str, *, kinds: tuple[str, ...] = ("model", "lora")) -> Sketch:
+    """Parse a wire sketch; raise ``ValueError`` saying what is wrong with it.
+
+    Refuses bad base64, more than :data:`MAX_SKETCH_BYTES`, more than
+    :data:`MAX_SKETCH_TENSORS` tensors (read from the header before anything is
+    decoded), a body that inflates past :data:`MAX_SKETCH_DECODED`, a malformed
+    blob, another algorithm, an empty sketch and a kind outside ``kinds``.
+    """
+    blob = _sketch_blob(text)
+    _tensor_count(blob)
     if blob[:4] == _SKETCH_MAGIC and len(blob) >= 6 and blob[5]:
         # Inflate here under a tighter cap than the parser's own.
         d = zlib.decompressobj()
@@ -226,20 +289,38 @@ def decode_sketch(text: str, *, kinds: tuple[str, ...] = ("model", "lora")) -> S
 
 
 class _SketchCarrier(BaseModel):
-    """A request with an optional ``sketch``, decoded once while validating."""
+    """A request with an optional ``sketch``.
+
+    A submission decodes it once while validating and keeps it. A check item
+    (``_sketch_lazy``) only reads the tensor count then; its request checks the
+    total against :data:`MAX_SKETCHED_TENSORS_PER_REQUEST` and validates the items
+    one at a time, and :meth:`parsed_sketch` decodes afresh on each call, so a
+    batch never holds more than one decoded sketch.
+    """
 
     _sketch: Sketch | None = PrivateAttr(default=None)
+    _sketch_tensors: int = PrivateAttr(default=0)
     _sketch_kinds: ClassVar[tuple[str, ...]] = ("model", "lora")
+    _sketch_lazy: ClassVar[bool] = False
 
     def parsed_sketch(self) -> Sketch | None:
         """The decoded ``sketch`` (None when none was sent)."""
-        return self._sketch
+        if self._sketch is not None:
+            return self._sketch
+        text = getattr(self, "sketch", None)
+        return None if text is None else decode_sketch(text, kinds=self._sketch_kinds)
+
+    def sketch_tensors(self) -> int:
+        """How many tensors the sketch holds (0 without one)."""
+        return self._sketch_tensors
 
     @model_validator(mode="after")
     def _decode_sketch(self) -> Any:
         text = getattr(self, "sketch", None)
         if text is not None:
-            self._sketch = decode_sketch(text, kinds=self._sketch_kinds)
+            self._sketch_tensors = sketch_tensor_count(text)
+            if not self._sketch_lazy:
+                self._sketch = decode_sketch(text, kinds=self._sketch_kinds)
         return self
 
 
@@ -270,6 +351,7 @@ class CheckItem(_SketchCarrier):
     """
 
     model_config = ConfigDict(extra="forbid")
+    _sketch_lazy: ClassVar[bool] = True
 
     content: str | None = Field(
         default=None,
@@ -317,13 +399,32 @@ class CheckRequest(BaseModel):
 
     items: list[CheckItem] = Field(min_length=1, max_length=MAX_CHECK_ITEMS)
 
+    @model_validator(mode="after")
+    def _sketch_budget(self) -> CheckRequest:
+        total = sum(item.sketch_tensors() for item in self.items)
+        if total > MAX_SKETCHED_TENSORS_PER_REQUEST:
+            raise ValueError(
+                f"the sketches hold {total} tensors in all, more than the "
+                f"{MAX_SKETCHED_TENSORS_PER_REQUEST} one request may carry: split the batch"
+            )
+        for index, item in enumerate(self.items):
+            if item.sketch is not None:
+                try:
+                    item.parsed_sketch()  # validate now, drop it: decoded again when used
+                except ValueError as exc:
+                    raise ValueError(f"items[{index}].{exc}") from None
+        return self
+
 
 class MatchEvidence(_Wire):
     """Why a match was made: the layer and the algorithm that matched.
 
     For ``layer: sketch`` the extra keys are ``base`` (the reference base's name, or
     None for a raw comparison), ``tensors_compared``, and the scores behind the
-    verdict (``cosine``, ``z``, ``coefficient``, ``base_distance``, ``raw_distance``).
+    verdict (``cosine``, ``z``, ``coefficient``, ``base_distance``, ``raw_distance``),
+    and ``blocks``: where in the model the flagged delta sits, one entry per part of a
+    block in model order (``component``, ``block``, ``label``, ``part``, ``tensors``,
+    ``cosine``, ``coefficient``, ``share`` of the flagged delta, ``upload_share``).
     """
 
     model_config = ConfigDict(extra="allow")
@@ -537,12 +638,6 @@ class ChangeEvent(_Wire):
     data: dict[str, Any]
 
 
-class ChangesPage(_Wire):
-    changes: list[ChangeEvent]
-    next_cursor: int
-    has_more: bool
-
-
 class SignedExport(_Wire):
     """The whole list as canonical JSON in ``payload``, signed with ed25519."""
 
@@ -552,7 +647,93 @@ class SignedExport(_Wire):
     algorithm: Literal["ed25519"]
 
 
+class ChangesPage(_Wire):
+    """One page of the change feed. ``signed`` carries the same page as a signed
+    ``modelhash-changes-v1`` payload; mirrors apply that, never the unsigned fields."""
+
+    changes: list[ChangeEvent]
+    next_cursor: int
+    has_more: bool
+    signed: SignedExport | None = None
+
+
 class PublicKey(_Wire):
+    """The export signing key. While the key is being rotated, ``endorsement`` is the
+    new key signed by the previous one (payload ``modelhash-key-endorsement-v1``), so
+    a mirror that pinned the old key can move to the new one by itself."""
+
     algorithm: Literal["ed25519"]
     key_id: str
     public_key_pem: str
+    endorsement: SignedExport | None = None
+
+
+class FlagPage(_Wire):
+    """One page of a flag search, with the total count of matching flags."""
+
+    total: int
+    limit: int
+    offset: int
+    flags: list[FlagDetail]
+
+
+class ReportCreate(BaseModel):
+    """A platform's report on a flag. It is stored and shown; it changes no status."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: ReportKind
+    note: Text | None = Field(default=None, max_length=2000)
+
+
+class ReportPublic(_Wire):
+    """A stored report: what kind, why, which key and when."""
+
+    id: int
+    flag_id: str
+    kind: ReportKind
+    note: str | None
+    by: str
+    at: datetime
+
+
+class ImportRequest(BaseModel):
+    """A bulk import: CSV text (a header row naming the columns) or a plain list of hashes.
+
+    CSV columns: ``sha256``, ``blake3``, ``content`` (at least one per row), and
+    ``category``, ``severity``, ``note``, ``evidence``; the columns of the CSV export
+    are accepted too (and ignored where they are not submission fields). A plain list
+    has one hash per line, in any accepted form. ``category`` and friends here are
+    the defaults for rows that leave them empty. At most :data:`MAX_IMPORT_ROWS`
+    rows per request; the SDK and CLI send larger lists in batches.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["csv", "list"] = "csv"
+    text: Text = Field(min_length=1, max_length=MAX_IMPORT_TEXT)
+    category: Category | None = None
+    severity: Severity | None = None
+    note: Text | None = Field(default=None, max_length=4000)
+    evidence: Text | None = Field(default=None, max_length=4000)
+    first_row: int | None = Field(
+        default=None, ge=1, le=10**9,
+        description="The number results give the first row after any header (default: its "
+        "line number, 2 for CSV, 1 for a list); batches of one file pass their offset.",
+    )
+
+
+class ImportRow(_Wire):
+    """The outcome of one row: ``created``, ``exists`` (already flagged) or ``error``."""
+
+    row: int
+    status: Literal["created", "exists", "error"]
+    flag_id: str | None = None
+    error: str | None = None
+
+
+class ImportResult(_Wire):
+    created: int
+    existing: int
+    failed: int
+    rows: list[ImportRow]

@@ -1,5 +1,7 @@
 """Engines, sessions and write transactions for SQLite and PostgreSQL.
 
+An SQLite database file is created with mode 0600 (:func:`private_file`).
+
 SQLite runs in WAL mode with ``synchronous=FULL`` (a committed flag survives a killed
 process), ``foreign_keys`` on and a busy timeout. pysqlite's own transaction
 handling is switched off so that every transaction is an explicit ``BEGIN``: reads
@@ -14,8 +16,11 @@ reads ``since=N`` can never skip a change that commits late.
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
@@ -27,7 +32,9 @@ from sqlmodel import Session
 from modelhash.registry._settings import normalise_database_url
 from modelhash.registry.errors import ConfigurationError
 
-__all__ = ["begin_write", "make_engine", "session_scope"]
+__all__ = ["begin_write", "make_engine", "private_file", "session_scope"]
+
+_log = logging.getLogger("modelhash.registry")
 
 _WRITE_OPTION = "modelhash_write"
 # An arbitrary constant naming the registry's one writer lock.
@@ -46,6 +53,8 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
         if parsed.database not in (None, "", ":memory:"):
             kwargs["pool_size"] = pool_size
             kwargs["max_overflow"] = pool_size
+            if not parsed.database.startswith("file:"):
+                private_file(Path(parsed.database), sidecars=("-wal", "-shm", "-journal"))
     elif parsed.get_backend_name() == "postgresql":
         kwargs["connect_args"] = {"connect_timeout": 5}
         kwargs["pool_pre_ping"] = True  # survive server restarts and failovers
@@ -63,6 +72,34 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)
     return engine
+
+
+def private_file(path: Path, *, sidecars: tuple[str, ...] = ()) -> None:
+    """Make sure ``path`` (and its ``sidecars``) can be read by its owner only.
+
+    A missing file is created empty with mode 0600 before anything else opens it
+    (SQLite takes an empty file as a new database, and gives its -wal and -shm files
+    the database's mode). An existing file we own that others may read is narrowed
+    to 0600, with a warning: it holds the list, key hashes, and, without
+    ``MODELHASH_SIGNING_KEY_FILE``, the private signing key.
+    """
+    if path.parent.is_dir():
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise ConfigurationError(
+                f"{path}: cannot create the database: {exc.strerror}"
+            ) from None
+    for candidate in (path, *(path.with_name(path.name + s) for s in sidecars)):
+        try:
+            info = candidate.stat()
+        except OSError:
+            continue
+        if info.st_mode & 0o077 and info.st_uid == os.getuid():
+            _log.warning("narrowing %s to mode 0600 (it was %o)", candidate, info.st_mode & 0o777)
+            os.chmod(candidate, 0o600)
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:

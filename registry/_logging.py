@@ -45,12 +45,34 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "INFO") -> None:
-    """Send every log record to stderr as JSON lines."""
+    """Send every log record to stderr as JSON lines, and silence the server's access log.
+
+    Called by ``create_app``, so every way of running the app (``modelhash serve``,
+    ``uvicorn --factory ... --workers N``, gunicorn with uvicorn workers) logs the
+    same way: the server's own access log (``uvicorn.access``) would write request
+    paths, and a path holds the looked-up hash, so it is switched off here; the
+    registry writes its own access line without the path. Idempotent. Handlers
+    that write to stdout or stderr are replaced; others (files, test capture) stay.
+    """
+    root = logging.getLogger()
+    kept = [
+        h
+        for h in root.handlers
+        if not (
+            isinstance(h, logging.StreamHandler)
+            and getattr(h, "stream", None) in (sys.stderr, sys.stdout)
+        )
+    ]
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [*kept, handler]
     root.setLevel(level.upper())
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-        logging.getLogger(name).handlers[:] = []
-        logging.getLogger(name).propagate = True
+    for name in ("uvicorn", "uvicorn.error", "gunicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
+    for name in ("uvicorn.access", "gunicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = False
+        logger.disabled = True

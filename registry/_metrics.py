@@ -1,5 +1,14 @@
 """Prometheus metrics and the request middleware that feeds them and the access log.
 
+With several worker processes (``uvicorn --workers N``, gunicorn), set
+``PROMETHEUS_MULTIPROC_DIR`` to an empty folder writable by the server, emptied
+before each start: every process then writes its counters there and ``/metrics``,
+whichever process answers it, adds them up (prometheus_client's multiprocess mode).
+Without it each process reports only its own counts, which is right for one
+process only. Gauges of shared state (flags, bank rows, build info) are read from
+the database at scrape time (:mod:`modelhash.registry._dbmetrics`); the database
+pool's gauges are per process and summed over live processes.
+
 Labels are the method, the route *template* (``/v1/hashes/{algorithm}/{value}``) and
 the status, never a path or a hash, so neither the metrics nor the logs can reveal
 what anyone looked up. The middleware also caps the request body size (413) and
@@ -10,14 +19,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+from sqlalchemy import Engine
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["Metrics", "RequestMiddleware"]
+__all__ = ["Metrics", "RequestMiddleware", "send_error"]
 
 _access = logging.getLogger("modelhash.access")
 
@@ -27,7 +39,9 @@ _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 class Metrics:
     """The registry's metrics, in a registry of their own (one per app)."""
 
-    def __init__(self) -> None:
+    def __init__(self, engine: Engine | None = None) -> None:
+        self.engine = engine
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "modelhash_http_requests",
@@ -55,9 +69,39 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.pool = Gauge(
+            "modelhash_db_pool_connections",
+            "Database connections of the pool: in use, or open and idle (summed over "
+            "live processes).",
+            ["state"],
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+
+    def observe_pool(self) -> None:
+        """Record the pool's connections in use and idle (cheap: no I/O)."""
+        pool: Any = self.engine.pool if self.engine is not None else None
+        if pool is None or not hasattr(pool, "checkedout"):
+            return
+        self.pool.labels("in_use").set(pool.checkedout())
+        self.pool.labels("idle").set(pool.checkedin())
+
     def render(self) -> bytes:
-        """The text exposition format."""
-        return bytes(generate_latest(self.registry))
+        """The text exposition format, every worker's counters included."""
+        from modelhash.registry._dbmetrics import DatabaseCollector
+
+        self.observe_pool()
+        if self.multiprocess_dir is None:
+            registry = self.registry
+        else:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        out = bytes(generate_latest(registry))
+        if self.engine is not None:
+            extra = CollectorRegistry(auto_describe=False)
+            extra.register(DatabaseCollector(self.engine))
+            out += bytes(generate_latest(extra))
+        return out
 
 
 class RequestMiddleware:
@@ -78,13 +122,13 @@ class RequestMiddleware:
 
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await _send_error(send, 413, f"request body larger than {limit} bytes")
+            await send_error(send, 413, f"request body larger than {limit} bytes")
             self._observe(scope, 413, start)
             return
         if _wrong_body_type(scope, declared):
             # curl's -d sends form encoding by default; say so instead of a
             # validation error about a string that is not an object.
-            await _send_error(
+            await send_error(
                 send, 415, "send the body as JSON, with the header 'Content-Type: application/json'"
             )
             self._observe(scope, 415, start)
@@ -118,6 +162,7 @@ class RequestMiddleware:
         method = scope.get("method", "")
         self.metrics.requests.labels(method, route, str(status)).inc()
         self.metrics.latency.labels(method, route).observe(elapsed)
+        self.metrics.observe_pool()
         state: dict[str, Any] = scope.get("state") or {}
         _access.info(
             "request",
@@ -162,7 +207,8 @@ def _wrong_body_type(scope: Scope, declared: int | None) -> bool:
     return not (media == b"application/json" or media.endswith(b"+json"))
 
 
-async def _send_error(send: Send, status: int, detail: str) -> None:
+async def send_error(send: Send, status: int, detail: str) -> None:
+    """Answer ``{"detail": detail}`` with ``status`` straight from ASGI middleware."""
     body = json.dumps({"detail": detail}).encode()
     await send(
         {

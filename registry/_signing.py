@@ -1,17 +1,21 @@
 """The export signing key (ed25519) and the range-decoy secret.
 
 Production should set ``MODELHASH_SIGNING_KEY_FILE`` to a PEM private key kept
-outside the database, so that a stolen database cannot sign lists. Without it, a key
-is generated on first use and stored in the database, which is fine for one machine
-and for tests. Mirrors pin the public key (``GET /v1/export/public-key``).
+outside the database, so that a stolen database cannot sign lists; a key file that
+other users may read is refused, and :func:`write_key_file` makes one with mode
+0600. Without it, a key is generated on first use and stored in the database (an
+SQLite file is created 0600), which is fine for one machine and for tests. Mirrors
+pin the public key (``GET /v1/export/public-key``).
 """
 
 from __future__ import annotations
 
 import base64
+import os
 import secrets
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -23,7 +27,14 @@ from modelhash.registry._settings import Settings
 from modelhash.registry.crud.state import get_or_create
 from modelhash.registry.errors import ConfigurationError
 
-__all__ = ["Secrets", "Signer", "generate_private_pem", "load_private_key"]
+__all__ = [
+    "Secrets",
+    "Signer",
+    "generate_private_pem",
+    "load_private_key",
+    "read_key_file",
+    "write_key_file",
+]
 
 
 def generate_private_pem() -> str:
@@ -37,6 +48,39 @@ def generate_private_pem() -> str:
         )
         .decode("ascii")
     )
+
+
+def read_key_file(path: Path) -> bytes:
+    """The bytes of a private key file; ConfigurationError if others may read it.
+
+    Group read is allowed (a secret mounted for a group), any access for others is
+    not: a private key readable by every user of the machine is not private.
+    """
+    try:
+        mode = path.stat().st_mode
+        if mode & 0o007:
+            raise ConfigurationError(
+                f"signing key file {path} is accessible to other users (mode "
+                f"{mode & 0o777:o}): run 'chmod 600 {path}'"
+            )
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(f"signing key file {path}: {exc.strerror}") from None
+
+
+def write_key_file(path: Path) -> str:
+    """Write a new ed25519 private key to ``path`` (mode 0600, never over a file).
+
+    Returns the new key's id.
+    """
+    pem = generate_private_pem().encode("ascii")
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except OSError as exc:
+        raise ConfigurationError(f"{path}: cannot create the key file: {exc.strerror}") from None
+    with os.fdopen(fd, "wb") as out:
+        out.write(pem)
+    return Signer(load_private_key(pem, source=str(path))).key_id
 
 
 def load_private_key(pem: bytes, *, source: str) -> Ed25519PrivateKey:
@@ -89,6 +133,7 @@ class Secrets:
         self._engine = engine
         self._lock = threading.Lock()
         self._signer: Signer | None = None
+        self._previous: Signer | None = None
         self._range: bytes | None = None
 
     def signer(self) -> Signer:
@@ -97,13 +142,7 @@ class Secrets:
             if self._signer is None:
                 path = self._settings.signing_key_file
                 if path is not None:
-                    try:
-                        pem = path.read_bytes()
-                    except OSError as exc:
-                        raise ConfigurationError(
-                            f"signing key file {path}: {exc.strerror}"
-                        ) from None
-                    key = load_private_key(pem, source=str(path))
+                    key = load_private_key(read_key_file(path), source=str(path))
                 else:
                     with Session(self._engine) as session:
                         stored = get_or_create(
@@ -112,6 +151,16 @@ class Secrets:
                     key = load_private_key(stored.encode("ascii"), source="stored signing key")
                 self._signer = Signer(key)
             return self._signer
+
+    def previous_signer(self) -> Signer | None:
+        """The key being rotated out (``MODELHASH_PREVIOUS_SIGNING_KEY_FILE``), if any."""
+        path = self._settings.previous_signing_key_file
+        if path is None:
+            return None
+        with self._lock:
+            if self._previous is None:
+                self._previous = Signer(load_private_key(read_key_file(path), source=str(path)))
+            return self._previous
 
     def range_secret(self) -> bytes:
         """The HMAC key that makes range decoys."""

@@ -8,6 +8,7 @@ The tree::
         ├── AuthenticationError       401: no key, or a key that is unknown or revoked
         ├── PermissionDeniedError     403: the key's role may not do this
         ├── NotFoundError             404
+        ├── UnprocessableError        422: valid JSON the registry cannot take or answer
         ├── ConflictError             409: the request contradicts the stored state
         │   └── ReferenceBaseConflict 409: a flag that matches a registered reference base
         ├── DatabaseUnavailableError  503: unreachable or not migrated (also a RegistryError:
@@ -34,6 +35,7 @@ __all__ = [
     "PermissionDeniedError",
     "ReferenceBaseConflict",
     "ServiceError",
+    "UnprocessableError",
 ]
 
 
@@ -65,6 +67,13 @@ class NotFoundError(ServiceError):
     """No such flag, base or key."""
 
     status = 404
+
+
+class UnprocessableError(ServiceError):
+    """Well-formed input the registry cannot take: a sketch that fails to decode, or
+    a submission whose answer could not be rendered (nothing is stored then)."""
+
+    status = 422
 
 
 class ConflictError(ServiceError):

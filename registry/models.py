@@ -51,11 +51,13 @@ __all__ = [
     "FlagBase",
     "Opinion",
     "ReferenceBase",
+    "Report",
     "ServerState",
     "SketchBand",
     "SketchRow",
     "SketchSignature",
     "UTCDateTime",
+    "UiSession",
     "WeakHash",
     "new_id",
     "utcnow",
@@ -355,3 +357,43 @@ class SketchBand(SQLModel, table=True):
             Integer, ForeignKey("sketch.id"), primary_key=True, autoincrement=False, index=True
         )
     )
+
+
+class Report(SQLModel, table=True):
+    """A platform's feedback on a flag: a suspected false positive or a confirmed hit.
+
+    Any key may report, readers included, since platforms hold reader keys. A report
+    is stored and attributed and shown to analysts; it never changes the flag's
+    status (an analyst acts on it with a dispute, revocation or reinstatement).
+    """
+
+    __tablename__ = "report"
+
+    id: int | None = Field(default=None, sa_column=Column(Integer, primary_key=True))
+    flag_id: str = Field(
+        sa_column=Column(String(36), ForeignKey("flag.id"), nullable=False, index=True)
+    )
+    kind: str = Field(sa_column=Column(String(32), nullable=False))
+    note: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    by: str = Field(sa_column=Column(String(64), nullable=False))
+    key_id: int | None = Field(
+        default=None, sa_column=Column(Integer, ForeignKey("api_key.id"), nullable=True)
+    )
+    created_at: datetime = _now_column()
+
+
+class UiSession(SQLModel, table=True):
+    """A signed-in web UI session, bound to the API key the analyst entered.
+
+    Only the SHA-256 of the cookie's token is stored. The key itself is never kept:
+    each request re-reads the key row, so a revoked key ends its sessions at once.
+    ``csrf`` is the session's anti-forgery token, sent back in every form.
+    """
+
+    __tablename__ = "ui_session"
+
+    token_hash: str = Field(sa_column=Column(String(64), primary_key=True))
+    key_id: int = Field(sa_column=Column(Integer, ForeignKey("api_key.id"), nullable=False))
+    csrf: str = Field(sa_column=Column(String(64), nullable=False))
+    created_at: datetime = _now_column()
+    expires_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False, index=True))

@@ -20,7 +20,7 @@ def test_client_imports_no_server_modules() -> None:
 
 
 def test_exact_fingerprint_run_loads_no_heavy_modules(tmp_path) -> None:
-    """A scripted ``fingerprint --layers exact`` pays no start-up for numpy, rich or pydantic.
+    """A scripted ``fingerprint --layers exact`` pays no start-up for numpy, pydantic or httpx.
 
     Start-up is a real share of an upload hook's cost per file (about half of it,
     measured, for small files), so the lazy imports are guarded here.
@@ -43,5 +43,5 @@ def test_exact_fingerprint_run_loads_no_heavy_modules(tmp_path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout)  # the fingerprint itself was printed
     loaded = set(json.loads(out.stderr.strip().splitlines()[-1]))
-    for heavy in ("numpy", "rich", "pydantic", "httpx"):
+    for heavy in ("numpy", "rich", "pydantic", "httpx", "huggingface_hub"):
         assert heavy not in loaded, heavy

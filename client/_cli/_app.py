@@ -1,33 +1,79 @@
-"""The typer application and the commands that need no registry."""
+"""The root command: lazy sub-commands, ``--version``, and the one place errors become exits.
+
+Every sub-command lives in its own module and is imported only when it runs (or when
+help or shell completion lists it), so a scripted ``modelhash fingerprint`` pays for
+neither httpx nor the wire schema. A new command is one entry in :data:`COMMANDS`.
+"""
 
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import sys
-from collections.abc import Callable
-from typing import Annotated, NoReturn, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NoReturn, TypeVar
 
-import typer
+import click
 
+from modelhash import __version__
 from modelhash._cli._exit import Exit
-from modelhash.errors import InputError, ModelhashError, RegistryError
+from modelhash.errors import InputError, ModelhashError, RegistryError, printable
 
 T = TypeVar("T")
 
-app = typer.Typer(
-    name="modelhash",
-    help="Fingerprint AI model weights and check them against a registry of flagged models.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+__all__ = [
+    "COMMANDS",
+    "CommandError",
+    "ModelhashGroup",
+    "cli",
+    "error_json",
+    "exit_code_for",
+    "fail",
+    "guarded",
+    "main",
+    "safe_text",
+]
+
+# name -> "module:attribute" under modelhash._cli.
+COMMANDS: dict[str, str] = {
+    "fingerprint": "_fingerprint:fingerprint",
+    "check": "_check:check",
+    "lookup": "_flags:lookup",
+    "flag": "_flags:flag",
+    "revoke": "_flags:revoke",
+    "dispute": "_flags:dispute",
+    "confirm": "_analyst:confirm",
+    "reinstate": "_analyst:reinstate",
+    "report": "_analyst:report",
+    "flags": "_analyst:flags",
+    "audit": "_analyst:audit",
+    "import": "_analyst:import_",
+    "export": "_analyst:export",
+    "bases": "_admin:bases",
+    "keys": "_admin:keys",
+    "sync": "_sync:sync",
+    "hf": "_hf:hf",
+    "serve": "_server:serve",
+    "db": "_server:db",
+    "completion": "_completion:completion",
+}
 
 
-def fail(message: str, code: Exit = Exit.BAD_INPUT) -> NoReturn:
-    """Print one line to stderr and exit with ``code``."""
-    sys.stderr.write(f"modelhash: {message}\n")
-    raise typer.Exit(int(code))
+class CommandError(Exception):
+    """A command's one-line failure with its exit code and JSON error kind."""
+
+    def __init__(self, message: str, code: Exit, kind: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.kind = kind
+        self.extra = extra
+
+
+def safe_text(text: str) -> str:
+    """``text`` with control characters escaped, so a hostile name prints as one line."""
+    return printable(text)
 
 
 def exit_code_for(exc: ModelhashError) -> Exit:
@@ -39,88 +85,140 @@ def exit_code_for(exc: ModelhashError) -> Exit:
     return Exit.BAD_INPUT
 
 
-def _server_module() -> object:
-    try:
-        import modelhash.registry._cli as server_cli
-    except ImportError as exc:
-        fail(
-            f"the registry needs the server extra: pip install 'modelhash[server]' ({exc})"
-        )
-    return server_cli
+def error_json(exc: BaseException) -> dict[str, Any]:
+    """The one JSON shape of an error: ``message``, ``kind``, and fields of its own."""
+    if isinstance(exc, CommandError):
+        return {"message": safe_text(exc.message), "kind": exc.kind, **exc.extra}
+    if isinstance(exc, ModelhashError):
+        out = exc.to_json()
+        out["message"] = safe_text(out["message"])
+        return out
+    return {"message": safe_text(f"internal error: {type(exc).__name__}: {exc}"),
+            "kind": "internal"}
 
 
-DbOption = Annotated[
-    str | None,
-    typer.Option(
-        "--db",
-        envvar="MODELHASH_DATABASE_URL",
-        help="SQLAlchemy database URL [default: sqlite:///modelhash.db in this folder]",
-    ),
-]
+def fail(message: str, code: Exit = Exit.BAD_INPUT, kind: str = "input") -> NoReturn:
+    """End the command: one line on stderr (and a JSON error with ``--json``), exit ``code``."""
+    raise CommandError(message, code, kind)
 
 
-@app.command()
-def serve(
-    db: DbOption = None,
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-) -> None:
-    """Run the registry (creates the schema on an empty SQLite database)."""
-    server_cli = _server_module()
-    _run(lambda: server_cli.serve(db=db, host=host, port=port))  # type: ignore[attr-defined]
-
-
-db_app = typer.Typer(help="Database administration.", no_args_is_help=True)
-app.add_typer(db_app, name="db")
-
-
-@db_app.command("upgrade")
-def db_upgrade(db: DbOption = None) -> None:
-    """Apply the schema migrations to the database."""
-    server_cli = _server_module()
-    _run(lambda: server_cli.db_upgrade(db=db))  # type: ignore[attr-defined]
-
-
-keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
-app.add_typer(keys_app, name="keys")
-
-
-@keys_app.command("create")
-def keys_create(
-    role: Annotated[str, typer.Option(help="reader, submitter or admin")],
-    name: Annotated[str | None, typer.Option(help="A label for the key.")] = None,
-    db: DbOption = None,
-) -> None:
-    """Make an API key straight in the database; the key is the last line printed."""
-    if role not in ("reader", "submitter", "admin"):
-        fail(f"--role must be reader, submitter or admin, not {role!r}")
-    server_cli = _server_module()
-    key = _run(lambda: server_cli.keys_create(role=role, name=name, db=db))  # type: ignore[attr-defined]
-    typer.echo(key)
-
-
-def _run(fn: Callable[[], T]) -> T:
+def guarded(fn: Callable[[], T]) -> T:
+    """Run ``fn``; a ModelhashError ends the command with its documented exit code."""
     try:
         return fn()
     except ModelhashError as exc:
-        fail(exc.diagnostics(), exit_code_for(exc))
+        raise _as_command_error(exc) from None
 
 
-# The modules that register the other commands. They pull in httpx, asyncio and the
-# wire schema; ``modelhash fingerprint`` needs none of that, and loading it alone
-# takes about 0.4 s off every run (measured on a 2-core machine).
-_COMMAND_MODULES = ("_fingerprint", "_admin", "_check", "_flags", "_hf", "_sync")
+def _as_command_error(exc: ModelhashError) -> CommandError:
+    data = exc.to_json()
+    message, kind = data.pop("message"), data.pop("kind")
+    return CommandError(message, exit_code_for(exc), kind, **data)
 
 
-def load_commands(first_arg: str | None = None) -> typer.Typer:
-    """Register the commands ``first_arg`` may need (all of them unless it is ``fingerprint``)."""
-    names = _COMMAND_MODULES[:1] if first_arg == "fingerprint" else _COMMAND_MODULES
-    for name in names:
-        importlib.import_module(f"modelhash._cli.{name}")
-    return app
+def _report(exc: CommandError, as_json: bool) -> int:
+    sys.stderr.write(f"modelhash: {safe_text(exc.message)}\n")
+    if as_json:
+        sys.stdout.write(json.dumps({"error": error_json(exc)}, indent=2) + "\n")
+    return int(exc.code)
+
+
+class ModelhashGroup(click.Group):
+    """A group whose sub-commands are imported on first use, and whose errors are one line.
+
+    Exit codes are the documented ones whatever goes wrong: a usage error is 2 and
+    says so, a registry failure 3, and anything unexpected 4 with ``internal error``,
+    never 0 or 1, which pipelines act on.
+    """
+
+    def __init__(self, *args: Any, lazy: Mapping[str, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._lazy = dict(lazy)
+        self._package = "modelhash._cli"
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self._lazy, *self.commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.commands:
+            return self.commands[cmd_name]
+        target = self._lazy.get(cmd_name)
+        if target is None:
+            return None
+        module, attribute = target.split(":")
+        command = getattr(importlib.import_module(f"{self._package}.{module}"), attribute)
+        if not isinstance(command, click.Command):  # pragma: no cover - a wrong table entry
+            raise TypeError(f"{target} is not a click command")
+        self.commands[cmd_name] = command
+        return command
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        as_json = "--json" in argv
+        try:
+            code = super().main(argv, prog_name or "modelhash", complete_var,
+                                standalone_mode=False, **extra)
+            code = code if isinstance(code, int) else 0
+        except CommandError as exc:
+            code = _report(exc, as_json)
+        except ModelhashError as exc:
+            code = _report(_as_command_error(exc), as_json)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            # A group given no sub-command: its help, on stderr, as a usage error.
+            sys.stderr.write(exc.format_message() + "\n")
+            code = int(Exit.BAD_INPUT)
+        except click.UsageError as exc:
+            hint = ""
+            if exc.ctx is not None:
+                hint = f" (see '{exc.ctx.command_path} --help')"
+            code = _report(CommandError(f"usage error: {exc.format_message()}{hint}",
+                                        Exit.BAD_INPUT, "usage"), as_json)
+        except click.ClickException as exc:
+            code = _report(CommandError(exc.format_message(), Exit.BAD_INPUT, "input"),
+                           as_json)
+        except click.Abort:
+            sys.stderr.write("modelhash: interrupted\n")
+            code = 130
+        except BrokenPipeError:
+            # The reader went away (``| head``): nothing left to say, and nowhere to say it.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            code = int(Exit.OK)
+        except SystemExit:
+            raise
+        except Exception as exc:  # the documented exit for modelhash's own bugs
+            code = _report(CommandError(f"internal error: {type(exc).__name__}: {exc}",
+                                        Exit.INTERNAL, "internal"), as_json)
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+@click.group(
+    "modelhash",
+    cls=ModelhashGroup,
+    lazy=COMMANDS,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.version_option(__version__, "--version", "-V", prog_name="modelhash",
+                      message="%(prog)s %(version)s")
+def cli() -> None:
+    """Fingerprint AI model weights and check them against a registry of flagged models.
+
+    \b
+    Exit codes: 0 done (for check and lookup: nothing flagged), 1 a match, 2 bad
+    input or usage, 3 the registry (or Hub, or offline cache) failed, 4 an
+    internal error of modelhash.
+    """
 
 
 def main() -> None:
     """Console-script entry point."""
-    load_commands(sys.argv[1] if len(sys.argv) > 1 else None)
-    app()
+    cli.main(prog_name="modelhash")

@@ -12,3 +12,4 @@ class Exit(IntEnum):
     MATCH = 1
     BAD_INPUT = 2
     REGISTRY = 3
+    INTERNAL = 4

@@ -4,25 +4,30 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
+import click
 
 from modelhash._calls import file_map
-from modelhash._cli._app import app, fail
-from modelhash._cli._common import ApiKeyOption, JsonOption, RegistryOption, client_for, guarded
-from modelhash._cli._common import print_json as _print_json
+from modelhash._cli._app import fail, guarded
+from modelhash._cli._common import (
+    client_for,
+    echo,
+    json_option,
+    path_argument,
+    print_json,
+    registry_options,
+)
 from modelhash._cli._exit import Exit
 from modelhash._scan import fingerprint_for_check
 from modelhash.fingerprint import ALGORITHMS, ModelFingerprint, parse_hash
 from modelhash.wire import CATEGORIES, SEVERITIES, FlagDetail, LookupResult
 
-__all__ = ["dispute", "flag", "lookup", "revoke"]
+__all__ = ["dispute", "flag", "local_fingerprint", "lookup", "revoke"]
 
-ReasonOption = Annotated[
-    str,
-    typer.Option("--reason", help="Why; recorded in the flag's audit trail.", show_default=False),
-]
+reason_option = click.option("--reason", required=True,
+                             help="Why; recorded in the flag's audit trail.")
+flag_id_argument = click.argument("flag_id")
 
 
 def local_fingerprint(path: Path) -> ModelFingerprint | dict[str, str]:
@@ -50,43 +55,32 @@ def local_fingerprint(path: Path) -> ModelFingerprint | dict[str, str]:
 
 def _show_flag(detail: FlagDetail, as_json: bool) -> None:
     if as_json:
-        _print_json(detail.model_dump(mode="json"))
+        print_json(detail.model_dump(mode="json"))
         return
-    typer.echo(f"flag {detail.id}: {detail.category}, {detail.severity}, {detail.status}")
+    echo(f"flag {detail.id}: {detail.category}, {detail.severity}, {detail.status}")
     for algorithm, values in sorted(detail.fingerprints.items()):
         for v in values:
-            typer.echo(f"  {algorithm:18} {v}")
+            echo(f"  {algorithm:18} {v}")
 
 
-@app.command()
-def flag(
-    path: Annotated[Path, typer.Argument(help="The weight file or model folder to flag.",
-                                         show_default=False)],
-    category: Annotated[
-        str, typer.Option(help=f"Why it is flagged: {', '.join(CATEGORIES)}.", show_default=False)
-    ],
-    severity: Annotated[str, typer.Option(help=f"One of {', '.join(SEVERITIES)}.")] = "high",
-    note: Annotated[str | None, typer.Option(help="Context for other analysts.")] = None,
-    evidence: Annotated[
-        str | None, typer.Option(help="A reference to evidence kept elsewhere (a case id).")
-    ] = None,
-    force: Annotated[
-        bool, typer.Option("--force", help="Admins: flag even if it matches a reference base.")
-    ] = False,
-    as_json: JsonOption = False,
-    registry: RegistryOption = None,
-    api_key: ApiKeyOption = None,
-) -> None:
+@click.command()
+@path_argument("path")
+@click.option("--category", required=True, type=click.Choice(CATEGORIES),
+              help="Why it is flagged.")
+@click.option("--severity", default="high", show_default=True, type=click.Choice(SEVERITIES))
+@click.option("--note", help="Context for other analysts.")
+@click.option("--evidence", help="A reference to evidence kept elsewhere (a case id).")
+@click.option("--force", is_flag=True, help="Admins: flag even if it matches a reference base.")
+@json_option
+@registry_options
+def flag(path: Path, category: str, severity: str, note: str | None, evidence: str | None,
+         force: bool, as_json: bool, registry: str | None, api_key: str | None) -> None:
     """Fingerprint PATH on this machine and submit it to the list (needs a submitter key).
 
     Only the fingerprint is sent, never the weights. Flagging a model that is already
     flagged returns the existing flag and records your confirmation. Exit 0 on
     success, 2 for an unusable path or option, 3 if the registry refused or failed.
     """
-    if category not in CATEGORIES:
-        fail(f"--category must be one of {', '.join(CATEGORIES)}, not {category!r}")
-    if severity not in SEVERITIES:
-        fail(f"--severity must be one of {', '.join(SEVERITIES)}, not {severity!r}")
     fingerprint = local_fingerprint(path)
     with client_for(registry, api_key) as client:
         detail = guarded(lambda: client.flag(
@@ -102,20 +96,19 @@ def _status_change(action: str, flag_id: str, reason: str, as_json: bool,
         method = getattr(client, action)
         detail: FlagDetail = guarded(lambda: method(flag_id, reason=reason))
     if as_json:
-        _print_json(detail.model_dump(mode="json"))
+        print_json(detail.model_dump(mode="json"))
     else:
-        typer.echo(f"flag {detail.id} is now {detail.status}")
+        echo(f"flag {detail.id} is now {detail.status}")
 
 
-@app.command()
-def revoke(
-    flag_id: Annotated[str, typer.Argument(help="The flag's id.", show_default=False)],
-    reason: ReasonOption,
-    as_json: JsonOption = False,
-    registry: RegistryOption = None,
-    api_key: ApiKeyOption = None,
-) -> None:
-    """Revoke a flag (needs an admin key): checks stop matching it at once.
+@click.command()
+@flag_id_argument
+@reason_option
+@json_option
+@registry_options
+def revoke(flag_id: str, reason: str, as_json: bool, registry: str | None,
+           api_key: str | None) -> None:
+    """Revoke flag FLAG_ID (needs an admin key): checks stop matching it at once.
 
     The flag stays visible with status 'revoked'. Exit 3 if the registry refuses
     (unknown flag, already revoked, a key without the role).
@@ -123,15 +116,14 @@ def revoke(
     _status_change("revoke", flag_id, reason, as_json, registry, api_key)
 
 
-@app.command()
-def dispute(
-    flag_id: Annotated[str, typer.Argument(help="The flag's id.", show_default=False)],
-    reason: ReasonOption,
-    as_json: JsonOption = False,
-    registry: RegistryOption = None,
-    api_key: ApiKeyOption = None,
-) -> None:
-    """Dispute a flag (needs a submitter key): it becomes 'disputed' for an admin to review.
+@click.command()
+@flag_id_argument
+@reason_option
+@json_option
+@registry_options
+def dispute(flag_id: str, reason: str, as_json: bool, registry: str | None,
+            api_key: str | None) -> None:
+    """Dispute flag FLAG_ID (needs a submitter key): it becomes 'disputed' for review.
 
     A disputed flag still matches until an admin revokes it.
     """
@@ -157,36 +149,62 @@ def _describe(r: LookupResult) -> list[str]:
     return lines
 
 
-@app.command()
-def lookup(
-    hash_: Annotated[
-        str,
-        typer.Argument(metavar="HASH", help="sha256, blake3, AutoV1/V2/V3, CRC32 or content "
-                       "hash; any case, optionally prefixed like 'autov2:'.", show_default=False),
-    ],
-    as_json: JsonOption = False,
-    registry: RegistryOption = None,
-    api_key: ApiKeyOption = None,
-) -> None:
-    """Say what a hash is and whether the registry has it flagged.
+def _hashes(given: tuple[str, ...]) -> list[str]:
+    """The hashes named; ``-`` reads one a line from stdin (skipping blanks and # comments)."""
+    out: list[str] = []
+    for h in given:
+        if h != "-":
+            out.append(h)
+            continue
+        for line in sys.stdin:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                out.append(line)
+    if not out:
+        fail("no hash given (stdin was empty)")
+    return out
 
-    Bare hex that fits several algorithms (64 digits: sha256, blake3 or content) is
-    looked up as each. The short model-site hashes (CRC32, AutoV1/V2/V3) are weak: a
-    hit may be a chance collision, and they never make 'check' match. Exit 0 after a
-    lookup, whatever it found; 2 for a malformed hash; 3 if the registry failed.
+
+@click.command()
+@click.argument("hashes", nargs=-1, required=True, metavar="HASH...")
+@json_option
+@registry_options
+def lookup(hashes: tuple[str, ...], as_json: bool, registry: str | None,
+           api_key: str | None) -> None:
+    """Say what each HASH is and whether the registry has it flagged ('-' reads stdin).
+
+    A HASH is a sha256, blake3, AutoV1/V2/V3, CRC32 or content hash; any case,
+    optionally prefixed like 'autov2:'. Bare hex that fits several algorithms (64
+    digits: sha256, blake3 or content) is looked up as each. The short model-site
+    hashes (CRC32, AutoV1/V2/V3) are weak: a hit may be a chance collision, and
+    they never make 'check' match.
+
+    With several HASHes (or '-'), --json prints {"flagged", "lookups": [...]}, one
+    lookup per HASH in order; with one, that lookup alone.
+
+    Exit 1 when any full-strength HASH is flagged (as 'check' matches), 0 otherwise,
+    a weak hit included; 2 for a malformed hash (nothing is looked up); 3 if the
+    registry failed.
     """
-    digests = guarded(lambda: parse_hash(hash_))
+    named = _hashes(hashes)
+    parsed = guarded(lambda: [(h, parse_hash(h)) for h in named])
+    answers: list[dict[str, Any]] = []
+    certain = False
     with client_for(registry, api_key) as client:
-        results = guarded(lambda: [client.lookup(d.algorithm, d.hex) for d in digests])
+        for h, digests in parsed:
+            results = guarded(
+                lambda: [client.lookup(d.algorithm, d.hex) for d in digests]  # noqa: B023
+            )
+            answers.append({"hash": h, "flagged": any(r.flagged for r in results),
+                            "results": [r.model_dump(mode="json") for r in results]})
+            certain = certain or any(r.flagged and not r.ambiguous for r in results)
+            if not as_json:
+                for r in results:
+                    for line in _describe(r):
+                        echo(line)
     if as_json:
-        payload: dict[str, Any] = {
-            "hash": hash_,
-            "flagged": any(r.flagged for r in results),
-            "results": [r.model_dump(mode="json") for r in results],
-        }
-        _print_json(payload)
-    else:
-        for r in results:
-            for line in _describe(r):
-                typer.echo(line)
-    raise typer.Exit(int(Exit.OK))
+        if len(answers) == 1:
+            print_json(answers[0])
+        else:
+            print_json({"flagged": any(a["flagged"] for a in answers), "lookups": answers})
+    raise SystemExit(int(Exit.MATCH if certain else Exit.OK))

@@ -4,41 +4,36 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
 
-import typer
+import click
 
 from modelhash._cache import OfflineCache
-from modelhash._cli._app import app, fail
-from modelhash._cli._check import CacheOption
-from modelhash._cli._common import ApiKeyOption, JsonOption, RegistryOption, client_for, guarded
+from modelhash._cli._app import fail, guarded
+from modelhash._cli._check import cache_option
+from modelhash._cli._common import client_for, echo, json_option, registry_options
 from modelhash._cli._common import print_json as _print_json
 
 __all__ = ["sync"]
 
 
-@app.command()
-def sync(
-    public_key: Annotated[
-        Path | None,
-        typer.Option("--public-key", help="The registry's export signing key (PEM) to pin, "
-                     "as published by its operator. Without it, the key pinned earlier is "
-                     "used, or on the first sync the registry's own is fetched and pinned."),
-    ] = None,
-    full: Annotated[
-        bool, typer.Option("--full", help="Fetch and verify a whole new export instead of "
-                           "only the changes since the last sync.")
-    ] = False,
-    cache: CacheOption = None,
-    as_json: JsonOption = False,
-    registry: RegistryOption = None,
-    api_key: ApiKeyOption = None,
-) -> None:
+@click.command()
+@click.option("--public-key", type=click.Path(path_type=Path),
+              help="The registry's export signing key (PEM) to pin, as published by its "
+              "operator. Without it, the key pinned earlier is used, or on the first sync "
+              "the registry's own is fetched and pinned.")
+@click.option("--full", is_flag=True, help="Fetch and verify a whole new export instead of "
+              "only the changes since the last sync.")
+@cache_option
+@json_option
+@registry_options
+def sync(public_key: Path | None, full: bool, cache: Path | None, as_json: bool,
+         registry: str | None, api_key: str | None) -> None:
     """Download the list into the offline cache, for 'modelhash check --offline'.
 
-    The export is verified with the pinned ed25519 key; one that fails (tampered,
-    or signed by another key) is refused and the cache left as it was: exit 3.
-    Exit 2 for an unreadable --public-key file.
+    The export and every change-feed page are verified with the pinned ed25519
+    key; one that fails (tampered, or signed by another key), or an export older
+    than the cached list (a replay or rollback), is refused and the cache left as
+    it was: exit 3. Exit 2 for an unreadable --public-key file.
     """
     pem = None
     if public_key is not None:
@@ -68,5 +63,5 @@ def sync(
         })
     else:
         kind = "full export" if report.full else "changes"
-        typer.echo(f"synced {report.flags} flags from {where} ({kind}, {report.changes} "
+        echo(f"synced {report.flags} flags from {where} ({kind}, {report.changes} "
                    f"change(s) applied, cursor {report.cursor}) into {store.directory}")

@@ -1,10 +1,18 @@
-"""The fingerprint engine: parse, read each file once, and assemble every layer."""
+"""The fingerprint engine: parse, read each file once, and assemble every layer.
+
+The bytes of a file come either from disk or from an upload as it arrives
+(:func:`fingerprint_source`); both go through the same read pass and the same work
+items, so a streamed model gets every layer, the sketch included, and the same
+answer as the file.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -16,10 +24,13 @@ from modelhash.fingerprint._content import canonical_unit_names, content_digest
 from modelhash.fingerprint._describe import describe
 from modelhash.fingerprint._folder import Unit, resolve
 from modelhash.fingerprint._formats import parse_file
+from modelhash.fingerprint._guard import as_error, guarded
+from modelhash.fingerprint._limits import MAX_TENSORS_PER_MODEL, check_tensor_count, open_regular
 from modelhash.fingerprint._model import ParsedFile, TensorRecord
 from modelhash.fingerprint._pass import (
     CHUNK,
     COST_BLAKE3,
+    Source,
     SpanHasher,
     Work,
     file_layer_work,
@@ -30,7 +41,15 @@ from modelhash.fingerprint._result import FileHashes, ModelFingerprint, TensorDi
 if TYPE_CHECKING:
     from modelhash.fingerprint._sketcher import Sketcher
 
-__all__ = ["Layers", "Outcome", "Progress", "fingerprint_file", "fingerprint_path"]
+__all__ = [
+    "Layers",
+    "Outcome",
+    "Progress",
+    "fingerprint_file",
+    "fingerprint_path",
+    "fingerprint_source",
+    "hash_source",
+]
 
 Layers = Literal["exact", "all"]
 """``exact``: the file and content layers; ``all``: the sketch layer too."""
@@ -67,6 +86,23 @@ class Outcome:
         return self.error is None and self.fingerprint is not None
 
 
+@dataclass
+class _Part:
+    """One file of a model as the pass reads it: from disk, or from a stream.
+
+    ``verify`` judges a stream's length once it has ended (a file's is known), and
+    raises the error a file of that length would have given.
+    """
+
+    prefix: str
+    pf: ParsedFile
+    label: str
+    source: Source | None = None
+    verify: Callable[[int], None] | None = None
+    folder: Path | None = None
+    """Where an adapter's ``adapter_config.json`` may sit; None for a stream."""
+
+
 def fingerprint_file(
     path: str | os.PathLike[str],
     *,
@@ -100,12 +136,66 @@ def fingerprint_path(
 ) -> list[Outcome]:
     """Fingerprint every model at ``path``; errors are returned, never raised."""
     outcomes: list[Outcome] = []
-    for unit in resolve(Path(path)):
+    try:
+        units = guarded(path, lambda: resolve(Path(path)))
+    except ModelhashError as exc:
+        return [Outcome(path=str(path), error=as_error(path, exc))]
+    for unit in units:
         if isinstance(unit, ModelhashError):
             outcomes.append(Outcome(path=unit.path, error=unit))
             continue
-        outcomes.append(_fingerprint_unit(unit, progress, chunk, layers))
+        outcomes.append(_guarded_unit(unit, progress, chunk, layers))
     return outcomes
+
+
+def fingerprint_source(
+    name: str,
+    pf: ParsedFile,
+    source: Source,
+    verify: Callable[[int], None],
+    *,
+    progress: Progress | None = None,
+    chunk: int = CHUNK,
+    layers: Layers = "all",
+) -> Outcome:
+    """Fingerprint one file whose structure ``pf`` is known (from its header) and whose
+    bytes, from the first, come from ``source``: an upload as it arrives.
+
+    The same pass and work items as for a file on disk, so every layer comes out
+    equal to ``fingerprint_path`` on the same bytes. ``verify(n)`` is called with
+    the number of bytes the source gave and raises if that is not a valid file.
+    Errors are returned in the outcome, with the file layer of the bytes seen.
+    """
+    unit = Unit(Path(name), None, [("", Path(name))])
+    out = Outcome(path=name)
+    part = _Part("", pf, name, source=source, verify=verify)
+    try:
+        out.fingerprint = guarded(
+            name, lambda: _assemble(unit, [part], out, progress, chunk, layers)
+        )
+    except ModelhashError as exc:
+        out.error = as_error(name, exc)
+    return out
+
+
+def hash_source(
+    name: str, source: Source, *, progress: Progress | None = None, chunk: int = CHUNK
+) -> FileHashes:
+    """The file layer alone of the bytes ``source`` gives (an unreadable upload)."""
+    works, finish = file_layer_work(name, None, None)
+    _read(name, None, source, works, progress, chunk)
+    return finish()
+
+
+def _guarded_unit(unit: Unit, progress: Progress | None, chunk: int, layers: Layers) -> Outcome:
+    """The per-file boundary: nothing that goes wrong with one model escapes it."""
+    try:
+        out = guarded(unit.path, lambda: _fingerprint_unit(unit, progress, chunk, layers))
+    except ModelhashError as exc:
+        return Outcome(path=str(unit.path), error=as_error(unit.path, exc))
+    if out.error is not None:  # kept with the result: drop the frames it was raised in
+        out.error = as_error(unit.path, out.error)
+    return out
 
 
 def _fingerprint_unit(
@@ -113,58 +203,82 @@ def _fingerprint_unit(
 ) -> Outcome:
     out = Outcome(path=str(unit.path))
     parsed: list[tuple[str, ParsedFile]] = []
+    total = 0
     try:
         for prefix, f in unit.files:
-            parsed.append((prefix, parse_file(f)))
+            pf = parse_file(f)
+            total += len(pf.tensors)
+            check_tensor_count(f, total, MAX_TENSORS_PER_MODEL)  # before the next shard
+            parsed.append((prefix, pf))
     except ModelhashError as exc:
         out.error = exc
         # Still hash the file that failed: its exact bytes are a useful signal.
         failed = unit.files[len(parsed)][1]
-        with contextlib.suppress(ModelhashError, OSError):
-            out.files.append(_hash_file_only(failed, progress, chunk))
+        with contextlib.suppress(ModelhashError):
+            out.files.append(guarded(failed, lambda: _hash_file_only(failed, progress, chunk)))
         return out
+    parts = [_Part(prefix, pf, str(pf.path), folder=pf.path.parent) for prefix, pf in parsed]
     try:
-        out.fingerprint = _assemble(unit, parsed, out, progress, chunk, layers)
+        out.fingerprint = guarded(
+            unit.path, lambda: _assemble(unit, parts, out, progress, chunk, layers)
+        )
     except ModelhashError as exc:
         out.error = exc
     return out
 
 
 def _hash_file_only(path: Path, progress: Progress | None, chunk: int) -> FileHashes:
-    size = path.stat().st_size
+    fh, size = open_regular(path)  # never a FIFO or device
+    fh.close()
     works, finish = file_layer_work(path, size, None)
-    _read(path, size, works, progress, chunk)
+    _read(path.name, size, path, works, progress, chunk)
     return finish()
 
 
 def _read(
-    path: Path,
-    size: int,
+    label: str,
+    size: int | None,
+    source: Source | Path,
     works: list[Work],
     progress: Progress | None,
     chunk: int,
-) -> None:
+) -> int:
     if progress is not None:
-        progress.start(path.name, size)
+        progress.start(label, size or 0)
     try:
-        run_pass(path, size, works, chunk=chunk, advance=progress.advance if progress else None)
+        return run_pass(
+            source, size, works, chunk=chunk, advance=progress.advance if progress else None
+        )
     finally:
         if progress is not None:
             progress.finish()
 
 
 def _hash_tensors(
-    pf: ParsedFile, progress: Progress | None, chunk: int, extra: Work | None = None
+    part: _Part, out: Outcome, progress: Progress | None, chunk: int, extra: list[Work]
 ) -> tuple[FileHashes, list[str]]:
-    """One pass over the file for the file layer, every spanned tensor, and ``extra``."""
+    """One pass over the file for the file layer, every spanned tensor, and ``extra``.
+
+    A stream that turns out not to be the file its header described still leaves
+    its file layer in ``out.files`` before the error is raised.
+    """
+    pf = part.pf
     spanned = [t for t in pf.tensors if t.span is not None]
     spans = SpanHasher([t.span for t in spanned if t.span is not None])
-    works, finish = file_layer_work(pf.path, pf.size, pf.autov3_offset)
+    works, finish = file_layer_work(part.label, pf.size, pf.autov3_offset)
     covered = sum(t.nbytes for t in spanned) / max(1, pf.size)
     works.append(Work(spans, COST_BLAKE3 * covered))
-    if extra is not None:
-        works.append(extra)
-    _read(pf.path, pf.size, works, progress, chunk)
+    works.extend(extra)
+    if part.source is None:
+        _read(pf.path.name, pf.size, pf.path, works, progress, chunk)
+    else:
+        got = _read(part.label, None, part.source, works, progress, chunk)
+        assert part.verify is not None
+        try:
+            part.verify(got)
+        except ModelhashError:
+            out.files.append(dataclasses.replace(finish(), autov3=None))
+            raise
     by_span = iter(spans.hexdigests())
     digests = [
         next(by_span) if t.span is not None else _materialized(pf.path, t) for t in pf.tensors
@@ -186,7 +300,7 @@ def _materialized(path: Path, t: TensorRecord) -> str:
 
 def _assemble(
     unit: Unit,
-    parsed: list[tuple[str, ParsedFile]],
+    parts: list[_Part],
     out: Outcome,
     progress: Progress | None,
     chunk: int,
@@ -194,14 +308,14 @@ def _assemble(
 ) -> ModelFingerprint:
     tensors: list[TensorDigest] = []
     notes = list(unit.notes)
-    metadata: dict[str, str] = dict(parsed[0][1].metadata) if len(parsed) == 1 else {}
+    metadata: dict[str, str] = dict(parts[0].pf.metadata) if len(parts) == 1 else {}
     formats: set[str] = set()
-    names = canonical_unit_names([[t.name for t in pf.tensors] for _, pf in parsed])
+    names = canonical_unit_names([[t.name for t in p.pf.tensors] for p in parts])
     model = describe(
         [
-            (prefix + n, t.dtype, t.shape)
-            for (prefix, pf), ns in zip(parsed, names, strict=True)
-            for n, t in zip(ns, pf.tensors, strict=True)
+            (p.prefix + n, t.dtype, t.shape)
+            for p, ns in zip(parts, names, strict=True)
+            for n, t in zip(ns, p.pf.tensors, strict=True)
         ],
         metadata,
     )
@@ -211,12 +325,13 @@ def _assemble(
         from modelhash.fingerprint._sketcher import Sketcher
 
         sketcher = Sketcher(model.kind, metadata)
-    for (prefix, pf), pf_names in zip(parsed, names, strict=True):
+    for part, pf_names in zip(parts, names, strict=True):
+        pf, prefix = part.pf, part.prefix
         formats.add(pf.format)
         if unit.weight_map is not None:
             _check_shard(unit, pf)
-        extra = sketcher.work(pf, pf_names, prefix) if sketcher is not None else None
-        file_hashes, digests = _hash_tensors(pf, progress, chunk, extra)
+        extra = sketcher.work(pf, pf_names, prefix, part.folder) if sketcher is not None else []
+        file_hashes, digests = _hash_tensors(part, out, progress, chunk, extra)
         if sketcher is not None:
             sketcher.after_pass(pf)
         out.files.append(file_hashes)
@@ -231,7 +346,7 @@ def _assemble(
     dupes = [n for n, c in Counter(t.name for t in tensors).items() if c > 1]
     if dupes:
         raise MalformedFileError(unit.path, f"tensor {dupes[0]!r} appears more than once")
-    fmt = unit.format or parsed[0][1].format
+    fmt = unit.format or parts[0].pf.format
     if unit.format and len(formats) > 1:
         notes.append(f"mixed containers: {', '.join(sorted(formats))}")
     return ModelFingerprint(

@@ -9,17 +9,19 @@ Any other folder is a collection: each weight file in it is its own model.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelhash.errors import MalformedFileError, UnsupportedFormatError
 from modelhash.fingerprint._formats import WEIGHT_SUFFIXES
+from modelhash.fingerprint._limits import MAX_SIDECAR_BYTES, load_json, read_sidecar
 
 __all__ = ["Unit", "resolve"]
 
-MAX_INDEX_BYTES = 64 * 1024 * 1024
+MAX_INDEX_BYTES = MAX_SIDECAR_BYTES
+MAX_REF_BYTES = 4096
+MAX_MODEL_INDEX_BYTES = 1024 * 1024
 _VARIANT = re.compile(r"\.(fp16|fp32|bf16|ema|non_ema|noema|fp8)\.", re.IGNORECASE)
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 
@@ -37,24 +39,56 @@ class Unit:
 
 
 def resolve(path: Path) -> list[Unit | MalformedFileError | UnsupportedFormatError]:
-    """The models at ``path``: one for a file or a model folder, one per file otherwise."""
+    """The models at ``path``: one for a file or a model folder, one per file otherwise.
+
+    Every file of a folder's models lies inside that folder once symlinks are
+    resolved (inside the cache entry, for a Hugging Face snapshot): a layout file
+    cannot point the reader elsewhere on the machine.
+    """
     if not path.exists():
         return [MalformedFileError(path, "no such file or folder")]
     if not path.is_dir():
         return [Unit(path, None, [("", path)])]
     try:
-        path = _hf_cache_snapshot(path)
-        if (path / "model_index.json").is_file():
-            return [_diffusers(path)]
-        sharded = _sharded(path)
-        if sharded is not None:
-            return [sharded]
-        files = _weight_files(path)
+        root = _containment_root(path)
+        units = _folder_units(path)
+        for unit in units:
+            for _, f in unit.files:
+                _check_inside(root, f)
     except (MalformedFileError, UnsupportedFormatError) as exc:
         return [exc]
+    return list(units)
+
+
+def _folder_units(path: Path) -> list[Unit]:
+    path = _hf_cache_snapshot(path)
+    if (path / "model_index.json").is_file():
+        return [_diffusers(path)]
+    sharded = _sharded(path)
+    if sharded is not None:
+        return [sharded]
+    files = _weight_files(path)
     if not files:
-        return [UnsupportedFormatError(path, "folder holds no weight files")]
+        raise UnsupportedFormatError(path, "folder holds no weight files")
     return [Unit(f, None, [("", f)]) for f in files]
+
+
+def _containment_root(folder: Path) -> Path:
+    """The folder every file must resolve into: the named folder, or for a snapshot
+    folder of a Hugging Face cache its cache entry (snapshots link into ``blobs``)."""
+    real = folder.resolve()
+    if real.parent.name == "snapshots" and real.parent.parent.name.startswith(
+        ("models--", "datasets--")
+    ):
+        return real.parent.parent
+    return real
+
+
+def _check_inside(root: Path, f: Path) -> None:
+    try:
+        f.resolve().relative_to(root)
+    except (ValueError, OSError, RuntimeError):
+        raise MalformedFileError(f, "resolves outside the folder being read") from None
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -70,13 +104,19 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def _hf_cache_snapshot(folder: Path) -> Path:
-    """``models--org--name`` in a Hugging Face cache -> its ``refs/main`` snapshot."""
+    """``models--org--name`` in a Hugging Face cache -> its ``refs/main`` snapshot.
+
+    ``refs/main`` must be a small regular file naming a snapshot folder directly
+    under ``snapshots``: a path such as ``../../elsewhere`` is refused.
+    """
     snaps = folder / "snapshots"
     if not (folder.name.startswith(("models--", "datasets--")) and snaps.is_dir()):
         return folder
     ref = folder / "refs" / "main"
-    if ref.is_file():
-        rev = ref.read_text(encoding="utf-8", errors="replace").strip()
+    if ref.exists():
+        rev = read_sidecar(ref, MAX_REF_BYTES).decode("utf-8", errors="replace").strip()
+        if not rev or rev in (".", "..") or "/" in rev or "\\" in rev or "\0" in rev:
+            raise MalformedFileError(ref, f"refs/main does not name a snapshot: {rev[:80]!r}")
         if (snaps / rev).is_dir():
             return snaps / rev
     revs = [p for p in snaps.iterdir() if p.is_dir()]
@@ -85,13 +125,8 @@ def _hf_cache_snapshot(folder: Path) -> Path:
     raise MalformedFileError(folder, "cache entry has several snapshots and no refs/main")
 
 
-def _read_json(path: Path) -> object:
-    try:
-        if path.stat().st_size > MAX_INDEX_BYTES:
-            raise MalformedFileError(path, "index file larger than 64 MiB")
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise MalformedFileError(path, f"unreadable JSON: {str(exc)[:200]}") from None
+def _read_json(path: Path, limit: int = MAX_INDEX_BYTES) -> object:
+    return load_json(path, read_sidecar(path, limit), path.name)
 
 
 def _sharded(folder: Path) -> Unit | None:
@@ -147,7 +182,7 @@ def _component_files(folder: Path) -> list[Path]:
 
 
 def _diffusers(folder: Path) -> Unit:
-    index = _read_json(folder / "model_index.json")
+    index = _read_json(folder / "model_index.json", MAX_MODEL_INDEX_BYTES)
     if not isinstance(index, dict):
         raise MalformedFileError(folder / "model_index.json", "not a JSON object")
     unit = Unit(folder, "diffusers", [])

@@ -8,8 +8,16 @@ the same adapter in another form sketches the same:
   old diffusers ``lora.down``/``lora.up``): ΔW = scale · up · down, sketched as
   scale · (A·up)(down·Bᵀ) without forming the product, so any re-factorisation
   up·R, R⁻¹·down gives the same sketch;
-- LoHa: ΔW = scale · (w1a·w1b) ⊙ (w2a·w2b); LoKr: ΔW = scale · w1 ⊗ w2 (either
-  factor possibly itself a product); both are materialised, then sketched.
+- LoHa: ΔW = scale · (w1a·w1b) ⊙ (w2a·w2b), a matrix of rank r1·r2: the sketch is
+  (A·(w1a ⊛ w2a))((w1b • w2b)·Bᵀ) with ⊛ and • the row- and column-wise Khatri-Rao
+  products, built a block of rows or columns at a time (or, when r1·r2 is larger
+  than the matrix, from bounded row blocks of ΔW itself);
+- LoKr: ΔW = scale · w1 ⊗ w2 (either factor possibly itself a product): A and B
+  are split into blocks that match the Kronecker structure, so ΔW is never formed.
+
+No dense ΔW is ever held; a module whose sketch would cost more than
+MAX_SKETCH_WORK multiply-adds is skipped with a note ("too large to sketch"). A
+factor that is 0-d, empty or does not fit its partners raises :class:`FactorError`.
 
 ``scale`` follows each format's convention: kohya and LyCORIS store an ``alpha``
 per module and scale by alpha/rank (no alpha means alpha = rank); PEFT and diffusers
@@ -36,13 +44,28 @@ import numpy as np
 import numpy.typing as npt
 
 from modelhash.fingerprint._keys import module_key
-from modelhash.fingerprint._project import matrix_shape, project, project_factors
+from modelhash.fingerprint._limits import MAX_SKETCH_SIDE, MAX_SKETCH_WORK
+from modelhash.fingerprint._project import K, matrix_shape, project_factors, projections
 from modelhash.fingerprint._sketch import TensorSketch
 
-__all__ = ["ROLES", "AdapterConfig", "LoraGroup", "adapter_configs", "group_lora", "sketch_group"]
+__all__ = [
+    "ROLES",
+    "AdapterConfig",
+    "FactorError",
+    "LoraGroup",
+    "adapter_configs",
+    "group_lora",
+    "sketch_group",
+]
 
 F64 = npt.NDArray[np.float64]
 MAX_CONFIG_BYTES = 1024 * 1024
+_BLOCK = 1 << 20
+TOO_LARGE = "too large to sketch"
+
+
+class FactorError(ValueError):
+    """An adapter factor is 0-d, empty, or its shape does not fit its partners."""
 
 ROLES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"^(.+)\.lora_down\.weight$"), "down"),
@@ -194,8 +217,21 @@ def _config_for(configs: Mapping[str, AdapterConfig], module: str) -> AdapterCon
     return configs.get("")
 
 
-def _matrix(x: F64) -> F64:
+def _matrix(x: F64, role: str = "factor") -> F64:
+    """A factor as a matrix (first dimension kept, the rest flattened)."""
+    if x.ndim < 2:
+        raise FactorError(f"{role} has {x.ndim} dimension(s), needs at least 2")
+    if x.size == 0:
+        raise FactorError(f"{role} is empty (shape {tuple(x.shape)})")
     return x.reshape(x.shape[0], -1)
+
+
+def _product(a: F64, b: F64, what: str) -> None:
+    if a.shape[1] != b.shape[0]:
+        raise FactorError(
+            f"{what}: factor shapes disagree ({a.shape[0]}x{a.shape[1]} times "
+            f"{b.shape[0]}x{b.shape[1]})"
+        )
 
 
 def _alpha_scale(arrays: Mapping[str, F64], rank: int) -> float | None:
@@ -231,13 +267,14 @@ def _plain(
     group: LoraGroup, arrays: Mapping[str, F64], configs: Mapping[str, AdapterConfig]
 ) -> TensorSketch | str:
     up, down = arrays["up"], arrays["down"]
+    up2, down2 = _matrix(up, "up"), _matrix(down, "down")
     rank = down.shape[0]
-    up2, down2 = _matrix(up), _matrix(down)
-    if up2.shape[1] != rank:
-        return "factor shapes disagree"
+    _product(up2, down2, "up x down")
     mn = matrix_shape((up.shape[0], *down.shape[1:]))
     if mn is None:
         return "shape"
+    if sum(mn) > MAX_SKETCH_SIDE:
+        return TOO_LARGE
     scale = _scale(group, arrays, configs, rank)
     return TensorSketch(group.key, mn, project_factors(up2, down2.reshape(rank, mn[1]), scale))
 
@@ -263,12 +300,59 @@ def _scale(
 def _loha(
     group: LoraGroup, arrays: Mapping[str, F64], configs: Mapping[str, AdapterConfig]
 ) -> TensorSketch | str:
-    w1 = _matrix(arrays["hada_w1_a"]) @ _matrix(arrays["hada_w1_b"])
-    w2 = _matrix(arrays["hada_w2_a"]) @ _matrix(arrays["hada_w2_b"])
-    if w1.shape != w2.shape:
-        return "factor shapes disagree"
-    rank = arrays["hada_w1_b"].shape[0]
-    return _dense(group, w1 * w2 * _scale(group, arrays, configs, rank))
+    p, q = _matrix(arrays["hada_w1_a"], "hada_w1_a"), _matrix(arrays["hada_w1_b"], "hada_w1_b")
+    r, s = _matrix(arrays["hada_w2_a"], "hada_w2_a"), _matrix(arrays["hada_w2_b"], "hada_w2_b")
+    _product(p, q, "hada_w1")
+    _product(r, s, "hada_w2")
+    if (p.shape[0], q.shape[1]) != (r.shape[0], s.shape[1]):
+        raise FactorError("hada_w1 and hada_w2 products differ in shape")
+    mn = matrix_shape((p.shape[0], q.shape[1]))
+    if mn is None:
+        return "shape"
+    m, n = mn
+    r1, r2 = q.shape[0], s.shape[0]
+    khatri_rao = (m + n) * r1 * r2 * K
+    dense = m * n * (r1 + r2 + K)
+    if m + n > MAX_SKETCH_SIDE or min(khatri_rao, dense) > MAX_SKETCH_WORK:
+        return TOO_LARGE
+    a, bt = projections(m, n)
+    if khatri_rao <= dense:
+        sketch = _loha_khatri_rao(a, bt, p, q, r, s)
+    else:
+        sketch = _loha_rows(a, bt, p, q, r, s)
+    scale = _scale(group, arrays, configs, r1)
+    return TensorSketch(group.key, mn, sketch * (scale / math.sqrt(m * n)))
+
+
+def _loha_khatri_rao(a: npt.NDArray[np.float32], bt: npt.NDArray[np.float32],
+                     p: F64, q: F64, r: F64, s: F64) -> F64:
+    """A((pq) ⊙ (rs))Bᵀ = (A (p ⊛ r))((q • s) Bᵀ), a block of rows or columns at a time."""
+    m, n = p.shape[0], q.shape[1]
+    rr = p.shape[1] * r.shape[1]
+    left: F64 = np.zeros((K, rr))
+    step = max(1, _BLOCK // rr)
+    for i in range(0, m, step):
+        kr = (p[i : i + step, :, None] * r[i : i + step, None, :]).reshape(-1, rr)
+        left += a[:, i : i + step].astype(np.float64) @ kr
+    right: F64 = np.zeros((rr, K))
+    for j in range(0, n, step):
+        kr = (q[:, None, j : j + step] * s[None, :, j : j + step]).reshape(rr, -1)
+        right += kr @ bt[j : j + step].astype(np.float64)
+    out: F64 = left @ right
+    return out
+
+
+def _loha_rows(a: npt.NDArray[np.float32], bt: npt.NDArray[np.float32],
+               p: F64, q: F64, r: F64, s: F64) -> F64:
+    """A((pq) ⊙ (rs))Bᵀ from bounded blocks of rows of the delta."""
+    m, n = p.shape[0], q.shape[1]
+    b64 = bt.astype(np.float64)
+    out: F64 = np.zeros((K, K))
+    step = max(1, _BLOCK // n)
+    for i in range(0, m, step):
+        rows = (p[i : i + step] @ q) * (r[i : i + step] @ s)
+        out += a[:, i : i + step].astype(np.float64) @ (rows @ b64)
+    return out
 
 
 def _lokr(
@@ -280,19 +364,47 @@ def _lokr(
         full = arrays.get(f"lokr_w{i}")
         a, b = arrays.get(f"lokr_w{i}_a"), arrays.get(f"lokr_w{i}_b")
         if full is not None:
-            factors.append(_matrix(full))
+            factors.append(_matrix(full, f"lokr_w{i}"))
         elif a is not None and b is not None:
-            factors.append(_matrix(a) @ _matrix(b))
+            a2, b2 = _matrix(a, f"lokr_w{i}_a"), _matrix(b, f"lokr_w{i}_b")
+            _product(a2, b2, f"lokr_w{i}")
+            if a2.shape[0] * b2.shape[1] > _BLOCK * 32:
+                return TOO_LARGE
+            factors.append(a2 @ b2)
             rank = b.shape[0]
         else:
             return "incomplete factors"
-    delta = np.asarray(np.kron(factors[0], factors[1]), dtype=np.float64)
-    delta *= _scale(group, arrays, configs, rank)
-    return _dense(group, delta)
-
-
-def _dense(group: LoraGroup, delta: F64) -> TensorSketch | str:
-    mn = matrix_shape(delta.shape)
+    w1, w2 = factors
+    mn = matrix_shape((w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1]))
     if mn is None:
         return "shape"
-    return TensorSketch(group.key, mn, project(delta.reshape(mn)))
+    m, n = mn
+    (i1, j1), (c, d) = w1.shape, w2.shape
+    work = K * (i1 * j1 * c + j1 * c * d + K * j1 * d)
+    if m + n > MAX_SKETCH_SIDE or work > MAX_SKETCH_WORK:
+        return TOO_LARGE
+    signs, bt = projections(m, n)
+    sketch = _lokr_blocks(signs, bt, w1, w2)
+    scale = _scale(group, arrays, configs, rank)
+    return TensorSketch(group.key, mn, sketch * (scale / math.sqrt(m * n)))
+
+
+def _lokr_blocks(a: npt.NDArray[np.float32], bt: npt.NDArray[np.float32],
+                 w1: F64, w2: F64) -> F64:
+    """A (w1 ⊗ w2) Bᵀ without forming the Kronecker product.
+
+    Row i·c + p of the product is w1[i] ⊗ w2[p], so A splits into K x a x c and Bᵀ
+    into b x d x K blocks: the sketch is Σ_j ((Σ_i w1[i, j] A[:, i, :]) w2) Bᵀ[j].
+    """
+    (i1, j1), (c, d) = w1.shape, w2.shape
+    a3 = a.reshape(K, i1, c).astype(np.float64)
+    b3 = bt.reshape(j1, d, K)
+    out: F64 = np.zeros((K, K))
+    step = max(1, _BLOCK // (K * max(c, d, i1)))
+    for j in range(0, j1, step):
+        cols = w1[:, j : j + step]  # a x jb
+        # t[jb, K, c] = Σ_i cols[i, jb] a3[K, i, c], then u = t w2 (matrix products)
+        t = np.tensordot(cols, a3, axes=([0], [1]))
+        u = t @ w2  # jb x K x d
+        out += np.tensordot(u, b3[j : j + step].astype(np.float64), axes=([0, 2], [0, 1]))
+    return out

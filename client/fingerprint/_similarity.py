@@ -49,11 +49,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from modelhash.fingerprint._blocks import BlockName, block_of
 from modelhash.fingerprint._sketch import Sketch, TensorSketch
 
 __all__ = [
     "NOT_SCORED",
     "THRESHOLDS",
+    "BlockScore",
     "Comparison",
     "Match",
     "Thresholds",
@@ -179,6 +181,39 @@ def scored(key: str) -> bool:
 
 
 @dataclass(frozen=True)
+class BlockScore:
+    """The scores of one part of one block: where the flagged delta sits, and whether
+    the upload carries it there.
+
+    ``share`` is the block's share of the flagged delta's energy (its squared norm),
+    ``upload_share`` the same for the upload's delta; ``cosine`` and ``coefficient``
+    are the pooled scores over the block's tensors that both deltas have (None, and
+    ``tensors`` 0, where only the upload changed the block).
+    """
+
+    component: str
+    block: str
+    label: str
+    part: str
+    tensors: int
+    cosine: float | None
+    coefficient: float | None
+    share: float
+    upload_share: float
+
+    def to_json(self) -> dict[str, Any]:
+        def r(x: float | None) -> float | None:
+            return None if x is None else round(x, 4)
+
+        return {
+            "component": self.component, "block": self.block, "label": self.label,
+            "part": self.part, "tensors": self.tensors, "cosine": r(self.cosine),
+            "coefficient": r(self.coefficient), "share": r(self.share),
+            "upload_share": r(self.upload_share),
+        }
+
+
+@dataclass(frozen=True)
 class Comparison:
     """Scores of one upload against one flagged item (None where not computable)."""
 
@@ -192,6 +227,7 @@ class Comparison:
     raw_coverage: float = 0.0
     shared_removed: bool = False
     flagged_base_distance: float | None = None
+    blocks: tuple[BlockScore, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -206,6 +242,10 @@ class Match:
         return {"match": self.match, "score": round(self.score, 4), "evidence": self.evidence}
 
 
+MAX_GREEDY_PAIRS = 2048 * 2048
+"""Most same-shape tensor pairs :func:`align` scores at once (about 100 MB of work)."""
+
+
 def _flat(t: TensorSketch) -> F64:
     return t.values.reshape(-1)
 
@@ -214,7 +254,11 @@ def align(x: Sketch, ref: Sketch, min_cosine: float = THRESHOLDS.pair_cosine) ->
     """Pair tensors of ``x`` with tensors of ``ref`` (ref key -> x key).
 
     Same key and shape first, kept if their raw cosine is at least ``min_cosine``;
-    the rest are paired greedily within each shape by raw cosine, best first.
+    the rest are paired greedily within each shape by raw cosine, best first. The
+    greedy step compares every pair of a shape, so a shape whose unpaired tensors
+    would make more than :data:`MAX_GREEDY_PAIRS` pairs is left to the key pass:
+    no real model leaves that many same-shape tensors unpaired, and a crafted
+    sketch of many tiny tensors would otherwise need gigabytes for one comparison.
     """
     pairs: dict[str, str] = {}
     for k, t in ref.tensors.items():
@@ -234,7 +278,7 @@ def align(x: Sketch, ref: Sketch, min_cosine: float = THRESHOLDS.pair_cosine) ->
             free_x.setdefault(t.shape, []).append(k)
     for shape, rkeys in free_ref.items():
         xkeys = free_x.get(shape)
-        if not xkeys:
+        if not xkeys or len(rkeys) * len(xkeys) > MAX_GREEDY_PAIRS:
             continue
         r = _unit_rows([ref.tensors[k] for k in rkeys])
         c = _unit_rows([x.tensors[k] for k in xkeys])
@@ -419,6 +463,13 @@ def compare(
     dot = uu = ff = 0.0
     zsum = wsum = 0.0
     n = 0
+    # Per block, in the upload's (model) order: dot, |u|², |f|², tensors, upload |u|².
+    per_block: dict[BlockName, list[float]] = {}
+    for key, t in du.tensors.items():
+        if scored(key):
+            b = base.tensors.get(key) if base is not None else None
+            uv = uvs[key] if key in uvs else _orthogonal(_flat(t), b, t.shape)
+            per_block.setdefault(block_of(key), [0.0] * 5)[4] += float(uv @ uv)
     for key, fv in fvs.items():
         uv = uvs[key]
         nf, nu = float(np.linalg.norm(fv)), float(np.linalg.norm(uv))
@@ -426,6 +477,11 @@ def compare(
             continue
         d = float(uv @ fv)
         dot, uu, ff = dot + d, uu + nu * nu, ff + nf * nf
+        sums = per_block.setdefault(block_of(key), [0.0] * 5)
+        sums[0] += d
+        sums[1] += nu * nu
+        sums[2] += nf * nf
+        sums[3] += 1
         c = d / (nu * nf) if nu > 0 else 0.0
         zsum += nf * c * math.sqrt(dofs[key])
         wsum += nf * nf
@@ -446,7 +502,24 @@ def compare(
         raw_coverage=coverage,
         shared_removed=removed,
         flagged_base_distance=flag_dist,
+        blocks=_blocks(per_block, ff),
     )
+
+
+def _blocks(per_block: dict[BlockName, list[float]], ff: float) -> tuple[BlockScore, ...]:
+    """The per-block figures, in model order (see :class:`BlockScore`)."""
+    total_u = sum(s[4] for s in per_block.values())
+    out = []
+    for b, (bd, bu, bf, t, ub) in per_block.items():
+        compared = t > 0 and bf > 0
+        out.append(BlockScore(
+            b.component, b.block, b.label, b.part, int(t),
+            cosine=(bd / math.sqrt(bu * bf) if bu > 0 else 0.0) if compared else None,
+            coefficient=bd / bf if compared else None,
+            share=bf / ff if ff > 0 else 0.0,
+            upload_share=ub / total_u if total_u > 0 else 0.0,
+        ))
+    return tuple(out)
 
 
 def _raw(upload: Sketch, flagged: Sketch) -> tuple[float | None, float]:
@@ -528,6 +601,8 @@ def _evidence(c: Comparison) -> dict[str, Any]:
         )
     if c.shared_removed:
         out["shared_direction_removed"] = True
+    if c.blocks:
+        out["blocks"] = [b.to_json() for b in c.blocks]
     if c.base_distance is not None:
         out["base_distance"] = round(c.base_distance, 4)
     if c.raw_distance is not None:

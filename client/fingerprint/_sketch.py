@@ -111,6 +111,10 @@ class Sketch:
         body += struct.pack("<BI", KINDS.index(self.kind), len(self.tensors))
         for t in sorted(self.tensors.values(), key=lambda t: t.key):
             key = t.key.encode("utf-8")
+            if len(key) > 0xFFFF or not all(0 <= d <= 0xFFFFFFFF for d in t.shape):
+                # Readers bound names and sketched shapes far below this; a Sketch
+                # built by hand is told plainly rather than with a struct.error.
+                raise ValueError(f"sketch key or shape too large to store: {t.key[:80]!r}")
             peak = float(np.max(np.abs(t.values))) if t.values.size else 0.0
             scale = np.float32(peak if peak > 0 and math.isfinite(peak) else 1.0)
             body += struct.pack("<H", len(key)) + key
@@ -172,7 +176,7 @@ class Sketch:
         return band_keys((t.shape, t.values) for t in self)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=64)  # 512 KiB each
 def _hyperplanes(shape: tuple[int, int]) -> npt.NDArray[np.float64]:
     seed = _BAND_DOMAIN + struct.pack("<QQQ", K, *shape)
     nbits = BANDS * ROWS * K * K

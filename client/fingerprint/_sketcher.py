@@ -4,38 +4,52 @@
 :class:`~modelhash.fingerprint._pass.Work` item for it. A checkpoint's eligible
 tensors are projected as their bytes stream by (see
 :class:`~modelhash.fingerprint._project.SketchWork`); an adapter's factor tensors are
-small, so their bytes are kept and each module's delta is sketched after the pass.
+read back one module at a time after the pass (from the page cache, for a file
+just read), so memory holds one module's factors, never the whole adapter.
 Tensors whose bytes are not one span of the file are decoded from their
 ``materialize`` stream afterwards. Whatever is skipped is counted in notes.
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 
-from modelhash.errors import MalformedFileError, ResourceLimitError
+from modelhash.errors import MalformedFileError, ModelhashError, ResourceLimitError
 from modelhash.fingerprint._dequant import DECODERS
 from modelhash.fingerprint._keys import module_key, tensor_module
 from modelhash.fingerprint._layouts import embedding_view, pieces, split_adapter
-from modelhash.fingerprint._lora import LoraGroup, adapter_configs, group_lora, sketch_group
-from modelhash.fingerprint._model import ParsedFile, TensorRecord
+from modelhash.fingerprint._limits import MAX_SKETCHED, open_regular, read_sidecar
+from modelhash.fingerprint._lora import (
+    MAX_CONFIG_BYTES,
+    TOO_LARGE,
+    FactorError,
+    LoraGroup,
+    adapter_configs,
+    group_lora,
+    sketch_group,
+)
+from modelhash.fingerprint._model import ParsedFile, TensorRecord, numel
 from modelhash.fingerprint._pass import Work
-from modelhash.fingerprint._project import F32, SketchJob, SketchWork, decoder_for
+from modelhash.fingerprint._project import F32, SketchJob, SketchWork, decoder_for, merged
 from modelhash.fingerprint._scaled import Scale, scale_for, scale_names
 from modelhash.fingerprint._sketch import Sketch, TensorSketch
 
 __all__ = ["MAX_ADAPTER_BYTES", "Sketcher"]
 
 MAX_ADAPTER_BYTES = 4 * 1024**3
+MAX_STRIPES = 8
+MAX_MODULE_ELEMENTS = 32 * 1024 * 1024
+"""Factor elements of one adapter module, decoded as float64 (256 MiB) to sketch it."""
 SIDECAR = "adapter_config.json"
 
 
 class _Collect:
-    """Work that keeps the bytes of some spans of the file (an adapter's factors)."""
+    """Work that keeps the bytes of some spans (a streamed adapter's factors)."""
 
     def __init__(self, spans: Mapping[str, tuple[int, int]]) -> None:
         self.spans = dict(spans)
@@ -49,6 +63,43 @@ class _Collect:
                 self.data[name] += view[lo - off : hi - off]
 
 
+class _Kept:
+    """Bytes of a few small spans (weight scales) kept as a stream passes.
+
+    Every stripe's work writes the spans it sees, before it feeds its jobs: the
+    copies are the same bytes, and each lane has written every span that ends
+    before the bytes it is sketching, whichever lane the pass gave it.
+    """
+
+    def __init__(self, spans: Mapping[str, tuple[int, int]]) -> None:
+        self.spans = dict(spans)
+        self.data = {name: bytearray(length) for name, (_, length) in spans.items()}
+
+    def __call__(self, off: int, view: memoryview) -> None:
+        end = off + len(view)
+        for name, (start, length) in self.spans.items():
+            lo, hi = max(start, off), min(start + length, end)
+            if hi > lo:
+                self.data[name][lo - start : hi - start] = view[lo - off : hi - off]
+
+
+class _Lazy:
+    """A stream's weight scale, decoded from :class:`_Kept` the first time it is used
+    (its bytes all precede the weight's, so they have passed by then)."""
+
+    def __init__(self, t: TensorRecord, kept: _Kept, name: str, m: int, n: int) -> None:
+        self._args = (t, kept, name, m, n)
+        self._made = False
+        self.value: Scale | None = None
+
+    def get(self) -> Scale | None:
+        if not self._made:
+            t, kept, name, m, n = self._args
+            self.value = scale_for(t, Path(name), m, n, lambda _p, _t: iter([kept.data[name]]))
+            self._made = True
+        return self.value
+
+
 class Sketcher:
     """Accumulates the sketch of one model (a file or a folder read as one model)."""
 
@@ -58,24 +109,40 @@ class Sketcher:
         self.metadata = dict(metadata)
         self.tensors: dict[str, TensorSketch] = {}
         self.skipped: Counter[str] = Counter()
-        self._jobs: list[tuple[str, SketchJob]] = []
+        self._jobs: list[tuple[str, list[SketchJob]]] = []
         self._parts: dict[str, tuple[TensorRecord, Path]] = {}
-        self._collectors: list[_Collect] = []
         self._later: list[tuple[str, TensorRecord, SketchJob]] = []
         # Rows each canonical module needs, and how many its pieces have filled.
         self._expected: dict[str, int] = {}
         self._rows: dict[str, int] = {}
+        self._lazy: list[_Lazy] = []
+        self._kept: dict[str, bytearray] = {}
         self._adapter_bytes = 0
         self._sidecar: bytes | None = None
 
-    def work(self, pf: ParsedFile, names: list[str], prefix: str) -> Work | None:
-        """The work item for ``pf``'s pass; ``names`` are its canonical tensor names."""
+    def work(
+        self, pf: ParsedFile, names: list[str], prefix: str, folder: Path | None = None
+    ) -> list[Work]:
+        """The work items for ``pf``'s pass; ``names`` are its canonical tensor names.
+
+        A checkpoint's projections are the costliest work of the pass, so they are
+        split into one stripe per core (alternate row blocks of every tensor): the
+        pass can then spread them over its lanes evenly, chunk by chunk. ``folder``
+        is where an adapter's config may sit beside it (None for a stream, which has
+        no neighbours).
+        """
         if self.adapter:
-            return self._adapter_work(pf, names, prefix)
-        jobs: list[SketchJob] = []
+            one = self._adapter_work(pf, names, prefix, folder)
+            return [one] if one is not None else []
+        stripes = max(1, min(MAX_STRIPES, os.cpu_count() or 1))
+        jobs: list[list[SketchJob]] = [[] for _ in range(stripes)]
         by_name = dict(zip(names, pf.tensors, strict=True))
         scales = scale_names(by_name)
         scale_tensors = set(scales.values())
+        kept = _Kept({
+            s: by_name[s].span for s in scale_tensors  # type: ignore[misc]
+            if folder is None and by_name[s].span is not None
+        })
         for name, t in zip(names, pf.tensors, strict=True):
             if name in scale_tensors:
                 continue
@@ -85,39 +152,66 @@ class Sketcher:
                 if plan != "shape":
                     self.skipped[plan] += 1
                 continue
+            if len(self.tensors) + len(self._jobs) + len(self._later) >= MAX_SKETCHED:
+                self.skipped[f"past {MAX_SKETCHED:,} matrices"] += 1
+                continue
             decoder, (m, n) = plan
             key = view[0] if view else module_key(prefix + tensor_module(name))
             row_bytes = n // decoder.block * decoder.size
-            scale = None
-            if name in scales:
-                scale = scale_for(by_name[scales[name]], pf.path, m, n, _read_tensor)
-                if scale is None:
-                    self.skipped["unreadable weight scales"] += 1
+            scale = self._scale(scales.get(name), by_name, pf, kept, t, m, n)
             for p in pieces(key, m, n, self.metadata):
                 whole = p.rows == m and p.count == m and p.at == 0 and p.order is None
-                job = SketchJob(
-                    len(self._jobs), p.start * row_bytes, p.count * row_bytes, decoder,
-                    (p.rows, n), targets=None if whole else p.targets(),
-                    scale=_rows_of(scale, p.start, n),
-                )
+                targets = None if whole else p.targets()
                 self._expected[p.key] = p.rows
+                start, length = p.start * row_bytes, p.count * row_bytes
+                shape = (p.rows, n)
                 if t.span is None:
+                    job = SketchJob(0, start, length, decoder, shape, targets=targets,
+                                    scale=_rows_of(scale, p.start, n))
                     self._later.append((p.key, t, job))
                     continue
-                job.start += t.span[0]
-                self._jobs.append((p.key, job))
-                jobs.append(job)
-        if not jobs:
+                parts = [
+                    SketchJob(len(self._jobs), t.span[0] + start, length, decoder, shape,
+                              s, stripes, targets=targets, scale=_rows_of(scale, p.start, n))
+                    for s in range(stripes)
+                ]
+                self._jobs.append((p.key, parts))
+                for s, job in enumerate(parts):
+                    jobs[s].append(job)
+        before = kept if kept.spans else None
+        works = [SketchWork(js, before) for js in jobs if js]
+        return [Work(w, w.cost(pf.size)) for w in works]
+
+    def _scale(
+        self, scale_name: str | None, by_name: Mapping[str, TensorRecord], pf: ParsedFile,
+        kept: _Kept, t: TensorRecord, m: int, n: int,
+    ) -> Callable[[], Scale | None] | None:
+        """How to get a weight's scale, or None if it has none: a file's is read now
+        (a small random-access read), a stream's is taken from the bytes as they pass."""
+        if scale_name is None:
             return None
-        w = SketchWork(jobs)
-        return Work(w, w.cost(pf.size))
+        st = by_name[scale_name]
+        if scale_name not in kept.spans:
+            got = scale_for(st, pf.path, m, n, lambda path, rec: iter([_tensor_bytes(path, rec)]))
+            if got is None:
+                self.skipped["unreadable weight scales"] += 1
+                return None
+            return lambda: got
+        assert st.span is not None
+        if t.span is None or st.span[0] + st.span[1] > t.span[0]:
+            # The scale comes after its weight: a stream cannot go back for it.
+            self.skipped["weight scales after their weights in a stream"] += 1
+            return None
+        lazy = _Lazy(st, kept, scale_name, m, n)
+        self._lazy.append(lazy)
+        return lazy.get
 
     def after_pass(self, pf: ParsedFile) -> None:
         """Finish ``pf``: collect the pass's sketches and decode materialised tensors."""
         if self.adapter:
             return
-        for key, job in self._jobs:
-            self._add(key, job)
+        for key, parts in self._jobs:
+            self._add(key, parts)
         self._jobs.clear()
         for key, t, job in self._later:
             stop = job.start + job.length
@@ -127,13 +221,19 @@ class Sketcher:
                 if hi > lo:
                     job.feed(memoryview(piece)[lo - at : hi - at])
                 at += len(piece)
-            self._add(key, job)
+            self._add(key, [job])
         self._later.clear()
+        for lazy in self._lazy:
+            if lazy.get() is None:  # the weight went unscaled, as for a file
+                self.skipped["unreadable weight scales"] += 1
+        self._lazy.clear()
 
-    def _add(self, key: str, job: SketchJob) -> None:
-        """Add a job's sketch; row pieces of one canonical module add up to its sketch."""
-        values = job.result()
-        rows = job.shape[0] if job.targets is None else len(job.targets)
+    def _add(self, key: str, parts: list[SketchJob]) -> None:
+        """Add a tensor's (or row piece's) sketch; the row pieces of one canonical
+        module add up to its sketch."""
+        values = merged(parts)
+        job = parts[0]
+        rows = job.stored_rows
         if values is None:
             self.skipped["non-finite values"] += 1
             return
@@ -151,13 +251,16 @@ class Sketcher:
             self.tensors[key] = TensorSketch(key, job.shape, values)
             self._rows[key] = rows
 
-    def _adapter_work(self, pf: ParsedFile, names: list[str], prefix: str) -> Work | None:
-        sidecar = pf.path.parent / SIDECAR
-        if self._sidecar is None and sidecar.is_file():
+    def _adapter_work(
+        self, pf: ParsedFile, names: list[str], prefix: str, folder: Path | None
+    ) -> Work | None:
+        """Note an adapter's factors; a stream's are kept as they pass, a file's are
+        read back one module at a time after the pass."""
+        sidecar = folder / SIDECAR if folder is not None else None
+        if self._sidecar is None and sidecar is not None and sidecar.exists():
             try:
-                if sidecar.stat().st_size <= 1024 * 1024:
-                    self._sidecar = sidecar.read_bytes()
-            except OSError:
+                self._sidecar = read_sidecar(sidecar, MAX_CONFIG_BYTES)
+            except ModelhashError:
                 self._sidecar = None
         spans: dict[str, tuple[int, int]] = {}
         for name, t in zip(names, pf.tensors, strict=True):
@@ -169,13 +272,18 @@ class Sketcher:
                     pf.path, f"adapter tensors exceed {MAX_ADAPTER_BYTES} bytes for sketching"
                 )
             self._parts[prefix + name] = (t, pf.path)
-            if t.span is not None:
+            if folder is None and t.span is not None:  # a stream: its bytes go by once
                 spans[prefix + name] = t.span
         if not spans:
             return None
         collect = _Collect(spans)
-        self._collectors.append(collect)
+        self._kept.update(collect.data)
         return Work(collect, 0.05)
+
+    def _factor_bytes(self, name: str, t: TensorRecord, path: Path) -> bytes | bytearray:
+        """A factor's bytes: kept from a stream, else read back from its file."""
+        kept = self._kept.pop(name, None)
+        return kept if kept is not None else _tensor_bytes(path, t)
 
     def finish(self) -> Sketch:
         """The sketch layer, with a note for whatever was skipped."""
@@ -192,28 +300,33 @@ class Sketcher:
         return Sketch("lora" if self.adapter else "model", self.tensors, notes=notes)
 
     def _finish_adapter(self, notes: list[str]) -> None:
-        data: dict[str, bytes | bytearray] = {}
-        for c in self._collectors:
-            data.update(c.data)
         groups, _ = group_lora(list(self._parts))
         configs = adapter_configs(self.metadata, self._sidecar)
         needs_config = False
         for key, g in groups.items():
-            arrays: dict[str, np.ndarray] = {}
-            for role, name in g.parts.items():
-                t, path = self._parts[name]
-                raw = data.get(name)
-                if raw is None:
-                    raw = b"".join(_materialized(path, t))
-                arrays[role] = _decode(t, raw)
+            parts = {role: self._parts[name] for role, name in g.parts.items()}
+            elements = sum(numel(t.shape) for t, _ in parts.values())
+            if elements > MAX_MODULE_ELEMENTS:
+                self.skipped[TOO_LARGE] += 1
+                continue
+            arrays = {
+                role: _decode(t, self._factor_bytes(g.parts[role], t, path))
+                for role, (t, path) in parts.items()
+            }
             if "alpha" not in arrays and not configs and "down" in arrays:
                 needs_config = True
             if "dora" in arrays:
                 self.skipped["DoRA magnitudes ignored"] += 1
             for sub_key, sub_arrays in split_adapter(key, arrays, self.metadata):
                 sub = LoraGroup(sub_key, g.module, g.parts)
-                with np.errstate(all="ignore"):
-                    out = sketch_group(sub, sub_arrays, configs)
+                try:
+                    with np.errstate(all="ignore"):
+                        out = sketch_group(sub, sub_arrays, configs)
+                except FactorError as exc:
+                    path = next(iter(parts.values()))[1]
+                    raise MalformedFileError(
+                        path, f"adapter module {g.module!r}: {exc}"
+                    ) from None
                 if isinstance(out, str) or not np.all(np.isfinite(out.values)):
                     self.skipped[out if isinstance(out, str) else "non-finite values"] += 1
                 elif sub_key in self.tensors:
@@ -224,24 +337,33 @@ class Sketcher:
             notes.append("sketch: adapter alpha unknown (no alpha tensors or config); scale 1")
 
 
-def _rows_of(scale: Scale | None, first: int, cols: int) -> Callable[[int, int], F32] | None:
+def _rows_of(
+    scale: Callable[[], Scale | None] | None, first: int, cols: int
+) -> Callable[[int, int], F32] | None:
     """The scale of a piece whose first stored row is ``first``, as SketchJob takes it."""
     if scale is None:
         return None
-    return lambda row, count: scale.rows(first + row, count, cols)
+
+    def rows(row: int, count: int) -> F32:
+        got = scale()
+        if got is None:
+            return np.ones((1, 1), dtype=np.float32)
+        return got.rows(first + row, count, cols)
+
+    return rows
 
 
-def _read_tensor(path: Path, t: TensorRecord) -> Iterator[bytes]:
-    """A small tensor's bytes, read on their own (weight scales, before the pass)."""
+def _tensor_bytes(path: Path, t: TensorRecord) -> bytes:
+    """One factor's bytes: read back from its span, or from its materialize stream."""
     if t.span is None:
-        yield from _materialized(path, t)
-        return
-    try:
-        with path.open("rb") as fh:
-            fh.seek(t.span[0])
-            yield fh.read(t.span[1])
-    except OSError as exc:
-        raise MalformedFileError(path, f"cannot read {t.name!r}: {exc.strerror or exc}") from None
+        return b"".join(_materialized(path, t))
+    fh, _ = open_regular(path)
+    with fh:
+        fh.seek(t.span[0])
+        data = fh.read(t.span[1])
+    if len(data) != t.span[1]:
+        raise MalformedFileError(path, f"tensor {t.name!r}: file changed while reading")
+    return data
 
 
 def _decode(t: TensorRecord, raw: bytes | bytearray) -> np.ndarray:

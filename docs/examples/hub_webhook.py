@@ -8,8 +8,12 @@ Run it (``pip install modelhash uvicorn``)::
 
 Then, on the Hub, add a webhook (your organisation's Settings -> Webhooks) for the
 repos to watch, with that secret and the URL of this server. Each create or update
-of a model repo queues a check of its new commit; this example logs the verdicts.
-Replace ``on_report`` with your own action: hide the repo, open a ticket.
+of a model repo queues a check of its new commit in a SQLite file
+(``HUB_CHECK_QUEUE``), before the Hub gets its answer: a restart loses nothing, and
+a repo that cannot be fetched yet is retried with backoff. Each check downloads the
+weights and checks every layer, so derivatives of flagged models are found too.
+This example logs the verdicts; replace ``on_report`` with your own action: hide
+the repo, open a ticket.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ registry = RegistryClient()  # one connection pool for every check
 
 
 def on_report(event: RepoEvent, report: Any) -> None:
-    """Called from a worker thread once a repo is checked (or the check failed)."""
+    """Called from a worker thread once a repo is checked, or once its last retry
+    failed (then ``report`` is the exception: look at the repo by hand)."""
     if not isinstance(report, HubReport):
-        log.warning("%s: not checked (%s); retry later", event.ref, report)
+        log.error("%s: not checked after every retry (%s)", event.ref, report)
         return
     matched = [r for r in report.results if r.verdict == "match"]
     if matched:
@@ -40,4 +45,8 @@ def on_report(event: RepoEvent, report: Any) -> None:
         log.info("clean %s@%s", report.repo_id, report.revision)
 
 
-app = WebhookReceiver(os.environ["WEBHOOK_SECRET"], background_checker(registry, on_report))
+checker = background_checker(
+    registry, on_report, queue=os.environ.get("HUB_CHECK_QUEUE", "hub-check-queue.sqlite3"),
+    workers=int(os.environ.get("HUB_CHECK_WORKERS", "1")),
+)
+app = WebhookReceiver(os.environ["WEBHOOK_SECRET"], checker)

@@ -7,8 +7,11 @@ Run it (needs ``pip install modelhash fastapi uvicorn``)::
     curl -T model.safetensors http://127.0.0.1:9000/models/model.safetensors
 
 The body is the file itself (``PUT``, or ``curl -T``). It is written to a staging
-folder and fingerprinted in the same pass; a safetensors file needs no second read.
-Only an accepted upload is moved into storage; everything else is deleted.
+folder and fingerprinted, every layer included, as it arrives; a safetensors file
+needs no second read. Re-uploads are caught even when re-saved, cast to fp16,
+merged, fine-tuned further, converted (LoRA formats) or baked (a LoRA merged into
+a checkpoint). Only an accepted upload is moved into storage; everything else is
+deleted.
 
 Answers: 201 stored; 403 the model matches a flag; 422 not a weight file that can
 be read safely (hostile pickle, broken header); 413 too large; 503 the registry

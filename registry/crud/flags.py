@@ -7,7 +7,7 @@ event (and, where a mirror cares, a change-feed entry) and commits once.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from sqlalchemy.exc import IntegrityError
@@ -92,8 +92,18 @@ def opinions_of(session: Session, *, flag_id: str) -> list[Opinion]:
     )
 
 
-def create_flag(session: Session, *, data: FlagCreate, actor: Principal) -> tuple[Flag, bool]:
+def create_flag(
+    session: Session,
+    *,
+    data: FlagCreate,
+    actor: Principal,
+    before_commit: Callable[[Flag], None] | None = None,
+) -> tuple[Flag, bool]:
     """Flag a model, or find the flag it already has; returns ``(flag, created)``.
+
+    ``before_commit`` sees the flag once it is written but not yet committed; the
+    route builds and serialises its answer there, so that nothing is committed that
+    could not then be answered (an exception rolls the write back).
 
     Flagging is idempotent: if any strong hash is already flagged, the existing flag
     is returned, hashes it lacked are added to it, and the submission is recorded as
@@ -111,6 +121,8 @@ def create_flag(session: Session, *, data: FlagCreate, actor: Principal) -> tupl
         except IntegrityError:
             session.rollback()
             continue
+        if before_commit is not None:
+            before_commit(result[0])
         session.commit()
         return result
     raise ConflictError("the flag could not be stored: too many concurrent writers, retry")

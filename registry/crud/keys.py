@@ -16,7 +16,7 @@ from sqlmodel import Session, select
 
 from modelhash.registry._db import begin_write
 from modelhash.registry.crud.audit import record
-from modelhash.registry.errors import ConflictError, NotFoundError
+from modelhash.registry.errors import AuthenticationError, ConflictError, NotFoundError
 from modelhash.registry.models import ApiKey, utcnow
 
 __all__ = [
@@ -77,6 +77,7 @@ def create_key(
         raise ValueError(f"unknown role {role!r}")
     key = generate_key()
     begin_write(session)
+    _still_valid(session, actor)
     row = ApiKey(
         name=name, role=role, prefix=key[:_SHOWN], secret_hash=hash_key(key), created_by=actor.label
     )
@@ -104,6 +105,19 @@ def authenticate(session: Session, *, key: str) -> Principal | None:
     return Principal(key_id=row.id, role=row.role, label=_label(row))
 
 
+def _still_valid(session: Session, actor: Principal) -> None:
+    """Refuse an actor whose key was revoked after its request was authenticated.
+
+    Called under the writer lock, so a key revoked by a concurrent request can
+    mint or revoke nothing once that revocation has committed.
+    """
+    if actor.key_id is None:
+        return
+    revoked = session.exec(select(ApiKey.revoked_at).where(ApiKey.id == actor.key_id)).first()
+    if revoked is not None:
+        raise AuthenticationError("unknown or revoked API key")
+
+
 def list_keys(session: Session) -> list[ApiKey]:
     """Every key, revoked ones included, oldest first."""
     return list(session.exec(select(ApiKey).order_by(ApiKey.id)))  # type: ignore[arg-type]
@@ -112,6 +126,7 @@ def list_keys(session: Session) -> list[ApiKey]:
 def revoke_key(session: Session, *, key_id: int, actor: Principal) -> ApiKey:
     """Revoke a key at once; it stays listed, with ``revoked_at`` set."""
     begin_write(session)
+    _still_valid(session, actor)
     row = session.get(ApiKey, key_id)
     if row is None:
         raise NotFoundError(f"no API key {key_id}")

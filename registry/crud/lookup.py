@@ -4,13 +4,12 @@ A check reads only the ``fingerprint`` table, which holds strong hashes, so a
 truncated model-site hash can never make a match. An item that carries a sketch and
 matched no active or disputed flag by hash is then compared by sketch
 (:mod:`modelhash.registry.crud.sketches`). Lookups read both tables and say
-when a hit is only a weak (possibly chance) one.
+when a hit is only a weak (possibly chance) one. Range answers are built from
+:func:`range_values` by :mod:`modelhash.registry.crud.ranges`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 from collections import defaultdict
 from typing import Any
 
@@ -20,6 +19,7 @@ from sqlmodel import Session, col, select
 from modelhash.fingerprint import ALGORITHMS, CONTENT_ALGORITHM, Digest
 from modelhash.registry.crud.flags import COUNTING_STATUSES
 from modelhash.registry.crud.sketches import find_matches
+from modelhash.registry.errors import UnprocessableError
 from modelhash.registry.models import Fingerprint, Flag, WeakHash
 from modelhash.wire import (
     STRONG_ALGORITHMS,
@@ -31,7 +31,7 @@ from modelhash.wire import (
     MatchEvidence,
 )
 
-__all__ = ["PREFIX_LEN", "check", "lookup", "pad_with_decoys", "range_values"]
+__all__ = ["PREFIX_LEN", "check", "lookup", "range_values"]
 
 PREFIX_LEN = 5
 
@@ -72,9 +72,16 @@ def check(session: Session, *, items: list[CheckItem]) -> list[CheckResult]:
         }
         found = {d: flags[f] for d, f in owners.items()}
     results = [_result(i, item, found) for i, item in enumerate(items)]
-    for item, result in zip(items, results, strict=True):
-        upload = item.parsed_sketch()
-        if upload is None or result.verdict == "match":
+    for index, (item, result) in enumerate(zip(items, results, strict=True)):
+        if item.sketch is None or result.verdict == "match":
+            continue
+        # Decoded here, one item at a time, and dropped after: a batch never holds
+        # more than one decoded sketch (the request validated them the same way).
+        try:
+            upload = item.parsed_sketch()
+        except ValueError as exc:
+            raise UnprocessableError(f"items[{index}].{exc}") from None
+        if upload is None:
             continue
         hits = find_matches(session, upload, exclude=[m.flag_id for m in result.matches])
         for hit in hits:
@@ -169,26 +176,3 @@ def range_values(session: Session, *, algorithm: str, prefix: str) -> list[str]:
     if upper < 16**PREFIX_LEN:
         query = query.where(col(table.value) < f"{upper:0{PREFIX_LEN}x}")
     return sorted(v for v in session.exec(query) if v.startswith(prefix))
-
-
-def pad_with_decoys(
-    real: list[str], *, algorithm: str, prefix: str, secret: bytes, bucket: int
-) -> list[str]:
-    """``real`` plus decoys with the same prefix, sorted, to a size that says nothing.
-
-    The size is ``bucket``, or the next power of two above it when there are more
-    real values. Decoys come from HMAC(secret, algorithm:prefix:i), so the same query
-    always gets the same answer and repeating it reveals nothing new.
-    """
-    size = bucket
-    while size < len(real):
-        size *= 2
-    length = ALGORITHMS[algorithm].canonical_len
-    size = min(size, 16 ** (length - len(prefix)))
-    out = set(real)
-    i = 0
-    while len(out) < size:
-        mac = hmac.new(secret, f"{algorithm}:{prefix}:{i}".encode(), hashlib.sha256).hexdigest()
-        out.add(prefix + mac[: length - len(prefix)])
-        i += 1
-    return sorted(out)

@@ -2,25 +2,37 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from sqlmodel import Session
 
+from modelhash.registry._body import body_problem
 from modelhash.registry.crud.audit import list_audit
 from modelhash.registry.crud.flags import (
     change_status,
     create_flag,
     fingerprints_of,
     get_flag,
-    list_flags,
     opinions_of,
 )
 from modelhash.registry.crud.keys import Principal
+from modelhash.registry.crud.search import FlagQuery, search_flags
 from modelhash.registry.deps import AdminDep, ReaderDep, SessionDep, SubmitterDep
+from modelhash.registry.errors import BadRequestError, PermissionDeniedError, UnprocessableError
 from modelhash.registry.models import Flag
 from modelhash.registry.routes._common import errors
-from modelhash.wire import AuditRecord, FlagCreate, FlagDetail, FlagStatus, Opinion, ReasonBody
+from modelhash.wire import (
+    AuditRecord,
+    Category,
+    FlagCreate,
+    FlagDetail,
+    FlagStatus,
+    Opinion,
+    ReasonBody,
+    Severity,
+)
 
 __all__ = ["router"]
 
@@ -51,8 +63,10 @@ def _detail(
         return out
     out.note = flag.note
     out.evidence = flag.evidence
-    out.files = flag.files
-    out.model = flag.model
+    # Rows stored before bodies were bounded may hold JSON no answer can carry;
+    # they are left out rather than failing every page that lists the flag.
+    out.files = flag.files if body_problem(flag.files) is None else None
+    out.model = flag.model if body_problem(flag.model) is None else None
     out.created_by = flag.created_by
     out.status_reason = flag.status_reason
     out.opinions = [
@@ -79,22 +93,96 @@ def submit_flag(
     confirmation. A model matching a reference base is refused (409) unless an admin
     sets ``force``.
     """
-    flag, created = create_flag(session, data=body, actor=principal)
+    answers: list[FlagDetail] = []
+
+    def answer(flag: Flag) -> None:
+        # Render the answer before committing: what cannot be answered is not stored.
+        detail = _detail(session, flag, principal)
+        try:
+            detail.model_dump_json()
+        except (ValueError, RecursionError):
+            raise UnprocessableError("the flag could not be rendered back; nothing was stored")\
+                from None
+        answers.append(detail)
+
+    _, created = create_flag(session, data=body, actor=principal, before_commit=answer)
     if not created:
         response.status_code = 200
-    return _detail(session, flag, principal)
+    return answers[-1]
 
 
-@router.get("", responses=errors(422))
+_LIST_PARAMS = frozenset(
+    {"q", "status", "category", "severity", "submitter", "since", "until", "reported",
+     "limit", "offset"}
+)
+
+
+def flag_query(
+    principal: Principal,
+    q: str | None = None,
+    status: str | None = None,
+    category: str | None = None,
+    severity: str | None = None,
+    submitter: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    reported: bool = False,
+) -> FlagQuery:
+    """The search these parameters describe; text search only for roles that read notes."""
+    for name, when in (("since", since), ("until", until)):
+        if when is not None and when.tzinfo is None:
+            raise BadRequestError(f"{name}: give a time zone (for example 2026-01-31T00:00:00Z)")
+    return FlagQuery(
+        q=q, status=status, category=category, severity=severity, submitter=submitter,
+        since=since, until=until, reported=reported, text=principal.allows("submitter"),
+    )
+
+
+def refuse_unknown(request: Request, known: frozenset[str]) -> None:
+    """400 for a query parameter this route does not know, so a typo never widens a search."""
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        raise BadRequestError(
+            f"unknown query parameter(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+        )
+
+
+@router.get(
+    "",
+    responses=errors(400, 422),
+    response_description="The page of flags; the header X-Total-Count has the number matching.",
+)
 def list_all(
     session: SessionDep,
     principal: SubmitterDep,
+    request: Request,
+    response: Response,
+    q: Annotated[
+        str | None,
+        Query(max_length=200, description="Any hash form, a flag id, or text in notes."),
+    ] = None,
     status: FlagStatus | None = None,
+    category: Category | None = None,
+    severity: Severity | None = None,
+    submitter: Annotated[
+        str | None, Query(max_length=64, description="Part of the submitting key's label.")
+    ] = None,
+    since: Annotated[datetime | None, Query(description="Created at or after.")] = None,
+    until: Annotated[datetime | None, Query(description="Created before.")] = None,
+    reported: Annotated[bool, Query(description="Only flags with platform reports.")] = False,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> list[FlagDetail]:
-    """List flags, newest first (submitters and admins)."""
-    flags = list_flags(session, status=status, limit=limit, offset=offset)
+    """Search flags, newest first (submitters and admins); unknown parameters are refused.
+
+    The total number of matching flags is in the ``X-Total-Count`` header.
+    """
+    refuse_unknown(request, _LIST_PARAMS)
+    query = flag_query(
+        principal, q, status, category, severity, submitter, since, until, reported
+    )
+    flags, total = search_flags(session, query, limit=limit, offset=offset)
+    response.headers["X-Total-Count"] = str(total)
     hashes = fingerprints_of(session, flag_ids=[f.id for f in flags])
     return [_detail(session, f, principal, hashes[f.id]) for f in flags]
 
@@ -103,6 +191,13 @@ def list_all(
 def read_flag(flag_id: FlagId, session: SessionDep, principal: ReaderDep) -> FlagDetail:
     """One flag. Readers get it redacted: no note, evidence, files or opinions."""
     return _detail(session, get_flag(session, flag_id=flag_id), principal)
+
+
+def may_read_audit(principal: Principal, flag: Flag) -> bool:
+    """Admins read every flag's audit trail; a submitter reads those of their own flags."""
+    return principal.allows("admin") or (
+        principal.key_id is not None and principal.key_id == flag.created_by_key_id
+    )
 
 
 def _act(
@@ -147,9 +242,13 @@ def reinstate(
 
 
 @router.get("/{flag_id}/audit", responses=errors(404, 422))
-def audit_trail(flag_id: FlagId, session: SessionDep, _: AdminDep) -> list[AuditRecord]:
-    """Every recorded change to a flag, oldest first (admins)."""
+def audit_trail(
+    flag_id: FlagId, session: SessionDep, principal: SubmitterDep
+) -> list[AuditRecord]:
+    """Every recorded change to a flag, oldest first (admins, and the flag's submitter)."""
     flag = get_flag(session, flag_id=flag_id)
+    if not may_read_audit(principal, flag):
+        raise PermissionDeniedError("only an admin or the flag's submitter may read its audit")
     return [
         AuditRecord.model_validate(e, from_attributes=True)
         for e in list_audit(session, target_type="flag", target_id=flag.id)

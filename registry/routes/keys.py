@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Path
 
-from modelhash.registry._keycache import KeyCache
 from modelhash.registry.crud.keys import create_key, list_keys, revoke_key
 from modelhash.registry.deps import AdminDep, SessionDep
 from modelhash.registry.routes._common import errors
@@ -35,11 +34,8 @@ def delete_key(
     key_id: Annotated[int, Path(ge=1, le=2**31 - 1)],
     session: SessionDep,
     principal: AdminDep,
-    request: Request,
 ) -> KeyPublic:
-    """Revoke a key. It stops working at once on this worker and within the key cache's
-    lifetime (5 s by default) on others; it stays listed with ``revoked_at``."""
+    """Revoke a key. It stops working at once, on every worker and replica (keys are
+    checked against the database on each request); it stays listed with ``revoked_at``."""
     row = revoke_key(session, key_id=key_id, actor=principal)
-    cache: KeyCache = request.app.state.key_cache
-    cache.clear()
     return KeyPublic.model_validate(row, from_attributes=True)

@@ -9,8 +9,10 @@ from fastapi import APIRouter, Path, Request
 
 from modelhash.errors import InvalidHashError
 from modelhash.fingerprint import ALGORITHMS, parse_hash_as
+from modelhash.registry._memory import release_freed_memory
 from modelhash.registry._metrics import Metrics
-from modelhash.registry.crud.lookup import PREFIX_LEN, check, lookup, pad_with_decoys, range_values
+from modelhash.registry.crud.lookup import PREFIX_LEN, check, lookup
+from modelhash.registry.crud.ranges import range_answer
 from modelhash.registry.deps import ReaderDep, SecretsDep, SessionDep, SettingsDep
 from modelhash.registry.errors import BadRequestError
 from modelhash.registry.routes._common import errors
@@ -33,6 +35,8 @@ def check_fingerprints(
     with status ``revoked`` but do not make the verdict ``match``.
     """
     results = check(session, items=body.items)
+    if any(item.sketch is not None for item in body.items):
+        release_freed_memory()
     matched = sum(r.verdict == "match" for r in results)
     request.state.matched = matched > 0
     request.state.items = len(results)
@@ -78,9 +82,12 @@ def range_query(
 ) -> RangeResult:
     """Every flagged value starting with 5 hex digits, hidden among decoys.
 
-    The answer always has the same size (64 unless more are real), so it says
-    nothing about how many real values share the prefix; decoys are stable, so
-    asking again reveals nothing either. The caller compares locally.
+    This protects the caller's full hash: the registry sees only 5 digits. The
+    answer always has the same size (64 unless more are real) and is stable when
+    asked again; AutoV2 answers are the SHA-256 answer cut to 10 digits, so the two
+    never single out a value; a new flag at the prefix replaces 8 decoys at once.
+    Someone who polls a prefix over many changes can still tell which values stay:
+    the list is not secret from readers (they may read the export). Compare locally.
     """
     name = WIRE_KEYS.get(algorithm.strip().lower(), algorithm.strip().lower())
     if name not in ALGORITHMS:
@@ -89,9 +96,8 @@ def range_query(
     if not _PREFIX.fullmatch(prefix):
         raise BadRequestError(f"a range prefix is exactly {PREFIX_LEN} hex digits")
     prefix = prefix.lower()
-    real = range_values(session, algorithm=name, prefix=prefix)
-    values = pad_with_decoys(
-        real,
+    values = range_answer(
+        session,
         algorithm=name,
         prefix=prefix,
         secret=secrets.range_secret(),

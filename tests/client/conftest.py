@@ -14,11 +14,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from click.testing import Result
+from click.testing import CliRunner, Result
 from safetensors.numpy import save_file
-from typer.testing import CliRunner
 
-from modelhash._cli import app
+from modelhash._cli import cli as app
 from tests.fingerprint.conftest import tiny_state_dict
 from tests.utils.registry import stop
 
@@ -65,9 +64,9 @@ class Cli:
 
     env: dict[str, str]
 
-    def __call__(self, *args: str | Path, **env: str) -> Result:
+    def __call__(self, *args: str | Path, input: str | None = None, **env: str) -> Result:
         runner = CliRunner()
-        return runner.invoke(app, [str(a) for a in args], env={**self.env, **env})
+        return runner.invoke(app, [str(a) for a in args], input=input, env={**self.env, **env})
 
 
 def free_port() -> int:
@@ -96,7 +95,7 @@ class LiveRegistry:
 
 def _key(db: str, role: str, cwd: Path) -> str:
     out = subprocess.run(
-        [*MODELHASH, "keys", "create", "--role", role, "--db", db],
+        [*MODELHASH, "keys", "create", "--role", role, "--db", db, "--create"],
         cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=120, check=True,
     )
     return out.stdout.strip().splitlines()[-1]

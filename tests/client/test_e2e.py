@@ -50,10 +50,13 @@ def test_check_flag_lookup_dispute_revoke(
     results = json.loads(out.stdout)["results"]
     assert [r["path"] for r in results] == [str(a), str(broken), str(b), str(missing)]
     assert [r["verdict"] for r in results] == ["clean", "error", "clean", "error"]
-    assert results[1]["error"] and "broken.safetensors" in results[1]["error"]
+    error = results[1]["error"]
+    assert error["kind"] == "malformed" and "broken.safetensors" in error["message"]
+    assert error["path"] == str(broken)
     assert results[1]["fingerprint"]["sha256"]
     assert results[3]["fingerprint"] == {}
-    assert set(results[0]) == {"path", "verdict", "fingerprint", "matches", "error"}
+    assert set(results[0]) == {"path", "verdict", "fingerprint", "matches", "error", "layers"}
+    assert results[0]["layers"] == "all"
 
     out = submitter("flag", a, "--category", "csam", "--severity", "critical", "--json")
     assert out.exit_code == 0, out.stderr
@@ -71,11 +74,21 @@ def test_check_flag_lookup_dispute_revoke(
 
     sha = fingerprint_file(a).files[0].sha256
     out = reader("lookup", sha.upper())
-    assert out.exit_code == 0, out.stderr
+    assert out.exit_code == 1, out.stderr  # flagged, as check exits
     assert "FLAGGED" in out.stdout and flag_id in out.stdout
     out = reader("lookup", f"autov2:{sha[:10]}", "--json")
+    assert out.exit_code == 0  # a weak hit may be a chance collision
     weak = json.loads(out.stdout)
     assert weak["results"][0]["strength"] == "weak" and weak["results"][0]["ambiguous"]
+    unflagged = secrets.token_hex(32)
+    out = reader("lookup", "--json", "-", input=f"{unflagged}\n# comment\n\nsha256:{sha}\n")
+    assert out.exit_code == 1, out.stderr
+    both = json.loads(out.stdout)
+    assert both["flagged"] is True
+    assert [x["hash"] for x in both["lookups"]] == [unflagged, f"sha256:{sha}"]
+    assert [x["flagged"] for x in both["lookups"]] == [False, True]
+    out = reader("lookup", unflagged, secrets.token_hex(32))
+    assert out.exit_code == 0 and "FLAGGED" not in out.stdout
     out = reader("lookup", "not-a-hash")
     assert out.exit_code == 2 and len(one_line_errors(out.stderr)) == 1
 
@@ -106,7 +119,8 @@ def test_hostile_file_is_an_error_yet_still_matches_by_its_bytes(
     out = live_registry.cli(live_registry.reader)("check", "--json", evil)
     assert out.exit_code == 1
     (r,) = json.loads(out.stdout)["results"]
-    assert r["verdict"] == "match" and "os.system" in r["error"]
+    assert r["verdict"] == "match" and "os.system" in r["error"]["message"]
+    assert r["error"]["kind"] == "unsafe" and r["error"]["globals"] == ["os.system"]
 
 
 def test_bad_key_and_unreachable_registry_exit_three(
@@ -114,11 +128,14 @@ def test_bad_key_and_unreachable_registry_exit_three(
 ) -> None:
     model = make_model()
     out = live_registry.cli("mh_not_a_key")("check", "--json", model)
-    assert out.exit_code == 3 and out.stdout == ""
+    assert out.exit_code == 3
+    # With --json the one error shape is on stdout too, and no results.
+    error = json.loads(out.stdout)["error"]
+    assert error["kind"] == "unauthorized" and error["status"] == 401
     (line,) = one_line_errors(out.stderr)
-    assert "401" in line and "mh_not_a_key" not in line
+    assert "401" in line and "mh_not_a_key" not in line and "MODELHASH_API_KEY" in line
     out = live_registry.cli()("check", model)
-    assert out.exit_code == 3 and "missing API key" in out.stderr
+    assert out.exit_code == 3 and "missing API key" in out.stderr and out.stdout == ""
     down = f"http://127.0.0.1:{free_port()}"
     out = live_registry.cli(live_registry.reader)("check", model, "--registry", down)
     assert out.exit_code == 3
@@ -146,7 +163,15 @@ def test_sync_and_offline_check(
 
     out = reader("check", "--offline", "--cache", cache, "--json", first, clean)
     assert out.exit_code == 1, out.stderr
-    assert [r["verdict"] for r in json.loads(out.stdout)["results"]] == ["match", "clean"]
+    answer = json.loads(out.stdout)
+    assert [r["verdict"] for r in answer["results"]] == ["match", "clean"]
+    # Offline says plainly that only exact layers were matched.
+    assert answer["layers"] == "exact" and "exact layers only" in answer["note"]
+    assert {r["layers"] for r in answer["results"]} == {"exact"}
+    out = reader("check", "--offline", "--cache", cache, clean)
+    assert out.exit_code == 0, out.stderr
+    assert f"clean  {clean} (exact layers only)" in out.stdout
+    assert out.stdout.strip().splitlines()[-1].startswith("note: offline: matched exact layers")
 
     assert submitter("flag", second, "--category", "csam").exit_code == 0
     assert reader("check", "--offline", "--cache", cache, second).exit_code == 0
@@ -162,6 +187,7 @@ def test_sync_and_offline_check(
                             first, second, clean, "--registry", "http://127.0.0.1:1").stdout
     )
     assert [r["verdict"] for r in online["results"]] == [r["verdict"] for r in offline["results"]]
+    assert online["layers"] == "all" and "note" not in online
 
 
 def test_tampered_or_foreign_exports_are_refused(

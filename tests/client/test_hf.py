@@ -238,10 +238,11 @@ def test_large_lfs_files_need_no_download_for_the_exact_check(hub: FakeHub) -> N
     assert report.results[0].verdict == "match" and hub.downloads() == []
 
 
-def test_webhook_example_is_a_receiver(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_webhook_example_is_a_receiver(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import importlib.util
 
     monkeypatch.setenv("WEBHOOK_SECRET", "s3cret")
+    monkeypatch.setenv("HUB_CHECK_QUEUE", str(tmp_path / "queue.sqlite3"))
     path = Path(__file__).resolve().parents[2] / "docs" / "examples" / "hub_webhook.py"
     spec = importlib.util.spec_from_file_location("hub_webhook_example", path)
     assert spec is not None and spec.loader is not None
@@ -249,4 +250,22 @@ def test_webhook_example_is_a_receiver(monkeypatch: pytest.MonkeyPatch) -> None:
     spec.loader.exec_module(module)
     assert isinstance(module.app, WebhookReceiver)
     assert post(module.app, hub_event(kind="space")).json()["status"] == "ignored"
+    assert (tmp_path / "queue.sqlite3").is_file()  # the durable queue
+    module.checker.close()
     module.registry.close()
+
+
+def test_webhook_answers_503_when_the_queue_cannot_take_the_event(tmp_path: Path) -> None:
+    from modelhash import CheckQueue
+
+    queue = CheckQueue(tmp_path / "q.sqlite3")
+    checker = background_checker(flagging(), lambda e, r: None, queue=queue, workers=0)
+    queue.close()  # the file is gone from under it: enqueueing fails
+    app = WebhookReceiver("s3cret", checker)
+    r = post(app, hub_event())
+    assert r.status_code == 503 and "retry" in r.json()["error"]
+    with pytest.raises(InputError):
+        CheckQueue(tmp_path / "not-a-folder" / "q.sqlite3", max_attempts=0)
+    (tmp_path / "garbage.sqlite3").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(InputError):
+        CheckQueue(tmp_path / "garbage.sqlite3")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import io
+import json
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -18,9 +19,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
-from modelhash import MirrorIndex, RegistryClient, Retry, StreamFingerprinter, scan_upload
+from modelhash import (
+    MirrorIndex,
+    RegistryClient,
+    Retry,
+    StreamFingerprinter,
+    scan_upload,
+    scan_upload_async,
+    scan_upload_parts,
+)
 from modelhash._scan import fingerprint_exact
-from modelhash.errors import UnauthorizedError, UploadTooLargeError
+from modelhash.errors import InputError, UnauthorizedError, UploadTooLargeError
 from tests.client.test_e2e import evil_pickle
 from tests.fingerprint.conftest import tiny_state_dict
 
@@ -219,3 +228,76 @@ def test_reference_endpoint_streams_and_rejects(
     assert big == 413
     assert sorted(p.name for p in storage.iterdir()) == [".staging", "ok.safetensors"]
     assert list((storage / ".staging").iterdir()) == []
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(which=st.integers(0, 2), cuts=st.lists(st.integers(0, 3_000_000), max_size=12))
+def test_streamed_sketch_equals_the_file_sketch(models: list[Path], which: int, cuts: list[int]) -> None:
+    """Every layer comes from the same pass whatever the source: the sketch too."""
+    path = models[which]
+    out = streamed(path.read_bytes(), cuts, name=str(path))
+    from modelhash.fingerprint import fingerprint_path
+
+    (ref,) = fingerprint_path(path, layers="all")
+    got = out.fingerprint  # type: ignore[attr-defined]
+    assert ref.fingerprint is not None and ref.fingerprint.sketch is not None
+    assert got.sketch is not None and set(got.sketch.tensors) == set(ref.fingerprint.sketch.tensors)
+    for key, t in ref.fingerprint.sketch.tensors.items():
+        np.testing.assert_allclose(got.sketch.tensors[key].values, t.values, rtol=1e-5, atol=1e-7)
+    assert got.content == ref.fingerprint.content
+
+
+def test_async_body_failures_and_limits_raise_and_never_hang(models: list[Path]) -> None:
+    data = models[2].read_bytes()
+
+    async def dropped() -> object:
+        yield data[:100_000]
+        raise ConnectionResetError("client went away")
+
+    async def body() -> object:
+        for i in range(0, len(data), 65536):
+            yield data[i : i + 65536]
+
+    with pytest.raises(ConnectionResetError):
+        asyncio.run(scan_upload_async(dropped(), name="m.safetensors", checker=index_with()))
+    with pytest.raises(UploadTooLargeError):
+        asyncio.run(scan_upload_async(body(), name="m.safetensors", checker=index_with(),
+                                      max_bytes=500_000))
+    v = asyncio.run(scan_upload_async(body(), name="m.safetensors", checker=index_with()))
+    assert v.verdict == "clean" and v.size == len(data)
+
+
+def test_multi_file_upload_is_one_model(tmp_path: Path) -> None:
+    from tests.fingerprint.conftest import tiny_state_dict as tiny
+
+    sd = tiny(31)
+    names = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": {k: sd[k] for k in names[:2]},
+              "model-00002-of-00002.safetensors": {k: sd[k] for k in names[2:]}}
+    index = {"weight_map": {k: f for f, part in shards.items() for k in part}}
+    whole = tmp_path / "whole.safetensors"
+    save_file(sd, str(whole))
+    (ref,) = fingerprint_exact(whole)
+    parts: list[tuple[str, object]] = [
+        (f, [_save(part)]) for f, part in shards.items()
+    ]
+    parts.append(("model.safetensors.index.json", [json.dumps(index).encode()]))
+    content = ref.fingerprint.content.hex  # type: ignore[union-attr]
+    flagged = MirrorIndex(synced_at=datetime.now(UTC), registry="test")
+    flagged.load_export({"flags": [{"id": "flag-c", "category": "csam", "severity": "critical",
+                                    "status": "active",
+                                    "fingerprints": {"content-blake3-v1": [content]}}]})
+    (v,) = scan_upload_parts(parts, checker=flagged, spool_dir=tmp_path)  # type: ignore[arg-type]
+    assert v.verdict == "match" and v.name == "upload" and v.fingerprint is not None
+    assert v.fingerprint.format == "safetensors-sharded"
+    assert [f.path for f in v.files] == sorted(shards)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["whole.safetensors"]
+    for bad in ("../x.safetensors", "/abs.safetensors", ".hidden/x.safetensors", ""):
+        with pytest.raises(InputError):
+            scan_upload_parts([(bad, [b"x"])], checker=flagged)  # type: ignore[list-item]
+
+
+def _save(sd: dict[str, np.ndarray]) -> bytes:
+    from safetensors.numpy import save
+
+    return save(sd)

@@ -265,7 +265,7 @@ def test_hand_assembled_files_agree_with_the_reference(tmp_path: Path) -> None:
 HOSTILE: dict[str, tuple[bytes, type[Exception], str]] = {
     "bad magic": (b"GGML" + bytes(20), MalformedFileError, "bad magic"),
     "short header": (b"GGUF\x03\x00\x00\x00\x01", MalformedFileError, "truncated"),
-    "huge tensor count": (assemble(n_tensors=2**64 - 1), ResourceLimitError, "tensors"),
+    "huge tensor count": (assemble(n_tensors=2**64 - 1), ResourceLimitError, "tensor count"),
     "tensor count past the file": (assemble(n_tensors=1000), MalformedFileError, "truncated"),
     "huge kv count": (assemble(n_kv=2**63), MalformedFileError, "truncated"),
     "huge key length": (

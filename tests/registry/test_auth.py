@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
+from fastapi.testclient import TestClient
 from sqlmodel import Session, select
 
-from modelhash.registry.crud.keys import hash_key
+from modelhash.registry._db import session_scope
+from modelhash.registry._settings import Settings
+from modelhash.registry.app import create_app
+from modelhash.registry.crud.keys import CLI, Principal, create_key, hash_key, revoke_key
+from modelhash.registry.errors import AuthenticationError
 from modelhash.registry.models import ApiKey, AuditEvent
 from tests.utils.registry import auth, flag_body
 
@@ -78,7 +85,7 @@ def test_admins_manage_keys_and_only_hashes_are_stored(client, keys, engine):
         actions = s.exec(
             select(AuditEvent.action).where(
                 AuditEvent.target_type == "api_key", AuditEvent.target_id == str(made["id"])
-            )
+            ).order_by(AuditEvent.id)
         ).all()
     assert list(actions) == ["key.created", "key.revoked"]
 
@@ -92,22 +99,57 @@ def test_key_roles_and_names_are_validated(client, keys):
     assert r.status_code == 422 and "NUL" in r.text
 
 
-def test_the_key_cache_expires_and_can_be_off(monkeypatch):
-    import modelhash.registry._keycache as keycache
-    from modelhash.registry._keycache import KeyCache
-    from modelhash.registry.crud.keys import Principal
+def test_a_revoked_key_fails_at_once_on_another_replica(db_url, keys):
+    # Two app instances on one database: two replicas (or two workers).
+    one = TestClient(create_app(Settings(database_url=db_url)))
+    two = TestClient(create_app(Settings(database_url=db_url)))
+    made = one.post("/v1/keys", json={"role": "admin"}, headers=auth(keys["admin"])).json()
+    key = made["key"]
+    for replica in (one, two, one, two):
+        assert replica.get("/v1/keys", headers=auth(key)).status_code == 200
+    assert one.delete(f"/v1/keys/{made['id']}", headers=auth(keys["admin"])).status_code == 200
+    for replica in (two, one):
+        assert replica.get("/v1/keys", headers=auth(key)).status_code == 401
+        r = replica.post("/v1/keys", json={"role": "admin"}, headers=auth(key))
+        assert r.status_code == 401
 
-    now = [1000.0]
-    monkeypatch.setattr(keycache.time, "monotonic", lambda: now[0])
-    who = Principal(key_id=1, role="reader", label="key:1")
-    cache = KeyCache(ttl=5)
-    cache.put("mh_a", who)
-    assert cache.get("mh_a") == who and cache.get("mh_b") is None
-    now[0] += 6
-    assert cache.get("mh_a") is None
-    cache.put("mh_a", who)
-    cache.clear()
-    assert cache.get("mh_a") is None
-    off = KeyCache(ttl=0)
-    off.put("mh_a", who)
-    assert off.get("mh_a") is None
+
+def test_a_key_revoked_while_its_request_runs_can_mint_nothing(engine):
+    # The race: a request authenticated just before its key was revoked must not
+    # then act. Key actions re-check the actor under the writer lock.
+    with session_scope(engine) as session:
+        row, _ = create_key(session, role="admin", name="doomed", actor=CLI)
+    actor = Principal(key_id=row.id, role="admin", label=f"key:{row.id}")
+    with session_scope(engine) as session:
+        revoke_key(session, key_id=row.id, actor=CLI)
+    with session_scope(engine) as session, pytest.raises(AuthenticationError):
+        create_key(session, role="admin", name="minted", actor=actor)
+    with session_scope(engine) as session, pytest.raises(AuthenticationError):
+        revoke_key(session, key_id=row.id, actor=actor)
+    with Session(engine) as s:
+        assert s.exec(select(ApiKey).where(ApiKey.name == "minted")).first() is None
+
+
+def test_revocation_racing_requests_never_lets_the_key_back_in(db_url, keys):
+    one = TestClient(create_app(Settings(database_url=db_url)))
+    two = TestClient(create_app(Settings(database_url=db_url)))
+    made = one.post("/v1/keys", json={"role": "reader"}, headers=auth(keys["admin"])).json()
+    revoked = threading.Event()
+    late_successes: list[int] = []
+
+    def hammer(client: TestClient) -> None:
+        for _ in range(60):
+            started_after = revoked.is_set()
+            r = client.get("/v1/changes?limit=1", headers=auth(made["key"]))
+            if started_after and r.status_code != 401:
+                late_successes.append(r.status_code)
+
+    threads = [threading.Thread(target=hammer, args=(c,)) for c in (one, two, one, two)]
+    for t in threads:
+        t.start()
+    assert one.delete(f"/v1/keys/{made['id']}", headers=auth(keys["admin"])).status_code == 200
+    revoked.set()
+    for t in threads:
+        t.join()
+    assert late_successes == []
+    assert two.get("/v1/changes", headers=auth(made["key"])).status_code == 401

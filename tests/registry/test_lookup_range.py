@@ -10,6 +10,7 @@ from modelhash.fingerprint import ALGORITHMS
 from modelhash.registry._db import session_scope
 from modelhash.registry.crud.flags import create_flag
 from modelhash.registry.crud.keys import CLI
+from modelhash.registry.crud.ranges import ROTATE
 from modelhash.wire import FlagCreate
 from tests.utils.registry import auth, flag_body, random_fingerprint
 
@@ -144,3 +145,49 @@ def test_a_crowded_prefix_grows_to_the_next_power_of_two(client, keys, engine):
 def test_bad_range_queries_are_400(client, keys, path, needle):
     r = client.get(path, headers=auth(keys["reader"]))
     assert r.status_code == 400 and needle in r.json()["detail"]
+
+
+def _range(client, key, algorithm, prefix):
+    r = client.get(f"/v1/range/{algorithm}/{prefix}", headers=auth(key))
+    assert r.status_code == 200
+    return r.json()["values"]
+
+
+def test_sha256_and_autov2_answers_do_not_single_out_the_flagged_value(client, keys, flagged):
+    prefix = flagged["sha256"][:5]
+    sha = _range(client, keys["reader"], "sha256", prefix)
+    auto = _range(client, keys["reader"], "autov2", prefix)
+    assert flagged["autov2"] in auto and flagged["sha256"] in sha
+    overlap = {v[:10] for v in sha} & set(auto)
+    # Independent decoys overlapped on exactly the flagged value; now on all of them.
+    assert overlap == set(auto) and len(overlap) == len(auto) == 64
+
+
+def test_an_autov2_without_its_sha256_is_padded_consistently(client, keys):
+    fp = random_fingerprint()
+    weak_only = {"content": fp["content"], "autov2": secrets.token_hex(5)}
+    r = client.post("/v1/flags", json=flag_body(weak_only), headers=auth(keys["submitter"]))
+    assert r.status_code == 201
+    prefix = weak_only["autov2"][:5]
+    sha = _range(client, keys["reader"], "sha256", prefix)
+    auto = _range(client, keys["reader"], "autov2", prefix)
+    assert weak_only["autov2"] in auto
+    assert {v[:10] for v in sha} == set(auto)
+
+
+def test_a_new_flag_changes_many_values_of_a_polled_prefix(client, keys):
+    first = random_fingerprint()
+    prefix = first["sha256"][:5]
+    before = set(_range(client, keys["reader"], "sha256", prefix))
+    auto_before = set(_range(client, keys["reader"], "autov2", prefix))
+    second = random_fingerprint(sha256=prefix + secrets.token_hex(32)[5:])
+    second["autov2"] = second["sha256"][:10]
+    r = client.post("/v1/flags", json=flag_body(second), headers=auth(keys["submitter"]))
+    assert r.status_code == 201
+    after = set(_range(client, keys["reader"], "sha256", prefix))
+    auto_after = set(_range(client, keys["reader"], "autov2", prefix))
+    new, gone = after - before, before - after
+    assert second["sha256"] in new
+    # Before, the diff was the real value alone: one in, one out.
+    assert len(new) >= ROTATE and len(gone) >= ROTATE and len(after) == len(before)
+    assert len(auto_after - auto_before) >= ROTATE

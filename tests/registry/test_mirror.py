@@ -9,7 +9,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from modelhash._export import ExportVerificationError, canonical_json, key_id, verify_export
+from modelhash._export import (
+    ExportVerificationError,
+    canonical_json,
+    key_id,
+    verify_changes,
+    verify_export,
+)
 from tests.utils.registry import auth, flag_body, random_fingerprint
 
 
@@ -71,11 +77,10 @@ def test_the_feed_pages_with_a_cursor(client, keys):
         if not page["has_more"]:
             break
     assert len(seen) >= 5 and seen == sorted(set(seen))
-    assert changes(client, keys["reader"], cursor) == {
-        "changes": [],
-        "next_cursor": cursor,
-        "has_more": False,
-    }
+    last = changes(client, keys["reader"], cursor)
+    signed = last.pop("signed")
+    assert last == {"changes": [], "next_cursor": cursor, "has_more": False}
+    assert signed["algorithm"] == "ed25519" and signed["payload"].startswith("{")
 
 
 @pytest.mark.parametrize("query", ["since=-1", "since=abc", "limit=0", "limit=1001"])
@@ -137,3 +142,18 @@ def test_tampered_or_foreign_exports_are_refused(client, keys):
     ):
         with pytest.raises(ExportVerificationError):
             verify_export(broken, pem)  # type: ignore[arg-type]
+
+
+def test_feed_pages_are_signed_with_the_export_key(client, keys):
+    start = latest(client, keys["reader"])
+    client.post("/v1/flags", json=flag_body(), headers=auth(keys["submitter"]))
+    pem = client.get("/v1/export/public-key").json()["public_key_pem"]
+    page = changes(client, keys["reader"], start)
+    payload = verify_changes(page["signed"], pem)
+    assert payload["since"] == start and payload["next_cursor"] == page["next_cursor"]
+    assert [c["cursor"] for c in payload["changes"]] == [c["cursor"] for c in page["changes"]]
+    assert payload["generated_at"]
+    forged = json.loads(page["signed"]["payload"])
+    forged["changes"][0]["data"]["status"] = "revoked"
+    with pytest.raises(ExportVerificationError):
+        verify_changes({**page["signed"], "payload": json.dumps(forged)}, pem)

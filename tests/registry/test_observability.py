@@ -48,6 +48,7 @@ def test_unmatched_lookups_leave_no_hash_in_logs_or_metrics(client, keys, caplog
 def test_access_log_lines_are_json_with_route_status_and_latency(client, keys, caplog):
     fp = random_fingerprint()
     client.post("/v1/flags", json=flag_body(fp), headers=auth(keys["submitter"]))
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="modelhash.access"):
         client.post(
             "/v1/check",
@@ -151,6 +152,7 @@ def test_the_signing_key_can_come_from_a_file(tmp_path, tmp_sqlite):
             serialization.NoEncryption(),
         )
     )
+    path.chmod(0o600)
     upgrade(tmp_sqlite)
     app = create_app(Settings(database_url=tmp_sqlite, signing_key_file=path))
     with TestClient(app) as c:

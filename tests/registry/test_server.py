@@ -150,7 +150,7 @@ def test_killing_the_server_mid_write_loses_no_committed_flag(backend, fresh_url
             done = run_cli("db", "upgrade", *db, cwd=tmp_path)
             assert done.returncode == 0, done.stderr
             assert httpx.get(server.base + "/readyz", timeout=5).status_code == 200
-    made = run_cli("keys", "create", "--role", "submitter", *db, cwd=tmp_path)
+    made = run_cli("keys", "create", "--role", "submitter", *db, "--create", cwd=tmp_path)
     assert made.returncode == 0, made.stderr
     key = made.stdout.strip().splitlines()[-1]
 

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from modelhash.errors import MalformedFileError, UnsupportedFormatError
+from modelhash.fingerprint._guard import guarded
+from modelhash.fingerprint._limits import check_name, check_shape, check_tensor_count, open_regular
 from modelhash.fingerprint._model import ParsedFile
 
 __all__ = ["READERS", "WEIGHT_SUFFIXES", "Reader", "parse_file"]
@@ -45,16 +47,21 @@ READERS: list[Reader] = []
 
 
 def parse_file(path: Path) -> ParsedFile:
-    """Detect the format of the file at ``path`` and parse its structure."""
+    """Detect the format of the file at ``path`` and parse its structure.
+
+    Only a regular file is opened (a FIFO or device is refused without blocking),
+    and whatever the reader builds is checked against the shared limits. Any
+    exception comes out as ``path``'s one ModelhashError.
+    """
+    return guarded(path, lambda: _parse(path))
+
+
+def _parse(path: Path) -> ParsedFile:
     if not READERS:
         READERS.extend(_readers())
-    try:
-        fh = path.open("rb")
-    except OSError as exc:
-        raise MalformedFileError(path, f"cannot open: {exc.strerror or exc}") from None
+    fh, size = open_regular(path)
     with fh:
         try:
-            size = path.stat().st_size
             head = fh.read(HEAD_BYTES)
         except OSError as exc:
             raise MalformedFileError(path, f"cannot read: {exc.strerror or exc}") from None
@@ -63,7 +70,17 @@ def parse_file(path: Path) -> ParsedFile:
         for reader in READERS:
             if reader.sniff(head, path):
                 fh.seek(0)
-                return reader.parse(path, size, fh)
+                parsed = reader.parse(path, size, fh)
+                _check(parsed)
+                return parsed
     raise UnsupportedFormatError(
         path, "unsupported format (not safetensors, a PyTorch checkpoint or GGUF)"
     )
+
+
+def _check(parsed: ParsedFile) -> None:
+    """The limits every reader's output obeys, whichever reader made it."""
+    check_tensor_count(parsed.path, len(parsed.tensors))
+    for t in parsed.tensors:
+        check_name(parsed.path, t.name)
+        check_shape(parsed.path, t.name, t.shape)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from modelhash.errors import MalformedFileError, ResourceLimitError, UnsupportedFormatError
+from modelhash.fingerprint._limits import MAX_NAME_BYTES, MAX_TENSORS_PER_FILE, too_large
 from modelhash.fingerprint._model import ParsedFile, TensorRecord, numel
 
 __all__ = ["GGML_TYPES", "GgufReader"]
@@ -32,13 +33,13 @@ MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 
-MAX_TENSORS = 1_000_000
+MAX_TENSORS = MAX_TENSORS_PER_FILE
 MAX_DIMS = 8
 MAX_NAME = 1024 * 1024
 MAX_ARRAY_DEPTH = 8
-# Strings and nested arrays visited while skipping KV values; real vocabularies and
-# merge lists stay well under a million.
-MAX_ITEMS = 16_000_000
+# Strings and nested arrays visited while skipping KV values (each a Python step);
+# real vocabularies and merge lists stay well under a million.
+MAX_ITEMS = 4_000_000
 MAX_METADATA_ENTRIES = 256
 MAX_METADATA_VALUE = 4096
 CHUNK = 1024 * 1024
@@ -188,11 +189,11 @@ class _Cursor:
         self._need(n, what)
         return n
 
-    def text(self, what: str) -> str:
+    def text(self, what: str, limit: int = MAX_NAME) -> str:
         n = self.string_length(what)
-        if n > MAX_NAME:
+        if n > limit:
             raise ResourceLimitError(
-                self.path, f"{what} of {n} bytes exceeds the {MAX_NAME}-byte limit"
+                self.path, f"too large: {what} of {n} bytes exceeds the {limit}-byte limit"
             )
         raw = self.take(n, what)
         try:
@@ -235,9 +236,7 @@ class GgufReader:
         tensor_count = cur.u64("tensor count")
         kv_count = cur.u64("KV count")
         if tensor_count > MAX_TENSORS:
-            raise ResourceLimitError(
-                path, f"{tensor_count} tensors exceed the limit of {MAX_TENSORS}"
-            )
+            raise too_large(path, "tensor count", tensor_count, MAX_TENSORS)
         if kv_count * _MIN_KV + tensor_count * _MIN_TENSOR_INFO > cur.remaining():
             raise MalformedFileError(
                 path,
@@ -367,7 +366,7 @@ class GgufReader:
 
     @staticmethod
     def _read_tensor_info(cur: _Cursor, index: int) -> tuple[str, tuple[int, ...], int, int]:
-        name = cur.text(f"name of tensor {index}")
+        name = cur.text(f"name of tensor {index}", MAX_NAME_BYTES)
         if not name:
             raise MalformedFileError(cur.path, f"tensor {index} has an empty name")
         n_dims = cur.u32(f"n_dims of tensor {name!r}")

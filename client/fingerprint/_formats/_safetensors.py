@@ -8,19 +8,27 @@ header, no duplicate keys, offsets that tile the data section exactly.
 
 from __future__ import annotations
 
-import json
 import struct
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from modelhash.errors import MalformedFileError, ResourceLimitError
+from modelhash.fingerprint._limits import (
+    MAX_DIMS,
+    MAX_HEADER_BYTES,
+    check_name,
+    check_shape,
+    check_tensor_count,
+    load_json,
+)
 from modelhash.fingerprint._model import DTYPE_SIZES, ParsedFile, TensorRecord, numel
 
 __all__ = ["MAX_HEADER", "SafetensorsReader"]
 
 # The safetensors package refuses headers above 100 MB; so do we.
-MAX_HEADER = 100_000_000
-MAX_DIMS = 16
+MAX_HEADER = MAX_HEADER_BYTES
+# A header is an object of tensor entries (objects of a string and two lists).
+MAX_HEADER_DEPTH = 3
 # AutoV3 hashes after the header only when the header is shorter than 16 MiB.
 AUTOV3_HEADER_LIMIT = 16 * 1024 * 1024
 
@@ -54,7 +62,10 @@ class SafetensorsReader:
         """Parse and validate the header; tensors become spans into the data section."""
         if size < 8:
             raise MalformedFileError(path, f"truncated safetensors file ({size} bytes)")
-        (n,) = struct.unpack("<Q", fh.read(8))
+        first = fh.read(8)
+        if len(first) != 8:
+            raise MalformedFileError(path, "file shorter than its reported size")
+        (n,) = struct.unpack("<Q", first)
         if n > MAX_HEADER:
             raise ResourceLimitError(
                 path, f"safetensors header of {n} bytes exceeds the {MAX_HEADER}-byte limit"
@@ -66,18 +77,20 @@ class SafetensorsReader:
         raw = fh.read(n)
         if len(raw) != n:
             raise MalformedFileError(path, "file shrank while reading the header")
-        try:
-            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            reason = str(exc).splitlines()[0][:200]
-            raise MalformedFileError(
-                path, f"safetensors header is not valid JSON: {reason}"
-            ) from None
+        header = load_json(
+            path,
+            raw,
+            "safetensors header",
+            max_depth=MAX_HEADER_DEPTH,
+            object_pairs_hook=_reject_duplicates,
+        )
+        del raw
         if not isinstance(header, dict):
             raise MalformedFileError(path, "safetensors header is not a JSON object")
         data_start = 8 + n
         data_len = size - data_start
         metadata = self._metadata(path, header.pop("__metadata__", None))
+        check_tensor_count(path, len(header))
         tensors = [self._tensor(path, name, entry, data_start) for name, entry in header.items()]
         self._check_tiling(path, tensors, data_start, data_len)
         return ParsedFile(
@@ -105,6 +118,7 @@ class SafetensorsReader:
             raise MalformedFileError(
                 path, f"tensor {name!r}: entry needs exactly dtype, shape and data_offsets"
             )
+        check_name(path, name)
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
             raise MalformedFileError(path, f"tensor {name!r}: unknown dtype {dtype!r}")
@@ -114,6 +128,7 @@ class SafetensorsReader:
             or not all(_is_int(d) and d >= 0 for d in shape)
         ):
             raise MalformedFileError(path, f"tensor {name!r}: bad shape {shape!r}"[:200])
+        check_shape(path, name, tuple(shape))
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import functools
 import pickle
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from modelhash.errors import MalformedFileError, ModelhashError, ResourceLimitError
+from modelhash.fingerprint._formats._inflate import InflatedMember
 from modelhash.fingerprint._model import TensorRecord, numel
 
 if TYPE_CHECKING:
@@ -153,7 +153,7 @@ class Blob:
 
     nbytes: int
     offset: int | None = None
-    member: str | None = None
+    member: InflatedMember | None = None
 
 
 class StateDictError(ValueError):
@@ -425,7 +425,7 @@ def _materialize(
 
     try:
         if contiguous and blob.member is not None:
-            pieces = _inflate(path, blob.member, start, extent)
+            pieces = blob.member.read(start, extent)
         else:
             region = _region(path, blob, start, extent)
             view = np.lib.stride_tricks.as_strided(
@@ -452,26 +452,7 @@ def _region(path: Path, blob: Blob, start: int, extent: int) -> np.ndarray:
         offset = blob.offset + start
         return np.memmap(path, dtype=np.uint8, mode="r", offset=offset, shape=(extent,))
     assert blob.member is not None
-    data = b"".join(_inflate(path, blob.member, start, extent))
-    return np.frombuffer(data, dtype=np.uint8)
-
-
-def _inflate(path: Path, member: str, start: int, length: int) -> Iterator[bytes]:
-    """``length`` bytes from ``start`` of a compressed member, inflated as a stream."""
-    with zipfile.ZipFile(path) as zf, zf.open(member) as fh:
-        skip = start
-        while skip:
-            got = len(fh.read(min(skip, CHUNK)))
-            if not got:
-                raise EOFError(f"zip entry {member!r} ends early")
-            skip -= got
-        left = length
-        while left:
-            piece = fh.read(min(left, CHUNK))
-            if not piece:
-                raise EOFError(f"zip entry {member!r} ends early")
-            left -= len(piece)
-            yield piece
+    return blob.member.region(start, extent)
 
 
 def _c_chunks(view: np.ndarray) -> Iterator[bytes]:

@@ -14,7 +14,9 @@ file span; a strided view, a compressed entry or a big-endian file becomes a
 
 from __future__ import annotations
 
+import io
 import itertools
+import pickletools
 import struct
 import zipfile
 from collections.abc import Callable
@@ -27,6 +29,7 @@ from modelhash.errors import (
     ResourceLimitError,
     UnsupportedFormatError,
 )
+from modelhash.fingerprint._formats._inflate import InflatedMember
 from modelhash.fingerprint._formats._statedict import (
     Blob,
     StorageRef,
@@ -35,6 +38,7 @@ from modelhash.fingerprint._formats._statedict import (
     state_records,
 )
 from modelhash.fingerprint._formats._unpickle import MAX_PICKLE_BYTES, ScanError, load, scan
+from modelhash.fingerprint._limits import MAX_INFLATED
 from modelhash.fingerprint._model import ParsedFile
 
 __all__ = ["TorchLegacyReader", "TorchZipReader"]
@@ -43,7 +47,6 @@ MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL_VERSION = 1001
 CHUNK = 1024 * 1024
 MAX_CENTRAL_DIRECTORY = 16 * 1024 * 1024
-MAX_INFLATED = 4 * 1024 * 1024 * 1024
 MAX_INFLATE_RATIO = 100
 INFLATE_RATIO_FLOOR = 16 * 1024 * 1024
 
@@ -161,7 +164,8 @@ def _parse_zip(path: Path, size: int, fh: BinaryIO) -> ParsedFile:
             blobs[key] = Blob(info.file_size, offset=starts[info.filename])
         else:
             inflated += info.file_size
-            blobs[key] = Blob(info.file_size, member=info.filename)
+            inflater = InflatedMember(path, info.filename, info.file_size)
+            blobs[key] = Blob(info.file_size, member=inflater)
     if inflated > MAX_INFLATED:
         raise ResourceLimitError(path, f"compressed storages inflate to {inflated} bytes")
     tensors, notes = state_records(path, obj, blobs, big_endian=big_endian)
@@ -194,14 +198,30 @@ def _check_central_directory(path: Path, size: int, fh: BinaryIO) -> None:
     locator = at - _ZIP64_LOCATOR.size
     if locator >= 0 and tail[locator : locator + 4] == b"PK\x06\x07":
         (_, _, end64, _) = _ZIP64_LOCATOR.unpack_from(tail, locator)
-        fh.seek(end64)
-        record = fh.read(_ZIP64_END_RECORD.size)
-        if len(record) == _ZIP64_END_RECORD.size and record[:4] == b"PK\x06\x06":
-            cd_size = _ZIP64_END_RECORD.unpack(record)[8]
+        # zipfile reads the zip64 end record just before the locator, whatever
+        # offset the locator gives; check both, and refuse a file where they differ.
+        before = size - tail_len + locator - _ZIP64_END_RECORD.size
+        found = (_zip64_cd_size(fh, end64), _zip64_cd_size(fh, before))
+        sizes = {s for s in found if s is not None}
+        if len(sizes) > 1:
+            raise MalformedFileError(path, "broken zip: zip64 locator disagrees with its record")
+        cd_size = max([cd_size, *sizes])
     if cd_size > MAX_CENTRAL_DIRECTORY:
         raise ResourceLimitError(
             path, f"zip central directory of {cd_size} bytes exceeds {MAX_CENTRAL_DIRECTORY}"
         )
+
+
+def _zip64_cd_size(fh: BinaryIO, offset: int) -> int | None:
+    """The central directory size in the zip64 end record at ``offset``, if one is there."""
+    if offset < 0:
+        return None
+    fh.seek(offset)
+    record = fh.read(_ZIP64_END_RECORD.size)
+    if len(record) != _ZIP64_END_RECORD.size or record[:4] != b"PK\x06\x06":
+        return None
+    size: int = _ZIP64_END_RECORD.unpack(record)[8]
+    return size
 
 
 def _data_starts(
@@ -264,19 +284,49 @@ def _big_endian(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo | None) -
     return value == b"big"
 
 
+# Opcodes a protocol 0 or 1 pickle can open with: MARK, containers, GLOBAL, INST,
+# and the scalars (a bare pickle of one value).
+_OLD_FIRST = frozenset(b"(}])cNIJKLMSTUVXFGiP")
+
+
+def _old_pickle(head: bytes) -> bool:
+    """True if ``head`` opens with valid protocol 0/1 opcodes (four, or a whole
+    pickle), or with valid ones cut short only where ``head`` itself ends."""
+    if not head or head[0] not in _OLD_FIRST:
+        return False
+    stream = io.BytesIO(head)
+    ops = 0
+    try:
+        for op, _, _ in pickletools.genops(stream):
+            if op.proto > 1:
+                return False
+            ops += 1
+            if op.name == "STOP" or ops >= 4:
+                return True
+    except (ValueError, UnicodeDecodeError):
+        return ops >= 1 and stream.tell() >= len(head)
+    return False
+
+
 class TorchLegacyReader:
     """Checkpoints written with ``_use_new_zipfile_serialization=False``, and bare pickles.
 
-    Any pickle of protocol 2 to 5 is claimed (unless it looks like safetensors),
-    because ``torch.load`` would run a bare pickle before checking for the magic
-    number: a hostile one must be reported as unsafe, not as unsupported.
+    Any pickle is claimed (unless it looks like safetensors), because ``torch.load``
+    would run a bare pickle before checking for the magic number: a hostile one must
+    be reported as unsafe, not as unsupported. Protocols 2 to 5 open with PROTO;
+    protocols 0 and 1 have no header, so their first opcodes are checked instead.
     """
 
     name = "torch-legacy"
 
     def sniff(self, head: bytes, path: Path) -> bool:
-        """A PROTO opcode of protocol 2-5 at offset 0, not a safetensors header."""
-        return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5 and head[8:9] != b"{"
+        """A pickle at offset 0 (PROTO 2-5, or valid protocol 0/1 opcodes), not safetensors."""
+        if head[8:9] == b"{":
+            return False
+        if len(head) >= 2 and head[0] == 0x80:
+            return 2 <= head[1] <= 5
+        return _old_pickle(head)
+
 
     def parse(self, path: Path, size: int, fh: BinaryIO) -> ParsedFile:
         """Unpickle the five pickles safely and locate the storages that follow them."""

@@ -20,6 +20,7 @@ import copyreg
 import io
 import pickle
 import pickletools
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -31,7 +32,9 @@ from modelhash.errors import (
     ModelhashError,
     ResourceLimitError,
     UnsafeFileError,
+    printable,
 )
+from modelhash.fingerprint._formats._pickleflow import follow
 from modelhash.fingerprint._formats._statedict import (
     DTYPES,
     DType,
@@ -42,6 +45,7 @@ from modelhash.fingerprint._formats._statedict import (
     Unsupported,
     one_line,
 )
+from modelhash.fingerprint._limits import MAX_PICKLE_OBJECT_BYTES
 
 __all__ = [
     "ALLOWED",
@@ -54,8 +58,13 @@ __all__ = [
     "scan",
 ]
 
-MAX_PICKLE_BYTES = 256 * 1024 * 1024
-MAX_OPCODES = 8_000_000
+MAX_PICKLE_BYTES = 64 * 1024 * 1024
+MAX_OPCODES = 4_000_000
+MAX_NESTING = 200
+"""Deepest nesting of values in a pickle; checked before the unpickler builds (and
+hashes) anything. Real checkpoints nest under 20 deep."""
+MAX_COLLECTION_ITEMS = 1_000_000
+"""Items the allow-listed ``set``/``frozenset`` builders may copy in one pickle."""
 MAX_REFUSED = 1000
 _MEMO_SLACK = 1024
 _EXT_OPS = frozenset({"EXT1", "EXT2", "EXT4"})
@@ -125,6 +134,18 @@ class ModuleStub(Inert):
                 found = state.get(part)
                 if isinstance(found, dict):
                     self.parameters.update(found)
+
+
+class PlainOrderedDict(OrderedDict[Any, Any]):
+    """``collections.OrderedDict`` as the unpickler rebuilds it: plain data only.
+
+    A real OrderedDict accepts instance state (BUILD sets attributes), so a pickle
+    could set an ``items`` attribute that shadows the method and show one set of
+    tensors to a reader and another to ``load_state_dict``. This one refuses state.
+    """
+
+    def __setstate__(self, state: object) -> None:
+        raise pickle.UnpicklingError("OrderedDict given instance state")
 
 
 def _inert(qualname: str, base: type[Inert] = Inert, *, refused: bool = False) -> type[Inert]:
@@ -229,9 +250,36 @@ class _Callable(Sealed):
         return self.fn(*args, **kwargs)
 
 
+class _Budget(threading.local):
+    """What the allow-listed builders of one load may still create (per thread)."""
+
+    bytes_left = MAX_PICKLE_OBJECT_BYTES
+    items_left = MAX_COLLECTION_ITEMS
+
+    def reset(self) -> None:
+        self.bytes_left = MAX_PICKLE_OBJECT_BYTES
+        self.items_left = MAX_COLLECTION_ITEMS
+
+    def spend_bytes(self, n: int) -> None:
+        self.bytes_left -= n
+        if self.bytes_left < 0:
+            raise _OverBudget(
+                f"pickle builds more than {MAX_PICKLE_OBJECT_BYTES} bytes of byte strings"
+            )
+
+    def spend_items(self, n: int) -> None:
+        self.items_left -= n
+        if self.items_left < 0:
+            raise _OverBudget(f"pickle copies more than {MAX_COLLECTION_ITEMS} set items")
+
+
+_BUDGET = _Budget()
+
+
 def _codecs_encode(obj: object, encoding: object = "utf-8", errors: object = "strict") -> bytes:
     if not isinstance(obj, str) or encoding not in ("latin1", "latin-1"):
         _fail("_codecs.encode used for anything but latin-1 bytes")
+    _BUDGET.spend_bytes(len(obj))
     return obj.encode("latin-1")
 
 
@@ -239,6 +287,7 @@ def _collection(make: Callable[[Iterable[Any]], object]) -> Callable[..., object
     def build(items: object = ()) -> object:
         if not isinstance(items, list | tuple | set | frozenset):
             _fail(f"collection built from {_kind(items)}")
+        _BUDGET.spend_items(len(items))
         return make(items)
 
     return build
@@ -253,6 +302,7 @@ def _complex(real: object = 0, imag: object = 0) -> complex:
 def _bytearray(data: object = b"") -> bytearray:
     if not isinstance(data, bytes):
         _fail("bytearray from anything but bytes")
+    _BUDGET.spend_bytes(len(data))
     return bytearray(data)
 
 
@@ -342,7 +392,7 @@ def _allowed() -> dict[str, object]:
         {f"torch._utils.{n}": _unsupported(k) for n, k in _UNSUPPORTED_REBUILDERS.items()}
     )
     table: dict[str, object] = {k: _Callable(fn, k) for k, fn in functions.items()}
-    table["collections.OrderedDict"] = OrderedDict
+    table["collections.OrderedDict"] = PlainOrderedDict
     table.update({f"torch.{name}": dtype for name, dtype in DTYPES.items()})
     for cls, dname in _STORAGE_DTYPES.items():
         for module in ("torch", "torch.cuda"):
@@ -389,18 +439,17 @@ class _Unpickler(pickle.Unpickler):
         return self._persistent(pid)
 
     def reported(self) -> list[str]:
-        return [printable(name) for name in self.refused]
-
-
-def printable(name: str, limit: int = 200) -> str:
-    """A global's name as safe to print on one line: escaped and bounded."""
-    if not name.isprintable():
-        name = name.encode("unicode_escape").decode("ascii")
-    return name if len(name) <= limit else name[: limit - 3] + "..."
+        return [printable(name, 200) for name in self.refused]
 
 
 class _TooManyRefused(pickle.UnpicklingError):
     pass
+
+
+class _OverBudget(pickle.UnpicklingError):
+    pass
+
+
 
 
 @dataclass(frozen=True)
@@ -430,86 +479,35 @@ class ScanError(ValueError):
         return MalformedFileError(path, f"{where}: broken pickle: {self}")
 
 
-class _Names:
-    """Globals named by an opcode stream, read statically for broken pickles.
-
-    STACK_GLOBAL takes its two strings from the stack, so the last pushed values
-    and the strings put in the memo are tracked; anything else pushes an unknown.
-    """
-
-    def __init__(self) -> None:
-        self.found: dict[str, None] = {}
-        self.memo: dict[int, str] = {}
-        self.recent: list[str | None] = []
-
-    def see(self, op: pickletools.OpcodeInfo, arg: object, memo_index: int) -> None:
-        name = op.name
-        if name in ("GLOBAL", "INST") and isinstance(arg, str):
-            module, _, attr = arg.partition(" ")
-            self.found[canonical_global(module, attr)] = None
-        elif name == "STACK_GLOBAL" and len(self.recent) >= 2:
-            pair = self.recent[-2:]
-            if isinstance(pair[0], str) and isinstance(pair[1], str):
-                self.found[canonical_global(pair[0], pair[1])] = None
-        elif name in _EXT_OPS and isinstance(arg, int):
-            self.found[".".join(_extension(arg))] = None
-        elif name in _PUT_OPS:
-            if self.recent and self.recent[-1] is not None:
-                self.memo[arg if isinstance(arg, int) else memo_index] = self.recent[-1]
-            return
-        elif name in ("GET", "BINGET", "LONG_BINGET") and isinstance(arg, int):
-            self._push(self.memo.get(arg))
-            return
-        if op.stack_after:
-            self._push(arg if isinstance(arg, str) else None)
-
-    def _push(self, value: str | None) -> None:
-        self.recent = [*self.recent[-3:], value]
-
-    def refused(self) -> list[str]:
-        return [printable(n) for n in self.found if n not in ALLOWED]
-
-
 def scan(data: bytes, path: Path, where: str) -> Scan:
     """Walk the opcodes of the pickle at the start of ``data``; check and prepare it.
 
     Raises ScanError if the pickle is broken or does not end inside ``data``, and
     ResourceLimitError for memo and size bombs.
     """
-    memo = 0
-    extensions = 0
-    stream = io.BytesIO(data)
-    try:
-        for count, (op, arg, _) in enumerate(pickletools.genops(stream)):
-            if count >= MAX_OPCODES:
-                raise ResourceLimitError(path, f"{where}: more than {MAX_OPCODES} pickle opcodes")
-            if op.name in _PUT_OPS:
-                if isinstance(arg, int) and arg > memo + _MEMO_SLACK:
-                    raise ResourceLimitError(path, f"{where}: pickle memo index {arg} out of range")
-                memo += 1
-            elif op.name in _EXT_OPS:
-                extensions += 1
-    except (ValueError, UnicodeDecodeError) as exc:
-        truncated = stream.tell() >= len(data)
-        raise ScanError(one_line(exc), truncated=truncated, refused=_named(data)) from None
-    end = stream.tell()
+    flow = follow(
+        data,
+        max_depth=MAX_NESTING,
+        max_opcodes=MAX_OPCODES,
+        memo_slack=_MEMO_SLACK,
+        extension=_extension,
+        canonical=canonical_global,
+    )
+    if flow.stopped == "depth":
+        raise MalformedFileError(path, f"{where}: pickle values nested deeper than {MAX_NESTING}")
+    if flow.stopped == "opcodes":
+        raise ResourceLimitError(path, f"{where}: more than {MAX_OPCODES} pickle opcodes")
+    if flow.stopped == "memo":
+        raise ResourceLimitError(path, f"{where}: pickle memo index out of range")
+    if flow.broken is not None:
+        refused = [printable(n, 200) for n in flow.names if n not in ALLOWED]
+        raise ScanError(flow.broken, truncated=flow.truncated, refused=refused)
+    extensions = flow.extensions
+    end = flow.end
     body = data[:end]
     if extensions:
         body = _rewrite_extensions(body)
     return Scan(end=end, data=body, extensions=extensions)
-
-
-def _named(data: bytes) -> list[str]:
-    """The refused globals a broken pickle names before it breaks."""
-    names = _Names()
-    memo = 0
-    try:
-        for op, arg, _ in pickletools.genops(io.BytesIO(data)):
-            names.see(op, arg, memo)
-            memo += op.name in _PUT_OPS
-    except (ValueError, UnicodeDecodeError):
-        pass
-    return names.refused()
 
 
 def _extension(code: int) -> tuple[str, str]:
@@ -545,6 +543,7 @@ def load(
     when the pickle then failed to load for another reason.
     """
     unpickler = _Unpickler(data, persistent)
+    _BUDGET.reset()
     try:
         obj = unpickler.load()
     except Exception as exc:
@@ -552,6 +551,8 @@ def load(
             raise UnsafeFileError(path, unpickler.reported(), where=where) from None
         if isinstance(exc, ModelhashError):
             raise
+        if isinstance(exc, _OverBudget):
+            raise ResourceLimitError(path, f"{where}: too large: {exc}") from None
         if isinstance(exc, MemoryError):
             raise ResourceLimitError(path, f"{where}: out of memory while unpickling") from None
         if isinstance(exc, RecursionError):
