@@ -95,7 +95,8 @@ class _Lazy:
     def get(self) -> Scale | None:
         if not self._made:
             t, kept, name, m, n = self._args
-            self.value = scale_for(t, Path(name), m, n, lambda _p, _t: iter([kept.data[name]]))
+            raw = bytes(kept.data[name])
+            self.value = scale_for(t, Path(name), m, n, lambda _p, _t: iter([raw]))
             self._made = True
         return self.value
 
