@@ -18,7 +18,7 @@ low-precision dtype leaves the weight unscaled, never mis-scaled.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +28,14 @@ import numpy.typing as npt
 from modelhash.fingerprint._dequant import DECODERS
 from modelhash.fingerprint._model import TensorRecord, numel
 
-__all__ = ["CONVENTIONS", "SCALED_DTYPES", "Scale", "scale_for", "scale_names"]
+__all__ = [
+    "CONVENTIONS",
+    "SCALED_DTYPES",
+    "Scale",
+    "scale_for",
+    "scale_names",
+    "scales_follow_weights",
+]
 
 F32 = npt.NDArray[np.float32]
 
@@ -92,6 +99,20 @@ def scale_names(names: Mapping[str, TensorRecord]) -> dict[str, str]:
                     out[name] = scale
                     break
     return out
+
+
+def scales_follow_weights(tensors: Sequence[TensorRecord]) -> bool:
+    """Whether a weight's scale is stored after the weight's bytes begin.
+
+    A stream cannot go back for such a scale, so an upload like this is spooled and
+    read as a file: its sketch is then the one of the same bytes on disk.
+    """
+    by_name = {t.name: t for t in tensors}
+    for weight, scale in scale_names(by_name).items():
+        w, s = by_name[weight].span, by_name[scale].span
+        if w is not None and s is not None and s[0] + s[1] > w[0]:
+            return True
+    return False
 
 
 def scale_for(

@@ -136,3 +136,37 @@ def test_the_upload_body_path_sketches_as_the_file(tmp_path: Path) -> None:
     on_disk = fingerprint_file(path).sketch
     assert on_disk is not None
     _same(out.fingerprint.sketch, on_disk)
+
+
+def test_a_scale_stored_after_its_weight_is_still_applied_to_an_upload(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    path = _checkpoint(tmp_path / "flux-fp8.safetensors", rng, qkv_rows=3 * H)
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])
+    # Move every scale tensor's bytes to the end of the file.
+    names = sorted((k for k in header if k != "__metadata__"),
+                   key=lambda k: ("scale" in k, header[k]["data_offsets"][0]))
+    body, moved = b"", {"__metadata__": header["__metadata__"]}
+    for k in names:
+        a, b = header[k]["data_offsets"]
+        moved[k] = {**header[k], "data_offsets": [len(body), len(body) + b - a]}
+        body += data[8 + n + a : 8 + n + b]
+    blob = json.dumps(moved).encode()
+    blob += b" " * (-len(blob) % 8)
+    late = tmp_path / "late.safetensors"
+    late.write_bytes(struct.pack("<Q", len(blob)) + blob + body)
+    on_disk = fingerprint_file(late).sketch
+    assert on_disk is not None
+    _same(on_disk, fingerprint_file(path).sketch)  # type: ignore[arg-type]
+    raw = late.read_bytes()
+    out = fingerprint_body(Body(_chunks(raw, rng, 5000), late.name, len(raw)))
+    assert out.error is None and out.fingerprint is not None
+    assert out.fingerprint.sketch is not None
+    _same(out.fingerprint.sketch, on_disk)
+    # Read as a bare stream, the sketch says which weights it could not scale.
+    pf = SafetensorsReader().parse(Path(late.name), len(raw), io.BytesIO(raw))
+    bare = fingerprint_source(late.name, pf, ChunkSource(iter([raw])), lambda got: None)
+    assert bare.fingerprint is not None and bare.fingerprint.sketch is not None
+    assert any("weight scales after their weights in a stream" in note
+               for note in bare.fingerprint.sketch.notes)
