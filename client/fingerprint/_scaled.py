@@ -43,6 +43,8 @@ SCALED_DTYPES = frozenset({"F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"})
 """Weight dtypes whose stored codes may carry a separate scale."""
 
 MAX_SCALE_ELEMENTS = 1 << 22
+MAX_SCALES_PER_FILE = 1 << 24
+"""Scale elements held for one file's pass (64 MiB as float32), whatever its header claims."""
 BLOCK_SIZES = (128, 64, 256, 32, 16)
 
 

@@ -36,7 +36,13 @@ from modelhash.fingerprint._lora import (
 from modelhash.fingerprint._model import ParsedFile, TensorRecord, numel
 from modelhash.fingerprint._pass import Work
 from modelhash.fingerprint._project import F32, SketchJob, SketchWork, decoder_for, merged
-from modelhash.fingerprint._scaled import Scale, scale_for, scale_names
+from modelhash.fingerprint._scaled import (
+    MAX_SCALE_ELEMENTS,
+    MAX_SCALES_PER_FILE,
+    Scale,
+    scale_for,
+    scale_names,
+)
 from modelhash.fingerprint._sketch import Sketch, TensorSketch
 
 __all__ = ["MAX_ADAPTER_BYTES", "Sketcher"]
@@ -138,11 +144,12 @@ class Sketcher:
         stripes = max(1, min(MAX_STRIPES, os.cpu_count() or 1))
         jobs: list[list[SketchJob]] = [[] for _ in range(stripes)]
         by_name = dict(zip(names, pf.tensors, strict=True))
-        scales = scale_names(by_name)
-        scale_tensors = set(scales.values())
+        named = scale_names(by_name)
+        scales = self._budgeted(named, by_name)
+        scale_tensors = set(named.values())
         kept = _Kept({
-            s: by_name[s].span for s in scale_tensors  # type: ignore[misc]
-            if folder is None and by_name[s].span is not None
+            s: span for s in scales.values()
+            if folder is None and (span := by_name[s].span) is not None
         })
         for name, t in zip(names, pf.tensors, strict=True):
             if name in scale_tensors:
@@ -182,6 +189,22 @@ class Sketcher:
         before = kept if kept.spans else None
         works = [SketchWork(js, before) for js in jobs if js]
         return [Work(w, w.cost(pf.size)) for w in works]
+
+    def _budgeted(
+        self, scales: dict[str, str], by_name: Mapping[str, TensorRecord]
+    ) -> dict[str, str]:
+        """The weights whose scales are held during the pass, up to MAX_SCALES_PER_FILE
+        elements in all (their tensors are then small enough to keep from a stream)."""
+        out: dict[str, str] = {}
+        total = 0
+        for weight, scale in scales.items():
+            n = numel(by_name[scale].shape)
+            if n > MAX_SCALE_ELEMENTS or total + n > MAX_SCALES_PER_FILE:
+                self.skipped["weight scales too large"] += 1
+                continue
+            total += n
+            out[weight] = scale
+        return out
 
     def _scale(
         self, scale_name: str | None, by_name: Mapping[str, TensorRecord], pf: ParsedFile,

@@ -170,3 +170,20 @@ def test_a_scale_stored_after_its_weight_is_still_applied_to_an_upload(tmp_path:
     assert bare.fingerprint is not None and bare.fingerprint.sketch is not None
     assert any("weight scales after their weights in a stream" in note
                for note in bare.fingerprint.sketch.notes)
+
+
+def test_scales_past_the_budget_are_not_held(monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path: Path) -> None:
+    from modelhash.fingerprint import _sketcher
+
+    rng = np.random.default_rng(5)
+    path = _checkpoint(tmp_path / "flux-fp8.safetensors", rng, qkv_rows=3 * H)
+    # Room for linear2 (3 blocks) and linear1 (1), not also the qkv (3H row scales).
+    monkeypatch.setattr(_sketcher, "MAX_SCALES_PER_FILE", 3 * H)
+    sketch = fingerprint_file(path).sketch
+    assert sketch is not None
+    assert any("1 (weight scales too large)" in n for n in sketch.notes), sketch.notes
+    data = path.read_bytes()
+    out = fingerprint_body(Body(_chunks(data, rng, 3000), path.name, len(data)))
+    assert out.fingerprint is not None and out.fingerprint.sketch is not None
+    _same(out.fingerprint.sketch, sketch)
