@@ -25,6 +25,12 @@ shared through one cache of at most :data:`CACHE_BYTES`. Memory of the sketch
 layer is thus bounded by that cache, one decoded row block (at most
 ``max(BLOCK_ELEMENTS, MIN_ROWS * TILE)`` float32 values) per lane, and O(K²) per
 sketched tensor.
+
+A job may hold only some rows of the matrix it sketches, in any order: a row piece
+of a fused matrix, or rows a converter permuted (``targets`` says which row each
+stored row is; A's columns for them are gathered from the tiles). It may also scale
+each decoded element by its row's (or block's) factor first (scaled fp8), so the
+sketch is of the real weights whatever the cuts.
 """
 
 from __future__ import annotations

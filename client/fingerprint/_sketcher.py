@@ -8,6 +8,11 @@ read back one module at a time after the pass (from the page cache, for a file
 just read), so memory holds one module's factors, never the whole adapter.
 Tensors whose bytes are not one span of the file are decoded from their
 ``materialize`` stream afterwards. Whatever is skipped is counted in notes.
+
+The layout layer decides what is sketched under which canonical name: a fused matrix
+becomes one job set per row piece (their sketches add up per module), a scaled fp8
+weight's scale is read before the pass (a stream's is kept as it passes, by every
+stripe's work), and an embedding's vectors are viewed as rows.
 """
 
 from __future__ import annotations
