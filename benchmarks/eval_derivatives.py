@@ -16,9 +16,11 @@ Two families:
 - **sd**: a tiny SD-style pipeline (diffusers UNet2DConditionModel + transformers
   CLIPTextModel) pretrained briefly into a base, then fine-tuned and LoRA-trained
   (peft LoRA, LoHa, LoKr) on other data;
-- **llm**: a tiny LlamaForCausalLM, base, fine-tunes, a peft LoRA, GGUF quantisations.
+- **llm**: a tiny LlamaForCausalLM, base, fine-tunes, a peft LoRA, GGUF quantisations;
+- **flux**: a tiny FluxTransformer2DModel in every layout the BFL / ComfyUI / kohya
+  world writes (see benchmarks/flux_family.py).
 
-    python benchmarks/eval_derivatives.py [--replicates 5] [--steps 40]
+    python benchmarks/eval_derivatives.py [--replicates 5] [--steps 40] [--families flux]
 
 Needs torch, transformers, diffusers, peft and gguf; never downloads weights.
 """
@@ -598,27 +600,48 @@ def main() -> None:
                     "shared direction is removed)")
     ap.add_argument("--no-registry", action="store_true",
                     help="skip the second pass through a registry (retrieval + verification)")
+    ap.add_argument("--families", nargs="+", default=["sd", "llm", "flux"],
+                    choices=["sd", "llm", "flux"], help="families to build (default: all)")
     args = ap.parse_args()
+    fams = set(args.families)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         cases: list[Case] = []
         flagged: dict[str, Path] = {}
-        refs: dict[str, list[Path]] = {"sd": [], "llm": []}
-        unet, te = sd_models(1)
-        train([*unet.parameters(), *te.parameters()], lambda: sd_step_fn(0)(unet, te), 4 * args.steps, 5e-4)
-        sd_base = {**sd_state(unet, te), **vae_state(sd_vae(1))}
-        llm = llm_model(1)
-        train(list(llm.parameters()), lambda: llm_step_fn(0)(llm), 4 * args.steps, 5e-4)
-        llm_base = {k: v.detach().clone() for k, v in llm.state_dict().items()}
-        bases = {"sd": save_st(sd_base, work / "sd_base.safetensors"), "llm": save_st(llm_base, work / "llm_base.safetensors")}
+        refs: dict[str, list[Path]] = {fam: [] for fam in fams}
+        bases: dict[str, Path] = {}
+        if "sd" in fams:
+            unet, te = sd_models(1)
+            train([*unet.parameters(), *te.parameters()], lambda: sd_step_fn(0)(unet, te), 4 * args.steps, 5e-4)
+            sd_base = {**sd_state(unet, te), **vae_state(sd_vae(1))}
+            bases["sd"] = save_st(sd_base, work / "sd_base.safetensors")
+        if "llm" in fams:
+            llm = llm_model(1)
+            train(list(llm.parameters()), lambda: llm_step_fn(0)(llm), 4 * args.steps, 5e-4)
+            llm_base = {k: v.detach().clone() for k, v in llm.state_dict().items()}
+            bases["llm"] = save_st(llm_base, work / "llm_base.safetensors")
+        if "flux" in fams:
+            from flux_family import build_flux, flux_base
+
+            fx_base = flux_base(args.steps, train)
+            bases["flux"] = save_st(fx_base, work / "flux_base.safetensors")
+
+        def add_case(family: str, name: str, path: Path, flag: str, expect: str | None, group: str) -> None:
+            cases.append(Case(family, name, path, flag, expect, group))
+
         for rep in range(args.replicates):
-            build_sd(work, rep, args.steps, sd_base, cases, flagged, refs["sd"])
-            build_llm(work, rep, args.steps, llm_base, cases, flagged, refs["llm"])
+            if "sd" in fams:
+                build_sd(work, rep, args.steps, sd_base, cases, flagged, refs["sd"])
+            if "llm" in fams:
+                build_llm(work, rep, args.steps, llm_base, cases, flagged, refs["llm"])
+            if "flux" in fams:
+                build_flux(work, rep, args.steps, fx_base, add_case, flagged, refs["flux"],
+                           train, save_st, write_gguf)
         # Each family's references alternate: fine-tune, adapter, fine-tune, ...
         refs = {fam: v[: 2 * max(0, min(args.references, N_REFS))] for fam, v in refs.items()}
         # Unrelated models: the other family's uploads against each flagged item.
-        for rep in range(args.replicates):
+        for rep in range(args.replicates if {"sd", "llm"} <= fams else 0):
             cases.append(Case("x", f"x{rep}:llm F vs sd F", flagged[f"llm{rep}:F"], f"sd{rep}:F", None, "unrelated model"))
             cases.append(Case("x", f"x{rep}:sd F vs llm F", flagged[f"sd{rep}:F"], f"llm{rep}:F", None, "unrelated model"))
             cases.append(Case("x", f"x{rep}:sd L vs llm L", flagged[f"sd{rep}:L"], f"llm{rep}:L", None, "unrelated model"))
@@ -646,6 +669,7 @@ def main() -> None:
             s = sk(p)
             fam = key.split(":")[0].rstrip("0123456789")
             stored[key] = delta_sketch(s, base_sk[fam])[0] if s.kind == "model" else s
+        pairing(cases, sk, base_sk)
         rows = []
         for c in cases:
             fam = c.flagged.split(":")[0].rstrip("0123456789")
@@ -742,6 +766,23 @@ def registry_pass(work: Path, bases: dict[str, Path], refs: dict[str, list[Path]
                 print(f"  {c.name} (case flag {c.flagged}) -> {flag} ({kind})")
     finally:
         engine.dispose()
+
+
+def pairing(cases: list[Case], sk: Callable[[Path], Sketch], base_sk: dict[str, Sketch]) -> None:
+    """Tensor-pairing coverage per family: the share of the base's sketched weight
+    matrices that each checkpoint upload holds under the same canonical key and shape."""
+    by_group: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for c in cases:
+        fam = c.flagged.split(":")[0].rstrip("0123456789")
+        up, base = sk(c.path), base_sk[fam]
+        if up.kind != "model" or c.family != fam:
+            continue
+        same = sum(1 for k, t in base.tensors.items()
+                   if k in up.tensors and up.tensors[k].shape == t.shape)
+        by_group[fam, c.group].append(same / max(1, len(base.tensors)))
+    print("\ntensor pairing (checkpoint uploads: share of the base's weight matrices under the same canonical key)")
+    for (fam, group), shares in sorted(by_group.items()):
+        print(f"  {fam:5} {group:60} min {min(shares):6.1%}  ({len(base_sk[fam].tensors)} matrices)")
 
 
 def _fmt(xs: list[float], f: str = ".3f") -> str:

@@ -177,6 +177,12 @@ def fingerprint_body(
         err = as_file(files[0].size) or exc
         return Outcome(name, error=err, files=files)
 
+    if layers == "all":  # only the sketch needs numpy, which _scaled loads
+        from modelhash.fingerprint._scaled import scales_follow_weights
+
+        if scales_follow_weights(pf.tensors):  # a stream cannot go back for a scale
+            return _spooled(body, head, layers=layers, spool_dir=spool_dir)
+
     def verify(got: int) -> None:
         if got != claimed:
             raise as_file(got) or MalformedFileError(

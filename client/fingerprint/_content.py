@@ -8,36 +8,115 @@ do not change it; a dtype cast or any changed value does.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Sequence
 
 import blake3
 
 from modelhash.fingerprint._digest import CONTENT_ALGORITHM, Digest
+from modelhash.fingerprint._keys import module_key
 from modelhash.fingerprint._result import TensorDigest
 
-__all__ = ["WRAPPER_PREFIXES", "canonical_names", "content_digest"]
+__all__ = ["WRAPPER_PREFIXES", "canonical_names", "canonical_unit_names", "content_digest"]
 
 # Prefixes that wrappers add to every key: DataParallel/DDP, torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
+# First words that name a component or an adapter format: a prefix that says
+# *what* the tensors are is kept even when every name shares it.
+_MEANINGFUL = frozenset({
+    "base_model", "cond_stage_model", "conditioner", "diffusion_model", "first_stage_model",
+    "text_encoder", "text_encoder_2", "text_encoder_3", "text_encoders", "transformer",
+    "unet", "vae",
+})
+# Leaf words that name a parameter of one module (``x.weight``, ``x.lora_up.weight``,
+# ``x.alpha``): a prefix followed by these is the module itself, not a wrapper.
+_LEAVES = frozenset({
+    "weight", "bias", "alpha", "scale", "lora_down", "lora_up", "lora_mid", "lora_A",
+    "lora_B", "lora", "lora_linear_layer", "dora_scale", "lora_magnitude_vector",
+    "string_to_param", "string_to_token", "running_mean", "running_var",
+})
+# A prefix is one word followed by a dot; the longest prefix that is also a
+# component prefix (``model.diffusion_model.``) is meaningful as a whole.
+_COMPONENT_HEADS = ("model.diffusion_model.",)
+
+# A1111's textual-inversion file: one token's vectors and its token id.
+_A1111 = re.compile(r"string_to_(param|token)\.[^.]+")
+_A1111_NAMES = {"string_to_param": "emb_params", "string_to_token": "emb_token"}
+
 _DOMAIN = b"modelhash/content/v1\x00"
 
 
-def canonical_names(names: Sequence[str]) -> list[str]:
-    """Strip wrapper prefixes that every name shares, repeatedly.
+def _shared_wrapper(names: Sequence[str]) -> str | None:
+    """The first word every name shares, if it only wraps the model; else None.
 
-    Only prefixes carried by *all* names are removed: a real layer that happens to
-    be called ``module`` in one key must keep its name.
+    A wrapper (DataParallel's ``module.``, torch.compile's ``_orig_mod.``,
+    Lightning's ``model.``, ``net.``, ``ema.``...) is recognised by what it is
+    not: a component name, an adapter marker, a module whose parameters follow
+    directly, a module list, or a single subtree. A real layer that happens to be
+    called ``module`` in one key keeps its name, as only a prefix of *all* names
+    counts.
+    """
+    first, _, _ = names[0].partition(".")
+    prefix = first + "."
+    if not first or first in _MEANINGFUL:
+        return None
+    if not all(n.startswith(prefix) and len(n) > len(prefix) for n in names):
+        return None
+    if prefix in WRAPPER_PREFIXES:
+        return prefix
+    if any(n.startswith(h) for n in names for h in _COMPONENT_HEADS):
+        return None
+    rests = [n[len(prefix) :] for n in names]
+    if all("." not in r or r.partition(".")[0] in _LEAVES for r in rests):
+        return None
+    heads = {r.partition(".")[0] for r in rests}
+    # A wrapper holds a whole model: several top-level modules, not one module
+    # list (``double_blocks.0``...) or one subtree (a LoRA on ``encoder.layers``
+    # only), and it is not itself a layer the key layer knows.
+    if any(h.isdigit() for h in heads) or module_key(first).partition(":")[0]:
+        return None
+    if len(heads) < 2 and _shared_wrapper(rests) is None:
+        return None
+    return prefix
+
+
+def canonical_names(names: Sequence[str]) -> list[str]:
+    """Strip wrapper prefixes that every name shares, repeatedly; name embeddings alike.
+
+    :data:`WRAPPER_PREFIXES` always count; any other first word counts when every
+    name shares it and it only wraps the model (see :func:`_shared_wrapper`), so a
+    Lightning checkpoint (``model.``) and the same tensors saved bare agree. A
+    textual inversion saved by A1111 (``string_to_param.<token>``) names its
+    vectors as the safetensors form does (``emb_params``).
     """
     out = list(names)
-    changed = True
-    while changed and out:
-        changed = False
-        for prefix in WRAPPER_PREFIXES:
-            if all(n.startswith(prefix) and len(n) > len(prefix) for n in out):
-                out = [n[len(prefix) :] for n in out]
-                changed = True
+    while out:
+        prefix = _shared_wrapper(out)
+        if prefix is None:
+            break
+        out = [n[len(prefix) :] for n in out]
+    if out and all(_A1111.fullmatch(n) for n in out):
+        params = [n for n in out if n.startswith("string_to_param.")]
+        if len(params) == 1:
+            out = [_A1111_NAMES[n.partition(".")[0]] for n in out]
+    return out
+
+
+def canonical_unit_names(files: Sequence[Sequence[str]]) -> list[list[str]]:
+    """:func:`canonical_names` over every file of one model at once, split back per file.
+
+    The shards of one checkpoint must agree on what is a wrapper: a shard that
+    happens to hold only ``model.layers.*`` must not lose a prefix that the shard
+    holding ``lm_head`` keeps.
+    """
+    flat = canonical_names([n for names in files for n in names])
+    out: list[list[str]] = []
+    i = 0
+    for names in files:
+        out.append(flat[i : i + len(names)])
+        i += len(names)
     return out
 
 

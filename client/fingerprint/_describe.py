@@ -60,13 +60,17 @@ LORA_PARTS: list[LoraPart] = [
     _part(r"^base_model\.model\..*\.lora_B(\.\w+)?\.weight$", "peft"),
     _part(r"\.lora_A(\.\w+)?\.weight$", "diffusers", input_side=True),
     _part(r"\.lora_B(\.\w+)?\.weight$", "diffusers"),
+    _part(r"_lora\d*\.down\.weight$", "xlabs", input_side=True),
+    _part(r"_lora\d*\.up\.weight$", "xlabs"),
     _part(r"\.weight\.lora_a$", "gguf", input_side=True),
     _part(r"\.weight\.lora_b$", "gguf"),
     _part(r"\.(alpha|dora_scale|lora_magnitude_vector(\.\w+)?)$", None),
 ]
-_FLAVOUR_ORDER = ["loha", "lokr", "kohya", "peft", "diffusers", "gguf"]
+_FLAVOUR_ORDER = ["loha", "lokr", "kohya", "peft", "diffusers", "xlabs", "gguf"]
 
-_EMBEDDING = re.compile(r"^(emb_params|clip_l|clip_g|(.*\.)?string_to_(param|token)\..+)$")
+_EMBEDDING = re.compile(
+    r"^(emb_params|emb_token|clip_l|clip_g|(.*\.)?string_to_(param|token)\..+)$"
+)
 # The tensors of a textual inversion that hold the vectors of the one text encoder.
 _EMBEDDING_VECTORS = re.compile(r"^(emb_params|(.*\.)?string_to_param\..+)$")
 

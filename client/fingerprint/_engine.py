@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import blake3
 
 from modelhash.errors import MalformedFileError, ModelhashError, UnsupportedFormatError
-from modelhash.fingerprint._content import canonical_names, content_digest
+from modelhash.fingerprint._content import canonical_unit_names, content_digest
 from modelhash.fingerprint._describe import describe
 from modelhash.fingerprint._folder import Unit, resolve
 from modelhash.fingerprint._formats import parse_file
@@ -310,7 +310,7 @@ def _assemble(
     notes = list(unit.notes)
     metadata: dict[str, str] = dict(parts[0].pf.metadata) if len(parts) == 1 else {}
     formats: set[str] = set()
-    names = [canonical_names([t.name for t in p.pf.tensors]) for p in parts]
+    names = canonical_unit_names([[t.name for t in p.pf.tensors] for p in parts])
     model = describe(
         [
             (p.prefix + n, t.dtype, t.shape)

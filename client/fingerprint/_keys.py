@@ -13,12 +13,17 @@ for text encoders, ``vae``) comes from a table of prefixes, else from the path's
 first word, else is empty; the path is lower-case with every separator turned into
 ``_``. The ldm UNet layout (``input_blocks``/``middle_block``/``output_blocks``, used
 by single-file SD 1.x/2.x/XL checkpoints and by SDXL kohya LoRAs) is rewritten to
-diffusers block paths, the rewrite the diffusers conversion scripts perform.
+diffusers block paths, the rewrite the diffusers conversion scripts perform; the
+other families' conventions are rows of :data:`modelhash.fingerprint._layouts.RENAMES`.
+A bare name (no component prefix) gets its component from its first words, so a
+LoRA or checkpoint saved without ``transformer.`` or ``unet.`` still lines up.
 """
 
 from __future__ import annotations
 
 import re
+
+from modelhash.fingerprint._layouts import rename
 
 __all__ = ["COMPONENT_PREFIXES", "module_key", "tensor_module"]
 
@@ -51,7 +56,12 @@ COMPONENT_PREFIXES: list[tuple[str, str]] = [
 _STRIP = ("module.", "_orig_mod.", "base_model.model.")
 _UNET_WORDS = re.compile(
     r"^(down_blocks|up_blocks|mid_block|conv_in|conv_out|conv_norm_out|time_embedding|"
-    r"add_embedding|input_blocks|middle_block|output_blocks|time_embed|label_emb)_"
+    r"add_embedding|input_blocks|middle_block|output_blocks|time_embed|label_emb|"
+    # diffusion transformers, diffusers (Flux, SD3, PixArt...) and original names
+    r"transformer_blocks|single_transformer_blocks|time_text_embed|x_embedder|"
+    r"context_embedder|pos_embed|norm_out|proj_out|"
+    r"double_blocks|single_blocks|img_in|txt_in|time_in|vector_in|guidance_in|final_layer|"
+    r"joint_blocks|t_embedder|y_embedder)(_|$)"
 )
 _TE_WORDS = re.compile(r"^(text_model_|encoder_layers_\d+_|embeddings_|final_layer_norm)")
 
@@ -140,7 +150,7 @@ def module_key(module: str) -> str:
             path += "_0"
     elif component in ("te1", "te2"):
         path = path.removeprefix("text_model_")
-    return f"{component}:{path}"
+    return f"{component}:{rename(component, path)}"
 
 
 def tensor_module(name: str) -> str:

@@ -83,6 +83,8 @@ ROLES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"^(.+)\.lora_B(?:\.[\w-]+)?\.weight$"), "up"),
     (re.compile(r"^(.+)\.weight\.lora_a$"), "down"),
     (re.compile(r"^(.+)\.weight\.lora_b$"), "up"),
+    (re.compile(r"^(.+_lora\d*)\.down\.weight$"), "down"),  # XLabs: processor.qkv_lora1.down
+    (re.compile(r"^(.+_lora\d*)\.up\.weight$"), "up"),
     (re.compile(r"^(.+)\.alpha$"), "alpha"),
     (re.compile(r"^(.+)\.(?:dora_scale|lora_magnitude_vector(?:\.[\w-]+)?)$"), "dora"),
 ]

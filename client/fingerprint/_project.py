@@ -25,6 +25,12 @@ shared through one cache of at most :data:`CACHE_BYTES`. Memory of the sketch
 layer is thus bounded by that cache, one decoded row block (at most
 ``max(BLOCK_ELEMENTS, MIN_ROWS * TILE)`` float32 values) per lane, and O(K²) per
 sketched tensor.
+
+A job may hold only some rows of the matrix it sketches, in any order: a row piece
+of a fused matrix, or rows a converter permuted (``targets`` says which row each
+stored row is; A's columns for them are gathered from the tiles). It may also scale
+each decoded element by its row's (or block's) factor first (scaled fp8), so the
+sketch is of the real weights whatever the cuts.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import math
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -209,6 +215,16 @@ class Projection:
         """``Bᵀ[c0:c1, :]``."""
         return self._side(b"cols", c0, c1)
 
+    def take(self, index: npt.NDArray[np.intp]) -> F32:
+        """``A[:, index]`` for any rows (a fused matrix's row block, permuted rows),
+        gathered tile by tile so no more than the touched tiles are made."""
+        out: F32 = np.empty((K, len(index)), dtype=np.float32)
+        tiles = index // TILE
+        for t in np.unique(tiles):
+            sel = tiles == t
+            out[:, sel] = _TILES.get(b"rows", self.m, self.n, int(t))[:, index[sel] - t * TILE]
+        return out
+
 
 class _Cache:
     """Sign matrices by shape, kept up to MAX_SKETCH_CACHE_BYTES (least recent first out)."""
@@ -327,7 +343,35 @@ class SketchJob:
     """``W[r, :c] @ Bᵀ[:c]`` for the row ``r`` in progress, ``c`` elements in."""
     carry: bytearray = field(default_factory=bytearray)
     """The bytes of a quantisation block not yet complete (< ``decoder.size``)."""
+    targets: npt.NDArray[np.intp] | None = None
+    """Row of ``shape`` that each stored row is (a row block of a fused matrix, or
+    rows stored permuted); None when stored row i is row i of the whole matrix."""
+    scale: Callable[[int, int], F32] | None = None
+    """Factor for this job's stored rows ``i:i+count``, broadcastable to (count, n)
+    (scaled fp8), or None."""
     _proj: Projection | None = None
+
+    @property
+    def stored_rows(self) -> int:
+        """Rows of the matrix whose bytes this job (all its stripes) takes."""
+        return self.shape[0] if self.targets is None else len(self.targets)
+
+    def _a(self, r0: int, r1: int) -> F32:
+        """The columns of A for stored rows ``r0:r1``."""
+        assert self._proj is not None
+        if self.targets is None:
+            return self._proj.rows(r0, r1)
+        return self._proj.take(self.targets[r0:r1])
+
+    def _scaled(self, x: F32, r: int, count: int, c0: int = 0) -> F32:
+        """Elements of stored rows ``r:r+count`` from column ``c0`` (``x`` is
+        (count, w)), times their scale factors."""
+        if self.scale is None:
+            return x
+        n = self.shape[1]
+        f = np.broadcast_to(self.scale(r, count), (count, n))[:, c0 : c0 + x.shape[1]]
+        out: F32 = (x * f).astype(np.float32)
+        return out
 
     @property
     def block_rows(self) -> int:
@@ -391,22 +435,23 @@ class SketchJob:
             at = 0
             if c or total < n:
                 k = min(total, n - c)
-                self.row += x[:k] @ p.cols(c, c + k)
+                self.row += self._scaled(x[None, :k], r, 1, c)[0] @ p.cols(c, c + k)
                 at = k
                 if c + k == n:
-                    self.acc += np.outer(p.rows(r, r + 1)[:, 0], self.row)
+                    self.acc += np.outer(self._a(r, r + 1)[:, 0], self.row)
                     self.row[:] = 0
                     r += 1
             rows = (total - at) // n
             if rows:
-                block = x[at : at + rows * n].reshape(rows, n)
-                self.acc += p.rows(r, r + rows) @ (block @ p.cols(0, n))
+                block = self._scaled(x[at : at + rows * n].reshape(rows, n), r, rows)
+                self.acc += self._a(r, r + rows) @ (block @ p.cols(0, n))
                 at += rows * n
+                r += rows
             if at < total:
-                self.row += x[at:] @ p.cols(0, total - at)
+                self.row += self._scaled(x[None, at:], r, 1)[0] @ p.cols(0, total - at)
         self.pos += total
         self.done += total
-        if self.pos >= m * n:
+        if self.pos >= self.stored_rows * n:
             self._proj = None
 
     def result(self) -> F64 | None:
@@ -415,10 +460,10 @@ class SketchJob:
 
 
 def merged(parts: Sequence[SketchJob]) -> F64 | None:
-    """The sketch of a tensor from its stripes' jobs, or None if elements are missing
-    or a value is not finite."""
+    """The sketch of a tensor (or of its stored rows) from its stripes' jobs, or None
+    if elements are missing or a value is not finite."""
     m, n = parts[0].shape
-    if sum(j.done for j in parts) != m * n or any(j.carry for j in parts):
+    if sum(j.done for j in parts) != parts[0].stored_rows * n or any(j.carry for j in parts):
         return None
     acc = np.zeros((K, K))
     for j in parts:
@@ -434,15 +479,22 @@ class SketchWork:
     """Work for the read pass: sketches many tensor spans of one file as chunks arrive.
 
     Jobs that are stripes (``stripes > 1``) take only the row blocks of their stripe.
+    ``before`` sees each chunk first (it keeps bytes that jobs read back, such as a
+    weight's scale, within the same lane).
     """
 
-    def __init__(self, jobs: Sequence[SketchJob]) -> None:
+    def __init__(
+        self, jobs: Sequence[SketchJob], before: Callable[[int, memoryview], None] | None = None
+    ) -> None:
         self.jobs = list(jobs)
+        self._before = before
         self._order = sorted(self.jobs, key=lambda j: j.start)
         self._next = 0
         self._active: list[SketchJob] = []
 
     def __call__(self, off: int, view: memoryview) -> None:
+        if self._before is not None:
+            self._before(off, view)
         end = off + len(view)
         while self._next < len(self._order) and self._order[self._next].start < end:
             self._active.append(self._order[self._next])

@@ -87,8 +87,9 @@ class ModelDescription:
 
     ``kind`` is ``checkpoint``, ``lora``, ``embedding`` or ``other``; ``flavour``
     names the adapter convention (``kohya``, ``peft``, ``diffusers``, ``loha``,
-    ``lokr``, ``gguf``) where there is one; ``architecture`` is a best guess from
-    key names and shapes (see ``modelhash.fingerprint._describe.ARCHITECTURES``), or
+    ``lokr``, ``xlabs``, ``gguf``) where there is one; ``architecture`` is a best
+    guess from key names and shapes (see
+    ``modelhash.fingerprint._describe.ARCHITECTURES``), or
     ``unknown``.
     """
 

@@ -65,6 +65,7 @@ __all__ = [
     "match",
     "scored",
     "shared_direction",
+    "storage_copy",
 ]
 
 F64 = npt.NDArray[np.float64]
@@ -128,6 +129,16 @@ class Thresholds:
     """Without a base: the largest raw relative distance that is a near-duplicate."""
     raw_coverage: float = 0.5
     """Without a base: the share of the flagged tensors the upload must align with."""
+    near_delta_ratio: float = 0.5
+    """With a base, a raw near-duplicate must also be closer to the flagged model than
+    half the flagged model's own distance from the base: a fine-tune's delta is 1e-4
+    to 1e-2 of the weights, so the raw distance alone would call the base itself, and
+    every sibling, a near-duplicate of it."""
+    copy_tolerance: float = 1.5
+    """How far (as a factor) a tensor's distance from the base may sit from a storage
+    precision's rounding level (:data:`CAST_LEVELS`) and still count as that cast."""
+    copy_exact: float = 1e-5
+    """Relative distance below which a tensor is the base's own, re-saved."""
     pair_cosine: float = 0.5
     """Minimum raw cosine for two tensors to be aligned across models."""
     base_distance: float = 0.5
@@ -146,6 +157,18 @@ fine-tune's own (a long decoder-only training run), so leaving it in would make
 every checkpoint with the same baked VAE match a flagged one that has it, and let
 a VAE swap hide a flagged fine-tune. Raw near-duplicate matching still uses it.
 """
+
+
+CAST_LEVELS: dict[str, float] = {
+    "float16": 2.1e-4,
+    "bfloat16": 1.75e-3,
+}
+"""Relative sketch distance ‖S(cast(W)) - S(W)‖ / ‖S(W)‖ that storing weights at each
+precision causes. Measured on Gaussian, Laplace and Student-t(3) weights of two
+shapes: float16 2.0-2.2e-4, bfloat16 1.65-1.90e-3. Floating formats round relative
+to each value, so the level hardly depends on the weights. float8 (e4m3 2.4-3.1e-2,
+e5m2 5.1-6.0e-2) is left out: its level is where real fine-tunes' deltas lie, so a
+uniform fine-tune of that size could not be told from an fp8 copy of its base."""
 
 
 SHARED_COVERAGE = 0.5
@@ -203,6 +226,7 @@ class Comparison:
     raw_distance: float | None = None
     raw_coverage: float = 0.0
     shared_removed: bool = False
+    flagged_base_distance: float | None = None
     blocks: tuple[BlockScore, ...] = ()
 
 
@@ -410,10 +434,11 @@ def compare(
     """
     raw_distance, coverage = _raw(upload, flagged)
     du, up_dist = _deltas(upload, base)
-    df, _ = _deltas(flagged, base)
+    df, flag_dist = _deltas(flagged, base)
     if du is None or df is None or (up_dist is not None and up_dist > thresholds.base_distance):
         return Comparison(
-            base_distance=up_dist, raw_distance=raw_distance, raw_coverage=coverage
+            base_distance=up_dist, raw_distance=raw_distance, raw_coverage=coverage,
+            flagged_base_distance=flag_dist,
         )
     fvs: dict[str, F64] = {}
     uvs: dict[str, F64] = {}
@@ -464,7 +489,7 @@ def compare(
     if n == 0:
         return Comparison(
             tensors=0, base=base_name, base_distance=up_dist,
-            raw_distance=raw_distance, raw_coverage=coverage,
+            raw_distance=raw_distance, raw_coverage=coverage, flagged_base_distance=flag_dist,
         )
     return Comparison(
         cosine=dot / math.sqrt(uu * ff) if uu > 0 else 0.0,
@@ -476,6 +501,7 @@ def compare(
         raw_distance=raw_distance,
         raw_coverage=coverage,
         shared_removed=removed,
+        flagged_base_distance=flag_dist,
         blocks=_blocks(per_block, ff),
     )
 
@@ -555,6 +581,10 @@ def match(
         c.raw_distance is not None
         and c.raw_distance <= t.raw_distance
         and c.raw_coverage >= t.raw_coverage
+        and (
+            c.flagged_base_distance is None
+            or c.raw_distance <= t.near_delta_ratio * c.flagged_base_distance
+        )
     ):
         kind = "lora" if upload.kind == "lora" else "near-duplicate"
         return Match(kind, 1.0 - c.raw_distance, _evidence(c))
@@ -579,3 +609,38 @@ def _evidence(c: Comparison) -> dict[str, Any]:
         out["raw_distance"] = round(c.raw_distance, 6)
         out["raw_coverage"] = round(c.raw_coverage, 3)
     return out
+
+
+def storage_copy(
+    model: Sketch, base: Sketch, *, thresholds: Thresholds = THRESHOLDS
+) -> str | None:
+    """The precision at which ``model`` is ``base`` re-stored, or None if it is not.
+
+    Judged in delta terms, tensor by tensor: every scored tensor aligned with the
+    base must differ from it by nothing (re-saved: ``"exact"``) or by the rounding
+    one storage precision causes (:data:`CAST_LEVELS`), within
+    :attr:`Thresholds.copy_tolerance`, and at least half of the base's scored
+    tensors must align. Rounding moves every tensor by the same relative amount; a
+    fine-tune, even one whose delta is as small as 1e-4 of the weights, moves its
+    tensors by amounts that are neither zero nor that uniform level, so it is not a
+    copy, however close its raw sketch is to the base's.
+    """
+    pairs = align(model, base)
+    keys = [k for k in pairs if scored(k)]
+    if not keys or len(keys) < 0.5 * sum(1 for k in base.tensors if scored(k)):
+        return None
+    found: set[str] = set()
+    for bk in keys:
+        b = base.tensors[bk].values
+        nb = float(np.linalg.norm(b))
+        if nb == 0:
+            continue
+        r = float(np.linalg.norm(model.tensors[pairs[bk]].values - b)) / nb
+        if r <= thresholds.copy_exact:
+            continue
+        tol = thresholds.copy_tolerance
+        level = next((name for name, v in CAST_LEVELS.items() if v / tol <= r <= v * tol), None)
+        if level is None:
+            return None
+        found.add(level)
+    return "exact" if not found else ", ".join(sorted(found))

@@ -11,8 +11,14 @@ to :class:`TensorSketch` values. ``kind`` says what the values project:
 The algorithm name carries every parameter that changes the values:
 ``sketch-rademacher-k16-v1``. :meth:`Sketch.to_bytes` is the stored form: a magic,
 a version byte, then a zlib stream of the algorithm, the kind and, per tensor, its
-key, matrix shape, a float32 scale and K x K float16 values divided by that scale,
-so precision does not depend on the weights' magnitude.
+key, matrix shape, a float32 scale and K x K values divided by that scale, so
+precision does not depend on the weights' magnitude. The values are float16 for
+``delta`` and ``lora`` sketches, whose rounding is relative to themselves, and
+float32 for raw ``model`` sketches (version 2): a fine-tune's delta is 1e-4 to 1e-2
+of the weights, and is computed as the difference of two raw sketches, so their
+rounding must stay far below that, or the rounding of one base's sketch, common to
+every delta taken from it, would make unrelated fine-tunes of it correlate.
+Version 1 blobs (float16 throughout) are still read.
 
 :meth:`Sketch.band_keys` gives locality-sensitive band keys for candidate retrieval
 in SQL: sign bits of random hyperplanes through the sum of all sketches, each
@@ -40,7 +46,13 @@ __all__ = ["SKETCH_ALGORITHM", "Sketch", "TensorSketch", "band_keys"]
 
 SKETCH_ALGORITHM = f"sketch-rademacher-k{K}-v1"
 MAGIC = b"MHSK"
-VERSION = 1
+VERSION = 2
+VERSIONS = (1, 2)
+
+
+def value_dtype(version: int, kind: str) -> str:
+    """The numpy dtype of stored values in a blob of ``version`` and ``kind``."""
+    return "<f4" if version >= 2 and kind == "model" else "<f2"
 KINDS = ("model", "lora", "delta")
 BANDS = 16
 ROWS = 16
@@ -83,8 +95,16 @@ class Sketch:
     def __iter__(self) -> Iterator[TensorSketch]:
         return iter(self.tensors.values())
 
-    def to_bytes(self, *, compress: bool = True) -> bytes:
-        """The stored form (see the module docstring)."""
+    def to_bytes(self, *, compress: bool = True, precision: str | None = None) -> bytes:
+        """The stored form (see the module docstring).
+
+        ``precision`` (``f16`` or ``f32``) overrides the kind's value precision, for
+        measuring what storage costs; ``f16`` writes a version 1 blob.
+        """
+        version = {None: VERSION, "f32": VERSION, "f16": 1}[precision]
+        dtype = value_dtype(version, self.kind)
+        if precision == "f32" and dtype != "<f4":
+            raise ValueError(f"{self.kind} sketches are stored at float16")
         body = bytearray()
         alg = self.algorithm.encode("ascii")
         body += struct.pack("<B", len(alg)) + alg
@@ -99,9 +119,9 @@ class Sketch:
             scale = np.float32(peak if peak > 0 and math.isfinite(peak) else 1.0)
             body += struct.pack("<H", len(key)) + key
             body += struct.pack("<IIf", t.shape[0], t.shape[1], scale)
-            body += (t.values / float(scale)).astype("<f2").tobytes()
+            body += (t.values / float(scale)).astype(dtype).tobytes()
         payload = zlib.compress(bytes(body), 6) if compress else bytes(body)
-        return MAGIC + struct.pack("<BB", VERSION, int(compress)) + payload
+        return MAGIC + struct.pack("<BB", version, int(compress)) + payload
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> Sketch:
@@ -109,7 +129,7 @@ class Sketch:
         if blob[:4] != MAGIC or len(blob) < 6:
             raise ValueError("not a modelhash sketch")
         version, compressed = blob[4], blob[5]
-        if version != VERSION:
+        if version not in VERSIONS:
             raise ValueError(f"sketch format version {version} is not supported")
         body = blob[6:]
         if compressed:
@@ -122,10 +142,10 @@ class Sketch:
                 raise ValueError("sketch larger than the limit")
             if not d.eof:
                 raise ValueError("truncated sketch")
-        return cls._parse(memoryview(body))
+        return cls._parse(memoryview(body), version)
 
     @classmethod
-    def _parse(cls, body: memoryview) -> Sketch:
+    def _parse(cls, body: memoryview, version: int) -> Sketch:
         pos = 0
 
         def take(n: int) -> memoryview:
@@ -140,11 +160,12 @@ class Sketch:
         if kind_i >= len(KINDS):
             raise ValueError("unknown sketch kind")
         tensors: dict[str, TensorSketch] = {}
+        dtype = np.dtype(value_dtype(version, KINDS[kind_i]))
         for _ in range(count):
             (klen,) = struct.unpack("<H", take(2))
             key = bytes(take(klen)).decode("utf-8")
             m, n, scale = struct.unpack("<IIf", take(12))
-            vals = np.frombuffer(take(2 * K * K), dtype="<f2").astype(np.float64)
+            vals = np.frombuffer(take(dtype.itemsize * K * K), dtype=dtype).astype(np.float64)
             tensors[key] = TensorSketch(key, (m, n), vals.reshape(K, K) * scale)
         if pos != len(body):
             raise ValueError("trailing bytes after the sketch")

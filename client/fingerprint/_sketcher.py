@@ -8,13 +8,18 @@ read back one module at a time after the pass (from the page cache, for a file
 just read), so memory holds one module's factors, never the whole adapter.
 Tensors whose bytes are not one span of the file are decoded from their
 ``materialize`` stream afterwards. Whatever is skipped is counted in notes.
+
+The layout layer decides what is sketched under which canonical name: a fused matrix
+becomes one job set per row piece (their sketches add up per module), a scaled fp8
+weight's scale is read before the pass (a stream's is kept as it passes, by every
+stripe's work), and an embedding's vectors are viewed as rows.
 """
 
 from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -22,18 +27,27 @@ import numpy as np
 from modelhash.errors import MalformedFileError, ModelhashError, ResourceLimitError
 from modelhash.fingerprint._dequant import DECODERS
 from modelhash.fingerprint._keys import module_key, tensor_module
+from modelhash.fingerprint._layouts import embedding_view, pieces, split_adapter
 from modelhash.fingerprint._limits import MAX_SKETCHED, open_regular, read_sidecar
 from modelhash.fingerprint._lora import (
     MAX_CONFIG_BYTES,
     TOO_LARGE,
     FactorError,
+    LoraGroup,
     adapter_configs,
     group_lora,
     sketch_group,
 )
 from modelhash.fingerprint._model import ParsedFile, TensorRecord, numel
 from modelhash.fingerprint._pass import Work
-from modelhash.fingerprint._project import SketchJob, SketchWork, decoder_for, merged
+from modelhash.fingerprint._project import F32, SketchJob, SketchWork, decoder_for, merged
+from modelhash.fingerprint._scaled import (
+    MAX_SCALE_ELEMENTS,
+    MAX_SCALES_PER_FILE,
+    Scale,
+    scale_for,
+    scale_names,
+)
 from modelhash.fingerprint._sketch import Sketch, TensorSketch
 
 __all__ = ["MAX_ADAPTER_BYTES", "Sketcher"]
@@ -60,17 +74,60 @@ class _Collect:
                 self.data[name] += view[lo - off : hi - off]
 
 
+class _Kept:
+    """Bytes of a few small spans (weight scales) kept as a stream passes.
+
+    Every stripe's work writes the spans it sees, before it feeds its jobs: the
+    copies are the same bytes, and each lane has written every span that ends
+    before the bytes it is sketching, whichever lane the pass gave it.
+    """
+
+    def __init__(self, spans: Mapping[str, tuple[int, int]]) -> None:
+        self.spans = dict(spans)
+        self.data = {name: bytearray(length) for name, (_, length) in spans.items()}
+
+    def __call__(self, off: int, view: memoryview) -> None:
+        end = off + len(view)
+        for name, (start, length) in self.spans.items():
+            lo, hi = max(start, off), min(start + length, end)
+            if hi > lo:
+                self.data[name][lo - start : hi - start] = view[lo - off : hi - off]
+
+
+class _Lazy:
+    """A stream's weight scale, decoded from :class:`_Kept` the first time it is used
+    (its bytes all precede the weight's, so they have passed by then)."""
+
+    def __init__(self, t: TensorRecord, kept: _Kept, name: str, m: int, n: int) -> None:
+        self._args = (t, kept, name, m, n)
+        self._made = False
+        self.value: Scale | None = None
+
+    def get(self) -> Scale | None:
+        if not self._made:
+            t, kept, name, m, n = self._args
+            raw = bytes(kept.data[name])
+            self.value = scale_for(t, Path(name), m, n, lambda _p, _t: iter([raw]))
+            self._made = True
+        return self.value
+
+
 class Sketcher:
     """Accumulates the sketch of one model (a file or a folder read as one model)."""
 
     def __init__(self, kind: str, metadata: Mapping[str, str]) -> None:
         self.adapter = kind == "lora"
+        self.embedding = kind == "embedding"
         self.metadata = dict(metadata)
         self.tensors: dict[str, TensorSketch] = {}
         self.skipped: Counter[str] = Counter()
         self._jobs: list[tuple[str, list[SketchJob]]] = []
         self._parts: dict[str, tuple[TensorRecord, Path]] = {}
-        self._later: list[tuple[str, TensorRecord]] = []
+        self._later: list[tuple[str, TensorRecord, SketchJob]] = []
+        # Rows each canonical module needs, and how many its pieces have filled.
+        self._expected: dict[str, int] = {}
+        self._rows: dict[str, int] = {}
+        self._lazy: list[_Lazy] = []
         self._kept: dict[str, bytearray] = {}
         self._adapter_bytes = 0
         self._sidecar: bytes | None = None
@@ -91,8 +148,19 @@ class Sketcher:
             return [one] if one is not None else []
         stripes = max(1, min(MAX_STRIPES, os.cpu_count() or 1))
         jobs: list[list[SketchJob]] = [[] for _ in range(stripes)]
+        by_name = dict(zip(names, pf.tensors, strict=True))
+        named = scale_names(by_name)
+        scales = self._budgeted(named, by_name)
+        scale_tensors = set(named.values())
+        kept = _Kept({
+            s: span for s in scales.values()
+            if folder is None and (span := by_name[s].span) is not None
+        })
         for name, t in zip(names, pf.tensors, strict=True):
-            plan = decoder_for(t.dtype, t.shape)
+            if name in scale_tensors:
+                continue
+            view = embedding_view(name, t.shape) if self.embedding else None
+            plan = decoder_for(t.dtype, view[1] if view else t.shape)
             if isinstance(plan, str):
                 if plan != "shape":
                     self.skipped[plan] += 1
@@ -100,43 +168,117 @@ class Sketcher:
             if len(self.tensors) + len(self._jobs) + len(self._later) >= MAX_SKETCHED:
                 self.skipped[f"past {MAX_SKETCHED:,} matrices"] += 1
                 continue
-            key = module_key(prefix + tensor_module(name))
-            if t.span is None:
-                self._later.append((key, t))
-                continue
-            parts = [
-                SketchJob(len(self._jobs), t.span[0], t.span[1], plan[0], plan[1], s, stripes)
-                for s in range(stripes)
-            ]
-            self._jobs.append((key, parts))
-            for s, job in enumerate(parts):
-                jobs[s].append(job)
-        works = [SketchWork(js) for js in jobs if js]
+            decoder, (m, n) = plan
+            key = view[0] if view else module_key(prefix + tensor_module(name))
+            row_bytes = n // decoder.block * decoder.size
+            scale = self._scale(scales.get(name), by_name, pf, kept, t, m, n)
+            for p in pieces(key, m, n, self.metadata):
+                whole = p.rows == m and p.count == m and p.at == 0 and p.order is None
+                targets = None if whole else p.targets()
+                self._expected[p.key] = p.rows
+                start, length = p.start * row_bytes, p.count * row_bytes
+                shape = (p.rows, n)
+                if t.span is None:
+                    job = SketchJob(0, start, length, decoder, shape, targets=targets,
+                                    scale=_rows_of(scale, p.start, n))
+                    self._later.append((p.key, t, job))
+                    continue
+                parts = [
+                    SketchJob(len(self._jobs), t.span[0] + start, length, decoder, shape,
+                              s, stripes, targets=targets, scale=_rows_of(scale, p.start, n))
+                    for s in range(stripes)
+                ]
+                self._jobs.append((p.key, parts))
+                for s, job in enumerate(parts):
+                    jobs[s].append(job)
+        before = kept if kept.spans else None
+        works = [SketchWork(js, before) for js in jobs if js]
         return [Work(w, w.cost(pf.size)) for w in works]
+
+    def _budgeted(
+        self, scales: dict[str, str], by_name: Mapping[str, TensorRecord]
+    ) -> dict[str, str]:
+        """The weights whose scales are held during the pass, up to MAX_SCALES_PER_FILE
+        elements in all (their tensors are then small enough to keep from a stream)."""
+        out: dict[str, str] = {}
+        total = 0
+        for weight, scale in scales.items():
+            n = numel(by_name[scale].shape)
+            if n > MAX_SCALE_ELEMENTS or total + n > MAX_SCALES_PER_FILE:
+                self.skipped["weight scales too large"] += 1
+                continue
+            total += n
+            out[weight] = scale
+        return out
+
+    def _scale(
+        self, scale_name: str | None, by_name: Mapping[str, TensorRecord], pf: ParsedFile,
+        kept: _Kept, t: TensorRecord, m: int, n: int,
+    ) -> Callable[[], Scale | None] | None:
+        """How to get a weight's scale, or None if it has none: a file's is read now
+        (a small random-access read), a stream's is taken from the bytes as they pass."""
+        if scale_name is None:
+            return None
+        st = by_name[scale_name]
+        if scale_name not in kept.spans:
+            got = scale_for(st, pf.path, m, n, lambda path, rec: iter([_tensor_bytes(path, rec)]))
+            if got is None:
+                self.skipped["unreadable weight scales"] += 1
+                return None
+            return lambda: got
+        assert st.span is not None
+        if t.span is None or st.span[0] + st.span[1] > t.span[0]:
+            # The scale comes after its weight: a stream cannot go back for it.
+            self.skipped["weight scales after their weights in a stream"] += 1
+            return None
+        lazy = _Lazy(st, kept, scale_name, m, n)
+        self._lazy.append(lazy)
+        return lazy.get
 
     def after_pass(self, pf: ParsedFile) -> None:
         """Finish ``pf``: collect the pass's sketches and decode materialised tensors."""
         if self.adapter:
             return
         for key, parts in self._jobs:
-            self._add(key, parts[0].shape, merged(parts))
+            self._add(key, parts)
         self._jobs.clear()
-        for key, t in self._later:
-            plan = decoder_for(t.dtype, t.shape)
-            assert not isinstance(plan, str)
-            job = SketchJob(0, 0, t.nbytes, plan[0], plan[1])
+        for key, t, job in self._later:
+            stop = job.start + job.length
+            at = 0
             for piece in _materialized(pf.path, t):
-                job.feed(memoryview(piece))
-            self._add(key, job.shape, job.result())
+                lo, hi = max(job.start, at), min(stop, at + len(piece))
+                if hi > lo:
+                    job.feed(memoryview(piece)[lo - at : hi - at])
+                at += len(piece)
+            self._add(key, [job])
         self._later.clear()
+        for lazy in self._lazy:
+            if lazy.get() is None:  # the weight went unscaled, as for a file
+                self.skipped["unreadable weight scales"] += 1
+        self._lazy.clear()
 
-    def _add(self, key: str, shape: tuple[int, int], values: np.ndarray | None) -> None:
+    def _add(self, key: str, parts: list[SketchJob]) -> None:
+        """Add a tensor's (or row piece's) sketch; the row pieces of one canonical
+        module add up to its sketch."""
+        values = merged(parts)
+        job = parts[0]
+        rows = job.stored_rows
         if values is None:
             self.skipped["non-finite values"] += 1
-        elif key in self.tensors:
+            return
+        have = self._rows.get(key, 0)
+        if key in self.tensors and have >= self._expected.get(key, job.shape[0]):
             self.skipped["duplicate module keys"] += 1
+        elif key in self.tensors:
+            old = self.tensors[key]
+            if old.shape != job.shape:
+                self.skipped["duplicate module keys"] += 1
+                return
+            self.tensors[key] = TensorSketch(key, job.shape, old.values + values)
+            self._rows[key] = have + rows
         else:
-            self.tensors[key] = TensorSketch(key, shape, values)
+            self.tensors[key] = TensorSketch(key, job.shape, values)
+            self._rows[key] = rows
 
     def _adapter_work(
         self, pf: ParsedFile, names: list[str], prefix: str, folder: Path | None
@@ -177,6 +319,10 @@ class Sketcher:
         notes: list[str] = []
         if self.adapter:
             self._finish_adapter(notes)
+        for key, want in self._expected.items():
+            if key in self.tensors and self._rows.get(key, 0) != want:
+                del self.tensors[key]
+                self.skipped["incomplete fused pieces"] += 1
         if self.skipped:
             what = ", ".join(f"{n} ({why})" for why, n in sorted(self.skipped.items()))
             notes.append(f"sketch: tensors skipped: {what}")
@@ -200,18 +346,40 @@ class Sketcher:
                 needs_config = True
             if "dora" in arrays:
                 self.skipped["DoRA magnitudes ignored"] += 1
-            try:
-                with np.errstate(all="ignore"):
-                    out = sketch_group(g, arrays, configs)
-            except FactorError as exc:
-                path = next(iter(parts.values()))[1]
-                raise MalformedFileError(path, f"adapter module {g.module!r}: {exc}") from None
-            if isinstance(out, str) or not np.all(np.isfinite(out.values)):
-                self.skipped[out if isinstance(out, str) else "non-finite values"] += 1
-            else:
-                self.tensors[key] = out
+            for sub_key, sub_arrays in split_adapter(key, arrays, self.metadata):
+                sub = LoraGroup(sub_key, g.module, g.parts)
+                try:
+                    with np.errstate(all="ignore"):
+                        out = sketch_group(sub, sub_arrays, configs)
+                except FactorError as exc:
+                    path = next(iter(parts.values()))[1]
+                    raise MalformedFileError(
+                        path, f"adapter module {g.module!r}: {exc}"
+                    ) from None
+                if isinstance(out, str) or not np.all(np.isfinite(out.values)):
+                    self.skipped[out if isinstance(out, str) else "non-finite values"] += 1
+                elif sub_key in self.tensors:
+                    self.skipped["duplicate module keys"] += 1
+                else:
+                    self.tensors[sub_key] = out
         if needs_config:
             notes.append("sketch: adapter alpha unknown (no alpha tensors or config); scale 1")
+
+
+def _rows_of(
+    scale: Callable[[], Scale | None] | None, first: int, cols: int
+) -> Callable[[int, int], F32] | None:
+    """The scale of a piece whose first stored row is ``first``, as SketchJob takes it."""
+    if scale is None:
+        return None
+
+    def rows(row: int, count: int) -> F32:
+        got = scale()
+        if got is None:
+            return np.ones((1, 1), dtype=np.float32)
+        return got.rows(first + row, count, cols)
+
+    return rows
 
 
 def _tensor_bytes(path: Path, t: TensorRecord) -> bytes:

@@ -18,13 +18,12 @@ import numpy.typing as npt
 
 from modelhash.fingerprint._project import K
 from modelhash.fingerprint._similarity import scored
-from modelhash.fingerprint._sketch import MAGIC, VERSION, Sketch
+from modelhash.fingerprint._sketch import KINDS, MAGIC, VERSIONS, Sketch, value_dtype
 
 __all__ = ["Stacked", "orthogonal_rows", "pooled_cosine", "stack_blob", "stack_sketch"]
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
-_VALUES = 2 * K * K
 _MAX_BODY = 64 * 1024 * 1024
 
 
@@ -49,7 +48,7 @@ def stack_sketch(sketch: Sketch) -> Stacked:
 
 def stack_blob(blob: bytes) -> Stacked:
     """Read a ``Sketch.to_bytes()`` blob without building per-tensor objects."""
-    if blob[:4] != MAGIC or len(blob) < 6 or blob[4] != VERSION:
+    if blob[:4] != MAGIC or len(blob) < 6 or blob[4] not in VERSIONS:
         raise ValueError("not a supported modelhash sketch")
     body = blob[6:]
     if blob[5]:
@@ -62,8 +61,10 @@ def stack_blob(blob: bytes) -> Stacked:
             raise ValueError("truncated or oversized sketch")
     try:
         pos = 1 + body[0]
-        _kind, count = struct.unpack_from("<BI", body, pos)
+        kind, count = struct.unpack_from("<BI", body, pos)
         pos += 5
+        dtype = np.dtype(value_dtype(blob[4], KINDS[kind]))
+        width = dtype.itemsize * K * K
         rows: dict[str, int] = {}
         shapes: list[tuple[int, int]] = []
         offsets = np.empty(count, dtype=np.int64)
@@ -78,14 +79,14 @@ def stack_blob(blob: bytes) -> Stacked:
             shapes.append((m, n))
             offsets[i] = pos
             scales[i] = scale
-            pos += _VALUES
+            pos += width
     except (IndexError, struct.error, UnicodeDecodeError):
         raise ValueError("truncated sketch") from None
     if pos != len(body):
         raise ValueError("malformed sketch")
     raw = np.frombuffer(body, dtype=np.uint8)
-    gathered = raw[offsets[:, None] + np.arange(_VALUES)].copy()
-    values = gathered.view("<f2").astype(np.float32) * scales[:, None]
+    gathered = raw[offsets[:, None] + np.arange(width)].copy()
+    values = gathered.view(dtype).astype(np.float32) * scales[:, None]
     return Stacked(rows, shapes, values)
 
 

@@ -69,6 +69,7 @@ from modelhash.fingerprint._similarity import (
     delta_sketch,
     scored,
     shared_direction,
+    storage_copy,
 )
 from modelhash.fingerprint._similarity import Match as Verdict
 from modelhash.fingerprint._similarity import match as verify
@@ -565,7 +566,7 @@ def prepare_flag_sketch(session: Session, sketch: Sketch) -> PreparedSketch:
     near: tuple[str, str] | None = None
     nearest: tuple[tuple[int, float], str, Sketch, float] | None = None
     for base_id, (name, b) in bases.items():
-        if near is None and verify(sketch, b) is not None:
+        if near is None and storage_copy(sketch, b) is not None:
             near = (base_id, name)
         delta, dist = delta_sketch(sketch, b)
         if dist <= THRESHOLDS.base_distance and len(delta) and (
@@ -658,8 +659,10 @@ def rebase_flag_sketches(session: Session, *, base_id: str, base: Sketch) -> int
     flag within ``THRESHOLDS.base_distance`` of ``base`` (or an adapter covering
     enough of its modules), a new ``delta`` or ``lora`` row relative to ``base`` is
     added next to the raw one, with its signature (sketch rows are append-only).
-    A flag that is a near-duplicate of the base itself gets none: its delta would
-    be noise. Returns the number of rows added. Runs in the caller's transaction.
+    However close the flag is to the base: a fine-tune's delta is 1e-4 to 1e-2 of
+    the weights, and left raw it would make the base and every sibling look like
+    near-duplicates of it. (A flag whose delta is empty has no signature and stays
+    raw.) Returns the number of rows added. Runs in the caller's transaction.
     """
     done = set(session.exec(
         select(SketchRow.owner_id).where(SketchRow.owner_type == "flag",
@@ -692,7 +695,7 @@ def rebase_flag_sketches(session: Session, *, base_id: str, base: Sketch) -> int
         else:
             delta, dist = delta_sketch(sketch, base)
             sig = signature(delta, base) if len(delta) else None
-            if dist <= THRESHOLDS.base_distance and dist > THRESHOLDS.raw_distance and sig:
+            if dist <= THRESHOLDS.base_distance and sig:
                 prepared = PreparedSketch(kind="delta", base_id=base_id,
                                           blob=delta.to_bytes(), tensors=len(delta),
                                           signature=sig, bands=[], base_distance=dist)
@@ -902,7 +905,12 @@ def find_matches(
     for sid, kind, row_base, blob, flag_id, category, severity, status in rows:
         if flag_id in skip:
             continue
-        base_id = verify_with.get(int(sid), row_base)
+        # A raw flag is judged relative to the upload's nearest base, so that the
+        # near-duplicate rule works in delta terms (see Thresholds).
+        row_base = verify_with.get(int(sid), row_base)
+        if row_base is None and kind == "model":
+            row_base = deltas.nearest()
+        base_id = row_base
         base = bases.get(base_id) if base_id is not None else None
         if base_id is not None and base is None:
             _log.warning("sketch %s is relative to base %s, whose sketch is missing", sid,

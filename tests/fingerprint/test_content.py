@@ -143,3 +143,59 @@ def test_per_tensor_digests_are_exposed(write_safetensors: Callable[..., Path]) 
 def test_tiny_chunks_give_the_same_answer(write_safetensors: Callable[..., Path], chunk: int) -> None:
     p = write_safetensors()
     assert fingerprint_file(p, chunk=chunk).to_json() == fingerprint_file(p).to_json()
+
+
+@pytest.mark.parametrize("wrapper", ["model.", "net.", "ema_model.", "model.model."])
+def test_any_prefix_every_name_shares_is_a_wrapper(tmp_path: Path, wrapper: str) -> None:
+    sd = tiny_state_dict()
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file(sd, str(a))
+    save_file({wrapper + k: v for k, v in sd.items()}, str(b))
+    assert content(a) == content(b)
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        # one module's parameters: the prefix is the module, not a wrapper
+        ["lora_unet_x.lora_down.weight", "lora_unet_x.lora_up.weight"],
+        ["lora_unet_x.alpha", "lora_unet_x.lora_down.weight", "lora_unet_x.lora_up.weight"],
+        ["x.weight", "x.bias"],
+        # a component or an adapter marker says what the tensors are
+        ["transformer.a.weight", "transformer.b.weight"],
+        ["text_encoder_2.a.weight", "text_encoder_2.b.weight"],
+        ["model.diffusion_model.a.weight", "model.diffusion_model.b.weight"],
+        ["base_model.model.a.lora_A.weight", "base_model.model.a.lora_B.weight"],
+    ],
+)
+def test_meaningful_shared_prefixes_are_kept(names: list[str]) -> None:
+    assert canonical_names(names) == names
+
+
+def test_shards_agree_on_what_is_a_wrapper() -> None:
+    from modelhash.fingerprint._content import canonical_unit_names
+
+    shards = [["model.layers.0.weight", "model.embed.weight"], ["lm_head.weight"]]
+    assert canonical_unit_names(shards) == shards
+    lightning = [["model.a.weight"], ["model.b.weight"]]
+    assert canonical_unit_names(lightning) == [["a.weight"], ["b.weight"]]
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        # a LoRA on one module list or one subtree keeps its structure
+        ["double_blocks.0.processor.qkv_lora1.down.weight", "double_blocks.0.processor.proj_lora1.up.weight"],
+        ["text_model.encoder.layers.0.q.lora_A.weight", "text_model.encoder.layers.1.q.lora_A.weight"],
+        ["mid_block.attentions.0.a.weight", "mid_block.resnets.0.b.weight"],
+    ],
+)
+def test_structure_is_not_a_wrapper(names: list[str]) -> None:
+    assert canonical_names(names) == names
+
+
+def test_a1111_embeddings_name_their_vectors_like_safetensors() -> None:
+    assert canonical_names(["string_to_token.*", "string_to_param.*"]) == ["emb_token", "emb_params"]
+    assert canonical_names(["emb_params"]) == ["emb_params"]
+    two = ["string_to_param.a", "string_to_param.b"]
+    assert canonical_names(two) == two

@@ -124,8 +124,8 @@ def test_loha_and_lokr_materialised() -> None:
         ("cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj",
          "te1:encoder_layers_0_self_attn_q_proj"),
         ("text_encoder_2.text_model.encoder.layers.0.mlp.fc1", "te2:encoder_layers_0_mlp_fc1"),
-        ("base_model.model.model.layers.0.self_attn.q_proj", ":model_layers_0_self_attn_q_proj"),
-        ("model.layers.0.self_attn.q_proj", ":model_layers_0_self_attn_q_proj"),
+        ("base_model.model.model.layers.0.self_attn.q_proj", ":layers_0_self_attn_q_proj"),
+        ("model.layers.0.self_attn.q_proj", ":layers_0_self_attn_q_proj"),
     ],
 )
 def test_module_keys(name: str, key: str) -> None:

@@ -18,6 +18,7 @@ merges, chat templates) are skipped, not loaded.
 
 from __future__ import annotations
 
+import re
 import struct
 from pathlib import Path
 from typing import BinaryIO
@@ -105,6 +106,11 @@ _VALUE_TYPES: dict[int, tuple[str, int]] = {
     11: ("int64", 8),
     12: ("float64", 8),
 }
+# Integer value types, and the integer metadata kept for the layout layer: the head
+# counts with which llama.cpp's converter permuted q and k (``llama.attention.head_count``,
+# ``llama.attention.head_count_kv``), needed to put their rows back.
+_INTEGERS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 10: "<Q", 11: "<q"}
+_LAYOUT_HINT = re.compile(r"[a-z0-9_\-]{1,64}\.attention\.head_count(_kv)?")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -281,6 +287,8 @@ class GgufReader:
                 header.split[key] = cur.u16(key)
             elif vtype == _STRING and key.startswith("general."):
                 self._keep_string(cur, key, header)
+            elif vtype in _INTEGERS and _LAYOUT_HINT.fullmatch(key):
+                self._keep_integer(cur, key, vtype, header)
             else:
                 self._skip_value(cur, vtype, key, header, depth=0)
 
@@ -313,6 +321,16 @@ class GgufReader:
             return
         raw = cur.take(n, f"value of {key!r}")
         header.metadata[key] = raw.decode("utf-8", errors="replace")
+
+    @staticmethod
+    def _keep_integer(cur: _Cursor, key: str, vtype: int, header: _Header) -> None:
+        """Keep an integer the layout layer needs (head counts), as a decimal string."""
+        fmt = _INTEGERS[vtype]
+        (value,) = struct.unpack(fmt, cur.take(struct.calcsize(fmt), f"value of {key!r}"))
+        if len(header.metadata) >= MAX_METADATA_ENTRIES:
+            header.dropped += 1
+            return
+        header.metadata[key] = str(value)
 
     def _skip_value(self, cur: _Cursor, vtype: int, key: str, header: _Header, depth: int) -> None:
         """Step over one value without keeping it; arrays are walked, never loaded."""

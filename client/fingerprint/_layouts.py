@@ -1,0 +1,427 @@
+"""Layouts: every naming convention of a family, mapped to one canonical module.
+
+The same layer is spelt differently by each tool: diffusers, the original
+(ldm / Black Forest Labs / Stability) checkpoints, ComfyUI's prefixes, and the
+LoRA trainers (kohya sd-scripts, ai-toolkit, XLabs, PEFT), and llama.cpp renames
+every tensor when it writes GGUF. Some conventions also *fuse* layers that others
+keep apart: BFL's ``img_attn.qkv`` is diffusers' ``to_q``/``to_k``/``to_v`` stacked
+row-wise, a single block's ``linear1`` is q, k, v and the MLP input, and the final
+AdaLN stores (shift, scale) where diffusers stores (scale, shift).
+
+This module is the table. :data:`RENAMES` map a convention's module path (already
+``_``-joined and lower-case, see :mod:`modelhash.fingerprint._keys`) to the canonical
+one, the diffusers spelling for diffusion models and the Hugging Face spelling
+(without the ``model.`` wrapper) for language models. A fused matrix is renamed to
+a canonical *fused* name (diffusers' own ``to_qkv`` / ``to_added_qkv`` where it has
+one), and :data:`SPLITS` then say which rows of it belong to which canonical module.
+:func:`pieces` turns a tensor into those row blocks, so the sketch layer projects
+every canonical module whatever spelling held it, and a LoRA's up factor is split
+the same way (a fused-qkv LoRA of rank r is three deltas sharing one down factor).
+:data:`ROW_ORDERS` undo row permutations inside one module: llama.cpp's converter
+interleaves the rotary halves of each head of q and k, which :func:`pieces` maps
+back using the head counts the GGUF metadata carries.
+
+Every row cites the conversion it mirrors; a new family or convention is one more
+row, never another branch.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # numpy is imported where used: exact-only runs never load it
+    import numpy as np
+    import numpy.typing as npt
+
+    F64 = npt.NDArray[np.float64]
+
+__all__ = [
+    "EMBEDDINGS",
+    "EMBEDDING_ROW",
+    "RENAMES",
+    "ROW_ORDERS",
+    "SPLITS",
+    "Piece",
+    "embedding_view",
+    "pieces",
+    "rename",
+]
+
+_SINGLE_FILE = "diffusers loaders/single_file_utils.py "
+_DIFFUSERS_FLUX = _SINGLE_FILE + "convert_flux_transformer_checkpoint_to_diffusers"
+_DIFFUSERS_SD3 = _SINGLE_FILE + "convert_sd3_transformer_checkpoint_to_diffusers"
+_LORA_CONVERSION = "diffusers loaders/lora_conversion_utils.py "
+_DIFFUSERS_XLABS = _LORA_CONVERSION + "_convert_xlabs_flux_lora_to_diffusers"
+_GGUF_PY = "gguf-py gguf/tensor_mapping.py TensorNameMap (MODEL_ARCH.LLAMA tensor names)"
+_LLAMA_CPP = "llama.cpp convert_hf_to_gguf.py LlamaModel.permute"
+_TRANSFORMERS = "transformers models/llama/modeling_llama.py LlamaForCausalLM.model"
+_DIFFUSERS_FUSE = "diffusers models/attention_processor.py Attention.fuse_projections"
+
+
+@dataclass(frozen=True)
+class Rename:
+    """One convention's path of a module (full match) and its canonical path."""
+
+    component: str
+    pattern: re.Pattern[str]
+    canonical: str
+    source: str
+
+
+def _family(component: str, source: str, rows: list[tuple[str, str]]) -> list[Rename]:
+    """Rows of one convention; ``N`` in a pattern is a block index, kept in the canonical."""
+    return [
+        Rename(
+            component,
+            re.compile(pattern.replace("_N_", r"_(\d+)_").replace("_N", r"_(\d+)")),
+            canonical.replace("_N_", r"_\1_"),
+            source,
+        )
+        for pattern, canonical in rows
+    ]
+
+
+RENAMES: list[Rename] = [
+    # Flux: Black Forest Labs' original names (also ComfyUI's, and kohya's and
+    # ai-toolkit's when they save in BFL form) to diffusers' FluxTransformer2DModel;
+    # the final layer is shared with SD3, whose AdaLN also stores (shift, scale).
+    *_family("unet", _DIFFUSERS_FLUX, [
+        (r"img_in", r"x_embedder"),
+        (r"txt_in", r"context_embedder"),
+        (r"time_in_in_layer", r"time_text_embed_timestep_embedder_linear_1"),
+        (r"time_in_out_layer", r"time_text_embed_timestep_embedder_linear_2"),
+        (r"vector_in_in_layer", r"time_text_embed_text_embedder_linear_1"),
+        (r"vector_in_out_layer", r"time_text_embed_text_embedder_linear_2"),
+        (r"guidance_in_in_layer", r"time_text_embed_guidance_embedder_linear_1"),
+        (r"guidance_in_out_layer", r"time_text_embed_guidance_embedder_linear_2"),
+        (r"double_blocks_N_img_mod_lin", r"transformer_blocks_N_norm1_linear"),
+        (r"double_blocks_N_txt_mod_lin", r"transformer_blocks_N_norm1_context_linear"),
+        (r"double_blocks_N_img_attn_qkv", r"transformer_blocks_N_attn_to_qkv"),
+        (r"double_blocks_N_txt_attn_qkv", r"transformer_blocks_N_attn_to_added_qkv"),
+        (r"double_blocks_N_img_attn_proj", r"transformer_blocks_N_attn_to_out_0"),
+        (r"double_blocks_N_txt_attn_proj", r"transformer_blocks_N_attn_to_add_out"),
+        (r"double_blocks_N_img_mlp_0", r"transformer_blocks_N_ff_net_0_proj"),
+        (r"double_blocks_N_img_mlp_2", r"transformer_blocks_N_ff_net_2"),
+        (r"double_blocks_N_txt_mlp_0", r"transformer_blocks_N_ff_context_net_0_proj"),
+        (r"double_blocks_N_txt_mlp_2", r"transformer_blocks_N_ff_context_net_2"),
+        (r"single_blocks_N_linear1", r"single_transformer_blocks_N_attn_to_qkv_mlp"),
+        (r"single_blocks_N_linear2", r"single_transformer_blocks_N_proj_out"),
+        (r"single_blocks_N_modulation_lin", r"single_transformer_blocks_N_norm_linear"),
+        (r"final_layer_linear", r"proj_out"),
+        (r"final_layer_adaln_modulation_1", r"norm_out_linear_shift_scale"),
+    ]),
+    # Flux LoRAs in XLabs' trainer names (attention processors only).
+    *_family("unet", _DIFFUSERS_XLABS, [
+        (r"double_blocks_N_processor_qkv_lora1", r"transformer_blocks_N_attn_to_qkv"),
+        (r"double_blocks_N_processor_qkv_lora2", r"transformer_blocks_N_attn_to_added_qkv"),
+        (r"double_blocks_N_processor_proj_lora1", r"transformer_blocks_N_attn_to_out_0"),
+        (r"double_blocks_N_processor_proj_lora2", r"transformer_blocks_N_attn_to_add_out"),
+        (r"single_blocks_N_processor_qkv_lora", r"single_transformer_blocks_N_attn_to_qkv"),
+        (r"single_blocks_N_processor_proj_lora", r"single_transformer_blocks_N_proj_out"),
+    ]),
+    # SD3 / SD3.5: Stability's MMDiT names to diffusers' SD3Transformer2DModel.
+    *_family("unet", _DIFFUSERS_SD3, [
+        (r"joint_blocks_N_x_block_attn_qkv", r"transformer_blocks_N_attn_to_qkv"),
+        (r"joint_blocks_N_context_block_attn_qkv", r"transformer_blocks_N_attn_to_added_qkv"),
+        (r"joint_blocks_N_x_block_attn2_qkv", r"transformer_blocks_N_attn2_to_qkv"),
+        (r"joint_blocks_N_x_block_attn_proj", r"transformer_blocks_N_attn_to_out_0"),
+        (r"joint_blocks_N_x_block_attn2_proj", r"transformer_blocks_N_attn2_to_out_0"),
+        (r"joint_blocks_N_context_block_attn_proj", r"transformer_blocks_N_attn_to_add_out"),
+        (r"joint_blocks_N_x_block_mlp_fc1", r"transformer_blocks_N_ff_net_0_proj"),
+        (r"joint_blocks_N_x_block_mlp_fc2", r"transformer_blocks_N_ff_net_2"),
+        (r"joint_blocks_N_context_block_mlp_fc1", r"transformer_blocks_N_ff_context_net_0_proj"),
+        (r"joint_blocks_N_context_block_mlp_fc2", r"transformer_blocks_N_ff_context_net_2"),
+        (r"joint_blocks_N_x_block_adaln_modulation_1", r"transformer_blocks_N_norm1_linear"),
+        (r"joint_blocks_N_context_block_adaln_modulation_1",
+         r"transformer_blocks_N_norm1_context_linear_maybe_shift_scale"),
+        (r"x_embedder_proj", r"pos_embed_proj"),
+        (r"t_embedder_mlp_0", r"time_text_embed_timestep_embedder_linear_1"),
+        (r"t_embedder_mlp_2", r"time_text_embed_timestep_embedder_linear_2"),
+        (r"y_embedder_mlp_0", r"time_text_embed_text_embedder_linear_1"),
+        (r"y_embedder_mlp_2", r"time_text_embed_text_embedder_linear_2"),
+    ]),
+    # Language models: the Hugging Face wrapper word, then llama.cpp's GGUF names.
+    Rename("", re.compile(r"model_(layers_\d+_.+|embed_tokens|norm)"), r"\1", _TRANSFORMERS),
+    *_family("", _GGUF_PY, [
+        (r"token_embd", r"embed_tokens"),
+        (r"output_norm", r"norm"),
+        (r"output", r"lm_head"),
+        (r"blk_N_attn_norm", r"layers_N_input_layernorm"),
+        (r"blk_N_attn_q", r"layers_N_self_attn_q_proj_rotary"),
+        (r"blk_N_attn_k", r"layers_N_self_attn_k_proj_rotary"),
+        (r"blk_N_attn_v", r"layers_N_self_attn_v_proj"),
+        (r"blk_N_attn_output", r"layers_N_self_attn_o_proj"),
+        (r"blk_N_attn_q_norm", r"layers_N_self_attn_q_norm"),
+        (r"blk_N_attn_k_norm", r"layers_N_self_attn_k_norm"),
+        (r"blk_N_ffn_norm", r"layers_N_post_attention_layernorm"),
+        (r"blk_N_ffn_gate", r"layers_N_mlp_gate_proj"),
+        (r"blk_N_ffn_up", r"layers_N_mlp_up_proj"),
+        (r"blk_N_ffn_down", r"layers_N_mlp_down_proj"),
+    ]),
+]
+"""Module paths per component: (convention's path, canonical path); first match wins."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """One canonical module inside a fused matrix.
+
+    ``rows`` is how many of the fused rows it takes: ``"n"`` (the input width, as
+    for a single block's q, k and v), ``"1/k"`` (an equal share), or ``"rest"``.
+    ``at`` is where those rows start in the canonical module (0 unless the
+    convention stores the module's own rows in another order).
+    """
+
+    target: str
+    rows: str
+    at: str = "0"
+
+
+@dataclass(frozen=True)
+class Split:
+    """A fused canonical path, the modules its rows hold in order, and when it applies.
+
+    ``ratio`` (rows / input width), if set, must hold for the split to apply.
+    """
+
+    pattern: re.Pattern[str]
+    parts: tuple[Part, ...]
+    source: str
+    ratio: int | None = None
+
+
+def _s(pattern: str, parts: list[tuple[str, str] | tuple[str, str, str]], source: str,
+       ratio: int | None = None) -> Split:
+    return Split(re.compile(pattern), tuple(Part(*p) for p in parts), source, ratio)
+
+
+_THIRD = "1/3"
+SPLITS: list[Split] = [
+    _s(r"(.*)_attn(2?)_to_qkv", [(r"\1_attn\2_to_q", _THIRD), (r"\1_attn\2_to_k", _THIRD),
+                                 (r"\1_attn\2_to_v", _THIRD)], _DIFFUSERS_FUSE),
+    _s(r"(.*)_attn_to_added_qkv", [(r"\1_attn_add_q_proj", _THIRD), (r"\1_attn_add_k_proj", _THIRD),
+                                   (r"\1_attn_add_v_proj", _THIRD)], _DIFFUSERS_FUSE),
+    _s(r"(.*)_attn_to_qkv_mlp", [(r"\1_attn_to_q", "n"), (r"\1_attn_to_k", "n"),
+                                 (r"\1_attn_to_v", "n"), (r"\1_proj_mlp", "rest")],
+       _DIFFUSERS_FLUX),
+    # SD3's last context block has only (shift, scale); the others keep their order.
+    _s(r"(.*)_maybe_shift_scale", [(r"\1", "1/2", "1/2"), (r"\1", "1/2", "0")], _DIFFUSERS_SD3,
+       ratio=2),
+    _s(r"(.*)_maybe_shift_scale", [(r"\1", "rest")], _DIFFUSERS_SD3),
+    _s(r"(.*)_shift_scale", [(r"\1", "1/2", "1/2"), (r"\1", "1/2", "0")], _DIFFUSERS_FLUX),
+]
+"""Fused canonical paths and the row blocks they hold; first match wins."""
+
+
+RowOrder = Callable[[int, Mapping[str, str]], "npt.NDArray[np.intp] | None"]
+"""Given a matrix's row count and the file's hints, the inverse of its row order."""
+
+
+def _rotary(count_key: str) -> RowOrder:
+    """The inverse of llama.cpp's q/k row permutation, given the GGUF head count key.
+
+    ``permute`` reshapes rows as (heads, 2, head_dim / 2) and swaps the last two
+    axes, so stored row p holds original row ``order[p]`` below.
+    """
+
+    def order(rows: int, hints: Mapping[str, str]) -> npt.NDArray[np.intp] | None:
+        import numpy as np
+
+        arch = hints.get("general.architecture", "")
+        heads = _count(hints.get(f"{arch}.attention.{count_key}"))
+        if count_key == "head_count_kv" and heads is None:
+            heads = _count(hints.get(f"{arch}.attention.head_count"))
+        if heads is None or rows % (2 * heads):
+            return None
+        idx = np.arange(rows, dtype=np.intp).reshape(heads, 2, rows // heads // 2)
+        out: npt.NDArray[np.intp] = idx.swapaxes(1, 2).reshape(-1)
+        return out
+
+    return order
+
+
+def _count(value: str | None) -> int | None:
+    if value is None or not value.isdigit() or not 0 < int(value) <= 1 << 16:
+        return None
+    return int(value)
+
+
+@dataclass(frozen=True)
+class RowOrderRule:
+    """A canonical path whose stored rows are permuted, the inverse, and where it applies."""
+
+    pattern: re.Pattern[str]
+    canonical: str
+    order: RowOrder
+    architectures: frozenset[str]
+    source: str
+
+
+ROTARY_ARCHITECTURES = frozenset({
+    "llama", "deci", "granite", "granitemoe", "arcee", "afmoe", "smollm3", "cogvlm",
+    "llama-embed", "nanbeige",
+})
+"""GGUF architectures whose converter permutes q and k: ``LlamaModel`` and the
+subclasses that keep its ``undo_permute = True`` (not llama4, apertus, mistral3),
+and DeciLM's own copy of ``permute`` (llama.cpp conversion/llama.py, granite.py...)."""
+
+ROW_ORDERS: list[RowOrderRule] = [
+    RowOrderRule(re.compile(r"(.*)_q_proj_rotary"), r"\1_q_proj", _rotary("head_count"),
+                 ROTARY_ARCHITECTURES, _LLAMA_CPP),
+    RowOrderRule(re.compile(r"(.*)_k_proj_rotary"), r"\1_k_proj", _rotary("head_count_kv"),
+                 ROTARY_ARCHITECTURES, _LLAMA_CPP),
+]
+"""Canonical paths stored with permuted rows, and how to put the rows back."""
+
+
+def rename(component: str, path: str) -> str:
+    """The canonical path of ``path`` in ``component`` (unchanged if no row matches)."""
+    for r in RENAMES:
+        if r.component == component and (m := r.pattern.fullmatch(path)):
+            return m.expand(r.canonical)
+    return path
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows ``start:start+count`` of a stored matrix, as rows of canonical ``key``.
+
+    The canonical module has ``rows`` rows; stored row ``start + i`` is its row
+    ``order[i]`` (or ``at + i`` when ``order`` is None).
+    """
+
+    key: str
+    rows: int
+    start: int
+    count: int
+    at: int = 0
+    order: npt.NDArray[np.intp] | None = None
+
+    def targets(self) -> npt.NDArray[np.intp]:
+        """Canonical row of each stored row of this piece."""
+        import numpy as np
+
+        if self.order is not None:
+            return self.order
+        return np.arange(self.at, self.at + self.count, dtype=np.intp)
+
+
+def _size(spec: str, m: int, n: int, left: int) -> int | None:
+    if spec == "n":
+        return n
+    if spec == "rest":
+        return left
+    if spec.startswith("1/"):
+        k = int(spec[2:])
+        return m // k if m % k == 0 else None
+    return int(spec)
+
+
+def pieces(key: str, m: int, n: int, hints: Mapping[str, str] | None = None) -> list[Piece]:
+    """The canonical modules a stored ``m x n`` matrix under ``key`` holds, as row pieces.
+
+    A key that no split or row-order rule names is one piece, itself. A fused key
+    whose shape does not fit its split (a convention we do not know, a hostile file)
+    is also kept whole under its fused name, never mis-split.
+    """
+    component, _, path = key.partition(":")
+    for rule in ROW_ORDERS:
+        if mr := rule.pattern.fullmatch(path):
+            canonical = f"{component}:{mr.expand(rule.canonical)}"
+            arch = (hints or {}).get("general.architecture", "")
+            order = rule.order(m, hints or {}) if arch in rule.architectures else None
+            return [Piece(canonical, m, 0, m, order=order)]
+    for split in SPLITS:
+        if not (ms := split.pattern.fullmatch(path)):
+            continue
+        if split.ratio is not None and m != split.ratio * n:
+            continue
+        out = _split(component, ms, split, m, n)
+        if out is not None:
+            return out
+    return [Piece(key, m, 0, m)]
+
+
+def _split(component: str, ms: re.Match[str], split: Split, m: int, n: int) -> list[Piece] | None:
+    sizes: list[int] = []
+    left = m
+    for part in split.parts:
+        size = _size(part.rows, m, n, left)
+        if size is None or size <= 0 or size > left:
+            return None
+        sizes.append(size)
+        left -= size
+    if left:
+        return None
+    totals: dict[str, int] = {}
+    for part, size in zip(split.parts, sizes, strict=True):
+        target = ms.expand(part.target)
+        totals[target] = totals.get(target, 0) + size
+    out: list[Piece] = []
+    start = 0
+    for part, size in zip(split.parts, sizes, strict=True):
+        target = ms.expand(part.target)
+        at = _size(part.at, totals[target], n, 0) if part.at != "0" else 0
+        if at is None:
+            return None
+        out.append(Piece(f"{component}:{target}", totals[target], start, size, at=at))
+        start += size
+    return out
+
+
+
+def split_adapter(
+    key: str, arrays: Mapping[str, F64], hints: Mapping[str, str] | None = None
+) -> list[tuple[str, dict[str, F64]]]:
+    """An adapter module's factors per canonical module: a fused up factor split by rows.
+
+    A LoRA on a fused matrix has ΔW = up · down; the rows of ΔW that belong to one
+    canonical module are those rows of ``up`` times the same ``down``, exactly what
+    diffusers' converters write when they split such a LoRA. Any other adapter
+    (LoHa, LoKr, or a shape the split does not fit) stays whole under ``key``.
+    """
+    import numpy as np
+
+    up, down = arrays.get("up"), arrays.get("down")
+    if up is None or down is None or up.ndim < 2 or down.ndim < 2:
+        return [(key, dict(arrays))]
+    m = up.shape[0]
+    n = int(np.prod(down.shape[1:]))
+    found = pieces(key, m, n, hints)
+    if len(found) == 1 and found[0].key == key and found[0].order is None:
+        return [(key, dict(arrays))]
+    up2 = up.reshape(m, -1)
+    out: dict[str, dict[str, F64]] = {}
+    for p in found:
+        part = out.setdefault(p.key, {**arrays, "up": np.zeros((p.rows, up2.shape[1]))})
+        part["up"][p.targets()] = up2[p.start : p.start + p.count]
+    return [(k, v) for k, v in out.items()]
+
+
+EMBEDDINGS: list[tuple[re.Pattern[str], str]] = [
+    (re.compile(r"emb_params|string_to_param\.[^.]+"), "te1:embedding"),
+    (re.compile(r"clip_l"), "te1:embedding"),
+    (re.compile(r"clip_g"), "te2:embedding"),
+]
+"""Textual-inversion tensors (A1111 ``.pt``, safetensors ``emb_params``, SDXL
+``clip_l``/``clip_g``) and the canonical key of the vectors each holds."""
+
+EMBEDDING_ROW = 32
+"""Elements per sketched row of an embedding: its vectors, read in order, are viewed
+as rows of this width, so even a single 768-wide vector is a 24 x 32 matrix."""
+
+
+def embedding_view(name: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, int]] | None:
+    """The canonical key and matrix shape of a textual-inversion tensor, or None."""
+    total = 1
+    for d in shape:
+        total *= d
+    if total % EMBEDDING_ROW or total < 2 * EMBEDDING_ROW:
+        return None
+    for pattern, key in EMBEDDINGS:
+        if pattern.fullmatch(name):
+            return key, (total // EMBEDDING_ROW, EMBEDDING_ROW)
+    return None
