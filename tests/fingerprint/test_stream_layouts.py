@@ -33,7 +33,13 @@ H = 64
 def _e4m3(x: np.ndarray) -> bytes:
     table = DECODERS["F8_E4M3"].fn(np.arange(256, dtype=np.uint8))
     finite = np.where(np.isfinite(table), table, np.inf)
-    idx = np.abs(x.reshape(-1, 1) - finite.reshape(1, -1)).argmin(axis=1)
+    flat = x.reshape(-1)
+    # Nearest code, a slice at a time: the full distance matrix would be 256 floats
+    # per weight (1.6 GB for the larger case).
+    idx = np.concatenate([
+        np.abs(flat[i : i + 65536].reshape(-1, 1) - finite.reshape(1, -1)).argmin(axis=1)
+        for i in range(0, flat.size, 65536)
+    ])
     return idx.astype(np.uint8).tobytes()
 
 
