@@ -7,19 +7,17 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 from click.testing import CliRunner, Result
 from safetensors.numpy import save_file
 
 from modelhash._cli import cli as app
 from tests.fingerprint.conftest import tiny_state_dict
-from tests.utils.registry import stop
+from tests.utils.registry import stop, wait_ready
 
 _SCRIPT = Path(sys.executable).with_name("modelhash")
 MODELHASH = (
@@ -116,18 +114,7 @@ def live_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveRegi
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"registry exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"registry did not start:\n{log.read_text()}")
-            time.sleep(0.1)
+        wait_ready(url, proc, log)
         yield LiveRegistry(url, keys["admin"], keys["submitter"], keys["reader"], proc, log)
     finally:
         stop(proc)

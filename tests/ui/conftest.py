@@ -11,20 +11,18 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from modelhash.registry._db import make_engine, session_scope
 from modelhash.registry._migrations import upgrade
 from modelhash.registry.crud.keys import CLI, create_key
 from tests.ui.demo import Demo, seed
-from tests.utils.registry import stop
+from tests.utils.registry import stop, wait_ready
 
 _SCRIPT = Path(sys.executable).with_name("modelhash")
 CHROMIUM_ARGS = [
@@ -82,18 +80,7 @@ def ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UiServer]:
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"registry exited with {proc.returncode}:\n{log.read_text()}")
-            try:
-                if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"registry did not start:\n{log.read_text()}")
-            time.sleep(0.1)
+        wait_ready(url, proc, log)
         demo = seed(url, keys, folder)
         yield UiServer(url, keys, demo, db)
     finally:

@@ -6,9 +6,13 @@ import os
 import secrets
 import signal
 import subprocess
+import time
 import uuid
+from pathlib import Path
 from typing import Any
 
+import httpx
+import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -105,3 +109,19 @@ def stop(proc: subprocess.Popen[Any]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def wait_ready(url: str, proc: subprocess.Popen[Any], log: Path, seconds: float = 60) -> None:
+    """Wait until the registry at ``url`` answers /readyz; fail with its log if it dies."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"registry exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"registry did not start:\n{log.read_text()}")
+        time.sleep(0.1)
