@@ -97,6 +97,10 @@ class Body:
     def readinto(self, buf: memoryview) -> int:
         return self._src.readinto(buf)
 
+    def view(self, limit: int) -> memoryview | None:
+        """The next bytes without a copy, when they arrived as a large ``bytes``."""
+        return self._src.view(limit)
+
     def read(self, n: int) -> bytes:
         """Up to ``n`` bytes; fewer only at the end of the body. Memory grows with
         what arrives, not with ``n`` (a header length is the sender's claim)."""
@@ -125,6 +129,12 @@ class _Prefixed:
             self._head = self._head[n:]
             return n
         return self._rest.readinto(buf)
+
+    def view(self, limit: int) -> memoryview | None:
+        if len(self._head):
+            return None  # the head is small: copied with what follows it
+        lend = getattr(self._rest, "view", None)
+        return lend(limit) if lend is not None else None
 
 
 def _claimed_size(header: bytes, n: int) -> int:

@@ -29,11 +29,11 @@ from modelhash.fingerprint._limits import MAX_TENSORS_PER_MODEL, check_tensor_co
 from modelhash.fingerprint._model import ParsedFile, TensorRecord
 from modelhash.fingerprint._pass import (
     CHUNK,
-    COST_BLAKE3,
     Source,
     SpanHasher,
     Work,
     file_layer_work,
+    relative_costs,
     run_pass,
 )
 from modelhash.fingerprint._result import FileHashes, ModelFingerprint, TensorDigest
@@ -267,7 +267,7 @@ def _hash_tensors(
     spans = SpanHasher([t.span for t in spanned if t.span is not None])
     works, finish = file_layer_work(part.label, pf.size, pf.autov3_offset)
     covered = sum(t.nbytes for t in spanned) / max(1, pf.size)
-    works.append(Work(spans, COST_BLAKE3 * covered))
+    works.append(Work(spans, relative_costs()[0] * covered))
     works.extend(extra)
     if part.source is None:
         _read(pf.path.name, pf.size, pf.path, works, progress, chunk)

@@ -14,17 +14,21 @@ chunk size or the packing, which tests check.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import mmap
 import os
 import queue
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import blake3
-from threadpoolctl import threadpool_limits
 
 try:  # ISA-L's CRC32 is about 4x zlib's; same polynomial, same answers.
     from isal.isal_zlib import crc32
@@ -51,10 +55,36 @@ AUTOV1_START = 0x100000
 AUTOV1_END = 0x110000
 AUTOV1_MIN_SIZE = 2 * 1024 * 1024
 
-# Relative CPU cost per byte, SHA-256 (with SHA-NI) being 1.
+# Relative CPU cost per byte, SHA-256 being 1. BLAKE3's and CRC32's depend on the
+# vector units (BLAKE3 is about 0.25 of SHA-NI's cost with AVX-512, 0.5 with AVX2
+# alone), so they are measured once per process (see relative_costs); these are the
+# values used if that measurement cannot be made.
 COST_SHA256 = 1.0
 COST_BLAKE3 = 0.25
 COST_CRC32 = 0.05
+
+
+@functools.cache
+def relative_costs() -> tuple[float, float]:
+    """BLAKE3's and CRC32's CPU cost per byte relative to SHA-256's, on this machine.
+
+    Timed on 1 MiB (best of three; about 3 ms in all). Only the packing of work
+    into lanes uses it, never a digest.
+    """
+    block = bytes(range(256)) * 4096
+    times = []
+    for fn in (lambda: hashlib.sha256(block), lambda: blake3.blake3(block),
+               lambda: crc32(block)):
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        times.append(best)
+    sha, b3, crc = times
+    if not sha > 0:
+        return COST_BLAKE3, COST_CRC32
+    return min(2.0, max(0.05, b3 / sha)), min(1.0, max(0.01, crc / sha))
 
 
 _Queue = queue.SimpleQueue[tuple[int, int, int] | None]
@@ -90,15 +120,65 @@ def _pack(works: Sequence[Work], lanes: int) -> list[Callable[[int, memoryview],
 
 
 class Source(Protocol):
-    """Where a pass reads from: ``readinto`` fills a buffer, returning 0 at the end."""
+    """Where a pass reads from: ``readinto`` fills a buffer, returning 0 at the end.
+
+    A source may also have ``view(limit)``: the next up to ``limit`` bytes as a
+    buffer that stays valid and unchanged while the pass holds it, without a copy;
+    None when it cannot give one now (the pass then copies through ``readinto``),
+    and an empty buffer at the end.
+    """
 
     def readinto(self, buf: memoryview) -> int:
         """Copy the next bytes into ``buf``; the count, 0 only at the end."""
         ...
 
 
+MAP_MIN_BYTES = 16 * 1024 * 1024
+"""Files smaller than this are read, not mapped: mapping saves nothing there."""
+
+# Filesystems whose pages are local: a mapped page of one of them can fail only if
+# the file is cut short while the pass reads it. On a network or FUSE filesystem a
+# failed read of a mapped page kills the process (SIGBUS) instead of raising, so
+# those are read with ``readinto``, which turns every failure into an error.
+LOCAL_FILESYSTEMS = frozenset({
+    "ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "ramfs", "f2fs", "zfs", "bcachefs",
+    "jfs", "reiserfs", "hfsplus", "apfs",
+})
+
+
+def _filesystem(dev: int) -> str | None:
+    """The type of the mounted filesystem whose device is ``dev``, if Linux says."""
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                fields = line.split()
+                if len(fields) > 3 and fields[2] == want and "-" in fields:
+                    at = fields.index("-")
+                    return fields[at + 1] if at + 1 < len(fields) else None
+    except OSError:
+        return None
+    return None
+
+
+def may_map(st: os.stat_result) -> bool:
+    """Whether a regular file with this stat is read through a memory map.
+
+    ``MODELHASH_NO_MMAP=1`` turns mapping off (every file is then copied through a
+    buffer: slower, never a SIGBUS, whatever another process does to the file).
+    """
+    if os.environ.get("MODELHASH_NO_MMAP", "") not in ("", "0"):
+        return False
+    import stat as _stat
+
+    if not _stat.S_ISREG(st.st_mode) or st.st_size < MAP_MIN_BYTES:
+        return False
+    return _filesystem(st.st_dev) in LOCAL_FILESYSTEMS
+
+
 class FileSource:
-    """A file on disk, read front to back without Python-level buffering."""
+    """A file on disk, read front to back: through a read-only memory map where
+    :func:`may_map` allows it (no copy), else without Python-level buffering."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -106,8 +186,54 @@ class FileSource:
             self._fh = path.open("rb", buffering=0)
         except OSError as exc:
             raise MalformedFileError(path, f"cannot open: {exc.strerror or exc}") from None
+        self._map: mmap.mmap | None = None
+        self._mv: memoryview | None = None
+        self._pos = 0
+        self._populate = True
+        try:
+            st = os.fstat(self._fh.fileno())
+            if may_map(st):
+                self._map = mmap.mmap(self._fh.fileno(), st.st_size, prot=mmap.PROT_READ)
+                self._map.madvise(mmap.MADV_SEQUENTIAL)
+                self._mv = memoryview(self._map)
+        except (OSError, ValueError):  # not mappable after all: read it
+            self._map = self._mv = None
+
+    def view(self, limit: int) -> memoryview | None:
+        if self._mv is None:
+            return None
+        out = self._mv[self._pos : self._pos + limit]
+        if self._populate and len(out):
+            # Map the chunk's pages here, in the reading thread, which is otherwise
+            # idle, rather than by page faults in the lanes that hash it.
+            start = self._pos - self._pos % mmap.PAGESIZE
+            try:
+                self._map.madvise(MADV_POPULATE_READ, start, self._pos + len(out) - start)  # type: ignore[union-attr]
+            except OSError:  # a kernel before 5.14: the lanes fault the pages in
+                self._populate = False
+        self._pos += len(out)
+        return out
+
+    def done(self, offset: int, length: int) -> None:
+        """The pass is finished with bytes ``offset:offset+length`` of a lent view:
+        drop their pages from this process's map (they stay in the page cache), so
+        its resident memory stays at the chunks in flight, not the file's size."""
+        if self._map is None or not length:
+            return
+        start = offset - offset % mmap.PAGESIZE
+        stop = offset + length
+        if stop < self._map.size():  # a partial last page may still be read
+            stop -= stop % mmap.PAGESIZE
+        if stop > start:
+            with contextlib.suppress(OSError, ValueError):
+                self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
     def readinto(self, buf: memoryview) -> int:
+        if self._mv is not None:  # a mapped file is read from the map, in step
+            got = self.view(len(buf))
+            assert got is not None
+            buf[: len(got)] = got
+            return len(got)
         try:
             return self._fh.readinto(buf) or 0
         except OSError as exc:
@@ -116,7 +242,22 @@ class FileSource:
             ) from None
 
     def close(self) -> None:
+        if self._mv is not None:
+            self._mv.release()
+            self._mv = None
+        if self._map is not None:
+            with contextlib.suppress(BufferError):  # a view still held: freed with it
+                self._map.close()
+            self._map = None
         self._fh.close()
+
+
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+"""Linux's madvise advice (5.14 and later) that maps a range's pages in advance."""
+
+ZERO_COPY_MIN = 256 * 1024
+"""Body chunks at least this large are passed on without a copy; smaller ones are
+gathered into a buffer, so the pass never handles many tiny pieces."""
 
 
 class ChunkSource:
@@ -124,19 +265,40 @@ class ChunkSource:
 
     ``head`` holds bytes already taken from the front of the stream (a sniffed
     header); they come first. Chunks of any size, empty ones included, give the
-    same bytes, so results never depend on how the body was cut.
+    same bytes, so results never depend on how the body was cut. A chunk that is
+    ``bytes`` (immutable) and large is handed to the pass as it is (:meth:`view`);
+    anything else is copied, since its producer may reuse the buffer.
     """
 
     def __init__(self, chunks: Iterator[bytes | bytearray | memoryview], head: bytes = b"") -> None:
         self._chunks = chunks
         self._view = memoryview(head)
+        self._immutable = True
+        self._ended = False
+
+    def _next(self) -> bool:
+        nxt = next(self._chunks, None)
+        if nxt is None:
+            self._ended = True
+            return False
+        self._view = memoryview(nxt).cast("B")
+        self._immutable = isinstance(nxt, bytes)
+        return True
+
+    def view(self, limit: int) -> memoryview | None:
+        while not len(self._view):
+            if self._ended or not self._next():
+                return self._view[:0]
+        if not self._immutable or len(self._view) < min(limit, ZERO_COPY_MIN):
+            return None
+        out = self._view[:limit]
+        self._view = self._view[len(out) :]
+        return out
 
     def readinto(self, buf: memoryview) -> int:
         while not len(self._view):
-            nxt = next(self._chunks, None)
-            if nxt is None:
+            if self._ended or not self._next():
                 return 0
-            self._view = memoryview(nxt).cast("B")
         n = min(len(buf), len(self._view))
         buf[:n] = self._view[:n]
         self._view = self._view[n:]
@@ -169,8 +331,14 @@ def run_pass(
         # Lanes already use every core; a multi-threaded BLAS inside a lane (the sketch
         # projections) would spin up threads of its own that fight the hashing lanes
         # (measured: all layers 4.1 s instead of 2.0 s on a 1 GiB file, 2 cores). The
-        # limit is process-wide while the pass runs.
-        with threadpool_limits(limits=1, user_api="blas"):
+        # limit is process-wide while the pass runs. Without numpy loaded no work item
+        # can reach a BLAS, and the exact layers skip loading threadpoolctl at all.
+        limit: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+        if "numpy" in sys.modules:
+            from threadpoolctl import threadpool_limits
+
+            limit = threadpool_limits(limits=1, user_api="blas")
+        with limit:
             got = _run_pass(src, works, chunk=chunk, advance=advance, threads=threads,
                             buffers=buffers)
     finally:
@@ -191,22 +359,34 @@ def _run_pass(
     buffers: int,
 ) -> int:
     lanes = _pack(works, threads or os.cpu_count() or 1)
-    pool = [bytearray(chunk) for _ in range(max(2, buffers))]
+    slots = max(2, buffers)
+    # A slot holds either a view the source lent (no copy) or a view of its own
+    # buffer, made on first use, so a pass that copies nothing allocates nothing.
+    pool: list[bytearray | None] = [None] * slots
+    views: list[memoryview | None] = [None] * slots
     free: queue.SimpleQueue[int] = queue.SimpleQueue()
-    for i in range(len(pool)):
+    for i in range(slots):
         free.put(i)
-    pending = [0] * len(pool)
+    pending = [0] * slots
     lock = threading.Lock()
     errors: list[BaseException] = []
     queues: list[_Queue] = [
         queue.SimpleQueue() for _ in lanes
     ]
+    lend: Callable[[int], memoryview | None] | None = getattr(src, "view", None)
+    forget: Callable[[int, int], None] | None = getattr(src, "done", None)
+    lent: list[tuple[int, int] | None] = [None] * slots
 
     def release(i: int) -> None:
         with lock:
             pending[i] -= 1
             done = pending[i] == 0
         if done:
+            views[i] = None  # drop a lent view: the source may free what it shows
+            span = lent[i]
+            if span is not None and forget is not None:
+                lent[i] = None
+                forget(*span)
             free.put(i)
 
     def worker(lane: Callable[[int, memoryview], None], q: _Queue) -> None:
@@ -214,11 +394,23 @@ def _run_pass(
             i, off, n = item
             try:
                 if not errors:
-                    lane(off, memoryview(pool[i])[:n])
+                    view = views[i]
+                    assert view is not None and len(view) == n
+                    lane(off, view)
             except BaseException as exc:  # re-raised in the reading thread
                 errors.append(exc)
             finally:
                 release(i)
+
+    def take(i: int, offset: int) -> memoryview:
+        got = lend(chunk) if lend is not None else None
+        if got is not None:
+            lent[i] = (offset, len(got))
+            return got
+        buf = pool[i]
+        if buf is None:
+            buf = pool[i] = bytearray(chunk)
+        return memoryview(buf)[: _fill(src, buf)]
 
     workers = [
         threading.Thread(target=worker, args=(lane, q), daemon=True)
@@ -230,11 +422,13 @@ def _run_pass(
     try:
         while not errors:
             i = free.get()
-            n = _fill(src, pool[i])
+            view = take(i, offset)
+            n = len(view)
             if n == 0:
                 free.put(i)
                 break
             if lanes:
+                views[i] = view
                 pending[i] = len(lanes)
                 for q in queues:
                     q.put((i, offset, n))
@@ -248,6 +442,7 @@ def _run_pass(
             q.put(None)
         for t in workers:
             t.join()
+        views[:] = [None] * slots
     if errors:
         raise errors[0]
     return offset
@@ -329,10 +524,11 @@ def file_layer_work(
             autov3=st.autov3.hexdigest()[:12] if st.autov3 is not None else None,
         )
 
+    cost_b3, cost_crc = relative_costs()
     works = [
         Work(sha, COST_SHA256),
-        Work(b3, COST_BLAKE3),
-        Work(crc, COST_CRC32),
+        Work(b3, cost_b3),
+        Work(crc, cost_crc),
         Work(autov1, 0.0),
     ]
     if autov3_offset is not None:

@@ -8,6 +8,8 @@ first bytes, and ``parse(path, size, fh)`` returning a
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -35,12 +37,44 @@ class Reader(Protocol):
         """Parse the structure; raise MalformedFileError/UnsafeFileError on bad input."""
 
 
+class _Lazy:
+    """A reader whose module is imported the first time a file might be its format.
+
+    ``maybe`` is a cheap necessary condition of the reader's own ``sniff`` (it never
+    says no where ``sniff`` would say yes), so the table's order and answers are
+    those of the readers themselves; a safetensors file then never loads the
+    pickle machinery, which is most of the start-up of a one-file check.
+    """
+
+    def __init__(self, name: str, module: str, cls: str,
+                 maybe: Callable[[bytes], bool]) -> None:
+        self.name = name
+        self._module, self._cls, self._maybe = module, cls, maybe
+        self._reader: Reader | None = None
+
+    def _load(self) -> Reader:
+        if self._reader is None:
+            mod = importlib.import_module(f"modelhash.fingerprint._formats.{self._module}")
+            self._reader = getattr(mod, self._cls)()
+        return self._reader
+
+    def sniff(self, head: bytes, path: Path) -> bool:
+        return self._maybe(head) and self._load().sniff(head, path)
+
+    def parse(self, path: Path, size: int, fh: BinaryIO) -> ParsedFile:
+        return self._load().parse(path, size, fh)
+
+
 def _readers() -> list[Reader]:
     from modelhash.fingerprint._formats._gguf import GgufReader
     from modelhash.fingerprint._formats._safetensors import SafetensorsReader
-    from modelhash.fingerprint._formats._torch import TorchLegacyReader, TorchZipReader
 
-    return [GgufReader(), TorchZipReader(), TorchLegacyReader(), SafetensorsReader()]
+    return [
+        GgufReader(),
+        _Lazy("torch-zip", "_torch", "TorchZipReader", lambda h: h[:4] == b"PK\x03\x04"),
+        _Lazy("torch-legacy", "_torch", "TorchLegacyReader", lambda h: h[8:9] != b"{"),
+        SafetensorsReader(),
+    ]
 
 
 READERS: list[Reader] = []
