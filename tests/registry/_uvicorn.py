@@ -6,15 +6,11 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
-import pytest
-
-from tests.utils.registry import stop
+from tests.utils.registry import stop, wait_ready
 
 
 def free_port() -> int:
@@ -51,18 +47,7 @@ def uvicorn(
         )
     served = Served(proc, f"http://127.0.0.1:{port}", log)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"uvicorn exited with {proc.returncode}:\n{served.output()}")
-            try:
-                if httpx.get(served.base + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"uvicorn did not become ready:\n{served.output()}")
-            time.sleep(0.2)
+        wait_ready(served.base, proc, log)
         yield served
     finally:
         stop(proc)

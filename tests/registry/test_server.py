@@ -16,9 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import pytest
 
-from tests.utils.registry import auth, flag_body, random_fingerprint, stop
+from tests.utils.registry import auth, flag_body, random_fingerprint, stop, wait_ready
 
 _SCRIPT = Path(sys.executable).with_name("modelhash")
 MODELHASH = (
@@ -69,18 +68,8 @@ def serve(cwd: Path, *db: str, name: str = "server") -> Iterator[Server]:
         )
     server = Server(proc, f"http://127.0.0.1:{port}", log)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}:\n{server.logs()}")
-            try:
-                if httpx.get(server.base + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server did not start:\n{server.logs()}")
-            time.sleep(0.1)
+        # /healthz: some tests start a server whose schema is not ready on purpose.
+        wait_ready(server.base, proc, log, path="/healthz")
         yield server
     finally:
         stop(proc)

@@ -111,14 +111,16 @@ def stop(proc: subprocess.Popen[Any]) -> None:
             proc.wait()
 
 
-def wait_ready(url: str, proc: subprocess.Popen[Any], log: Path, seconds: float = 60) -> None:
-    """Wait until the registry at ``url`` answers /readyz; fail with its log if it dies."""
+def wait_ready(url: str, proc: subprocess.Popen[Any], log: Path, seconds: float = 60,
+               path: str = "/readyz") -> None:
+    """Wait until the registry at ``url`` answers ``path`` (/readyz: migrated and
+    serving; /healthz: the process is up); fail with its log if it dies."""
     deadline = time.monotonic() + seconds
     while True:
         if proc.poll() is not None:
             pytest.fail(f"registry exited with {proc.returncode}:\n{log.read_text()}")
         try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+            if httpx.get(url + path, timeout=1).status_code == 200:
                 return
         except httpx.TransportError:
             pass
