@@ -203,6 +203,10 @@ class FileSource:
         if self._mv is None:
             return None
         out = self._mv[self._pos : self._pos + limit]
+        if len(out) and os.fstat(self._fh.fileno()).st_size < self._pos + len(out):
+            # Cut short since it was mapped: its missing pages would be a SIGBUS. The
+            # check narrows that to a race with the lanes reading this chunk.
+            raise MalformedFileError(self.path, "file changed while reading (truncated)")
         if self._populate and len(out):
             # Map the chunk's pages here, in the reading thread, which is otherwise
             # idle, rather than by page faults in the lanes that hash it.

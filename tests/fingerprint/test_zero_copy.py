@@ -151,3 +151,18 @@ def test_a_mapped_pass_keeps_only_the_chunks_in_flight_resident(tmp_path: Path) 
     assert peak > 20 << 20  # the probe measured this process
     # Interpreter and modules take about 60 MB; the chunks in flight at most 4 x 8 MiB.
     assert peak < 128 << 20, f"peak RSS {peak >> 20} MiB for a {size >> 20} MiB file"
+
+
+def test_a_mapped_file_cut_short_between_chunks_is_an_error(tmp_path: Path, small_maps: None) -> None:
+    """Truncation seen before a chunk is lent is an error, not a fault on the page."""
+    path = tmp_path / "cut.bin"
+    path.write_bytes(os.urandom(3 << 20))
+    src = FileSource(path)
+    try:
+        if src.view(1 << 20) is None:
+            pytest.skip("this filesystem is not one the pass maps")
+        os.truncate(path, 1 << 20)
+        with pytest.raises(Exception, match="truncated"):
+            src.view(1 << 20)
+    finally:
+        src.close()
