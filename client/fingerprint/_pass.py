@@ -147,7 +147,10 @@ LOCAL_FILESYSTEMS = frozenset({
 
 
 def _filesystem(dev: int) -> str | None:
-    """The type of the mounted filesystem whose device is ``dev``, if Linux says."""
+    """The type of the mounted filesystem whose device is ``dev``, if Linux says
+    (elsewhere None: files are then read, never mapped)."""
+    if not sys.platform.startswith("linux"):
+        return None
     want = f"{os.major(dev)}:{os.minor(dev)}"
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as fh:
