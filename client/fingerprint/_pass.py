@@ -136,13 +136,14 @@ class Source(Protocol):
 MAP_MIN_BYTES = 16 * 1024 * 1024
 """Files smaller than this are read, not mapped: mapping saves nothing there."""
 
-# Filesystems whose pages are local: a mapped page of one of them can fail only if
-# the file is cut short while the pass reads it. On a network or FUSE filesystem a
-# failed read of a mapped page kills the process (SIGBUS) instead of raising, so
-# those are read with ``readinto``, which turns every failure into an error.
+# Filesystems whose pages are local (``overlay``: a container's layers): a mapped page
+# of one of them fails only if the file is cut short while the pass reads it, or the
+# disk itself fails. On a network or FUSE filesystem a failed read of a mapped page,
+# which is routine there, kills the process (SIGBUS) instead of raising, so those
+# are read with ``readinto``, which turns every failure into an error.
 LOCAL_FILESYSTEMS = frozenset({
     "ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "ramfs", "f2fs", "zfs", "bcachefs",
-    "jfs", "reiserfs", "hfsplus", "apfs",
+    "jfs", "reiserfs", "hfsplus", "apfs", "overlay",
 })
 
 
