@@ -602,11 +602,13 @@ def main() -> None:
                     help="skip the second pass through a registry (retrieval + verification)")
     ap.add_argument("--families", nargs="+", default=["sd", "llm", "flux"],
                     choices=["sd", "llm", "flux"], help="families to build (default: all)")
+    ap.add_argument("--keep", metavar="DIR", help="build the models in DIR (must not hold an earlier run) and keep them")
     args = ap.parse_args()
     fams = set(args.families)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = Path(args.keep or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         cases: list[Case] = []
         flagged: dict[str, Path] = {}
         refs: dict[str, list[Path]] = {fam: [] for fam in fams}
@@ -685,13 +687,13 @@ def main() -> None:
         print(f"references (known-innocent derivatives, half fine-tunes, half adapters): {n_refs}")
         report(rows, args.replicates, built, scored, len(sketches), shared_removed=args.references >= THRESHOLDS.shared_min_samples)
         if not args.no_registry:
-            registry_pass(work, bases, refs, flagged, cases, sk, summaries, rows)
+            registry_pass(work, bases, refs, flagged, cases, sk, summaries, rows, args.verbose)
 
 
 def registry_pass(work: Path, bases: dict[str, Path], refs: dict[str, list[Path]],
                   flagged: dict[str, Path], cases: list[Case],
                   sk: Callable[[Path], Sketch], summaries: dict[Path, dict[str, str]],
-                  rows: list[tuple[Case, object, object]]) -> None:
+                  rows: list[tuple[Case, object, object]], verbose: bool = False) -> None:
     """Every case again, through a registry: flag every flagged item in one SQLite
     registry (both bases and the references registered first), then check each upload with
     ``find_matches``, the retrieval and verification a check runs."""
@@ -722,12 +724,25 @@ def registry_pass(work: Path, bases: dict[str, Path], refs: dict[str, list[Path]
                 flag, _ = create_flag(session, data=FlagCreate(category="other", fingerprint=summaries[p], sketch=encode_sketch(sk(p))), actor=CLI)
                 ids[key] = flag.id
         names = {v: k for k, v in ids.items()}
+        with session_scope(engine) as session:
+            from sqlmodel import select
+
+            from modelhash.registry.models import ReferenceBase as Base
+            from modelhash.registry.models import SketchRow
+
+            base_names = {b.id: b.name for b in session.exec(select(Base))}
+            filed = {r.owner_id: (r.kind, base_names.get(r.base_id or "", "-"))
+                     for r in session.exec(select(SketchRow).where(SketchRow.owner_type == "flag"))}
+        print("\nflags filed as (kind, base): " + ", ".join(
+            f"{names[f]}: {k} / {b}" for f, (k, b) in sorted(filed.items(), key=lambda x: names[x[0]])))
         direct = {id(c): m for c, _, m in rows}
         found = missed = false_pos = disagree = 0
         others: list[tuple[Case, str, str]] = []
         for c in cases:
             with session_scope(engine) as session:
-                hits = {h.flag_id: h.verdict.match for h in find_matches(session, sk(c.path))}
+                found_hits = find_matches(session, sk(c.path))
+            hits = {h.flag_id: h.verdict.match for h in found_hits}
+            evidence = {h.flag_id: h.verdict.evidence for h in found_hits}
             target = ids[c.flagged]
             m = direct[id(c)]
             if c.expect is not None:
@@ -742,6 +757,10 @@ def registry_pass(work: Path, bases: dict[str, Path], refs: dict[str, list[Path]
             if (target in hits) != (m is not None):
                 disagree += 1
             others += [(c, names.get(f, f), t) for f, t in hits.items() if f != target]
+            if verbose:
+                for f, ev in evidence.items():
+                    if f != target:
+                        print(f"  other flag: {c.name} -> {names.get(f, f)} {hits[f]} {ev}")
         n_pos = sum(1 for c in cases if c.expect is not None)
         n_neg = len(cases) - n_pos
         print(f"\nregistry pass ({len(flagged)} flags, {len(bases)} bases, {sum(map(len, refs.values()))} references, SQLite, {time.perf_counter() - t0:.0f} s): "
