@@ -640,6 +640,14 @@ def main() -> None:
             if "flux" in fams:
                 build_flux(work, rep, args.steps, fx_base, add_case, flagged, refs["flux"],
                            train, save_st, write_gguf)
+        # Each replicate's flagged fine-tune is an innocent sibling of the others': the
+        # registry pass compares it with every flag, so the direct pass does too.
+        for fam in sorted(fams):
+            for rep in range(args.replicates if args.replicates > 1 else 0):
+                other = (rep + 1) % args.replicates
+                cases.append(Case(fam, f"{fam}{rep}:flagged F vs replicate {other}'s F",
+                                  flagged[f"{fam}{rep}:F"], f"{fam}{other}:F", None,
+                                  "another replicate's flagged fine-tune"))
         # Each family's references alternate: fine-tune, adapter, fine-tune, ...
         refs = {fam: v[: 2 * max(0, min(args.references, N_REFS))] for fam, v in refs.items()}
         # Unrelated models: the other family's uploads against each flagged item.
@@ -774,7 +782,8 @@ def registry_pass(work: Path, bases: dict[str, Path], refs: dict[str, list[Path]
         # The upload's own flag: the case's, or the flag whose file the upload is.
         own_flag = lambda c: flagged_files.get(c.path, c.flagged)  # noqa: E731
         same = [o for o in others if rep_of(o[1]) == rep_of(own_flag(o[0]))
-                and {kind_of(o[1]), kind_of(own_flag(o[0]))} <= {"F", "FV"}]
+                and {kind_of(o[1]), kind_of(own_flag(o[0]))} <= {"F", "FV"}
+                and flagged_files.get(o[0].path) != o[1]]
         print(f"matches of another flag than the case's own: {len(others)}, of which {len(same)} "
               "are the same fine-tune flagged with and without its replacement VAE; the rest:")
         own = [o for o in others if flagged_files.get(o[0].path) == o[1]]
