@@ -3,7 +3,9 @@
 The same layer is spelt differently by each tool: diffusers, the original
 (ldm / Black Forest Labs / Stability) checkpoints, ComfyUI's prefixes, and the
 LoRA trainers (kohya sd-scripts, ai-toolkit, XLabs, PEFT), and llama.cpp renames
-every tensor when it writes GGUF. Some conventions also *fuse* layers that others
+every tensor when it writes GGUF. SD 1.x / 2.x / XL single files keep the original
+autoencoder's names and OpenCLIP's text tower (``resblocks``, a fused
+``in_proj_weight``). Some conventions also *fuse* layers that others
 keep apart: BFL's ``img_attn.qkv`` is diffusers' ``to_q``/``to_k``/``to_v`` stacked
 row-wise, a single block's ``linear1`` is q, k, v and the MLP input, and the final
 AdaLN stores (shift, scale) where diffusers stores (scale, shift).
