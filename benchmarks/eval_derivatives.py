@@ -602,11 +602,13 @@ def main() -> None:
                     help="skip the second pass through a registry (retrieval + verification)")
     ap.add_argument("--families", nargs="+", default=["sd", "llm", "flux"],
                     choices=["sd", "llm", "flux"], help="families to build (default: all)")
+    ap.add_argument("--keep", metavar="DIR", help="build the models in DIR (must not hold an earlier run) and keep them")
     args = ap.parse_args()
     fams = set(args.families)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = Path(args.keep or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         cases: list[Case] = []
         flagged: dict[str, Path] = {}
         refs: dict[str, list[Path]] = {fam: [] for fam in fams}
@@ -638,6 +640,14 @@ def main() -> None:
             if "flux" in fams:
                 build_flux(work, rep, args.steps, fx_base, add_case, flagged, refs["flux"],
                            train, save_st, write_gguf)
+        # Each replicate's flagged fine-tune is an innocent sibling of the others': the
+        # registry pass compares it with every flag, so the direct pass does too.
+        for fam in sorted(fams):
+            for rep in range(args.replicates if args.replicates > 1 else 0):
+                other = (rep + 1) % args.replicates
+                cases.append(Case(fam, f"{fam}{rep}:flagged F vs replicate {other}'s F",
+                                  flagged[f"{fam}{rep}:F"], f"{fam}{other}:F", None,
+                                  "another replicate's flagged fine-tune"))
         # Each family's references alternate: fine-tune, adapter, fine-tune, ...
         refs = {fam: v[: 2 * max(0, min(args.references, N_REFS))] for fam, v in refs.items()}
         # Unrelated models: the other family's uploads against each flagged item.
@@ -685,13 +695,13 @@ def main() -> None:
         print(f"references (known-innocent derivatives, half fine-tunes, half adapters): {n_refs}")
         report(rows, args.replicates, built, scored, len(sketches), shared_removed=args.references >= THRESHOLDS.shared_min_samples)
         if not args.no_registry:
-            registry_pass(work, bases, refs, flagged, cases, sk, summaries, rows)
+            registry_pass(work, bases, refs, flagged, cases, sk, summaries, rows, args.verbose)
 
 
 def registry_pass(work: Path, bases: dict[str, Path], refs: dict[str, list[Path]],
                   flagged: dict[str, Path], cases: list[Case],
                   sk: Callable[[Path], Sketch], summaries: dict[Path, dict[str, str]],
-                  rows: list[tuple[Case, object, object]]) -> None:
+                  rows: list[tuple[Case, object, object]], verbose: bool = False) -> None:
     """Every case again, through a registry: flag every flagged item in one SQLite
     registry (both bases and the references registered first), then check each upload with
     ``find_matches``, the retrieval and verification a check runs."""
@@ -722,12 +732,25 @@ def registry_pass(work: Path, bases: dict[str, Path], refs: dict[str, list[Path]
                 flag, _ = create_flag(session, data=FlagCreate(category="other", fingerprint=summaries[p], sketch=encode_sketch(sk(p))), actor=CLI)
                 ids[key] = flag.id
         names = {v: k for k, v in ids.items()}
+        with session_scope(engine) as session:
+            from sqlmodel import select
+
+            from modelhash.registry.models import ReferenceBase as Base
+            from modelhash.registry.models import SketchRow
+
+            base_names = {b.id: b.name for b in session.exec(select(Base))}
+            filed = {r.owner_id: (r.kind, base_names.get(r.base_id or "", "-"))
+                     for r in session.exec(select(SketchRow).where(SketchRow.owner_type == "flag"))}
+        print("\nflags filed as (kind, base): " + ", ".join(
+            f"{names[f]}: {k} / {b}" for f, (k, b) in sorted(filed.items(), key=lambda x: names[x[0]])))
         direct = {id(c): m for c, _, m in rows}
         found = missed = false_pos = disagree = 0
         others: list[tuple[Case, str, str]] = []
         for c in cases:
             with session_scope(engine) as session:
-                hits = {h.flag_id: h.verdict.match for h in find_matches(session, sk(c.path))}
+                found_hits = find_matches(session, sk(c.path))
+            hits = {h.flag_id: h.verdict.match for h in found_hits}
+            evidence = {h.flag_id: h.verdict.evidence for h in found_hits}
             target = ids[c.flagged]
             m = direct[id(c)]
             if c.expect is not None:
@@ -742,6 +765,10 @@ def registry_pass(work: Path, bases: dict[str, Path], refs: dict[str, list[Path]
             if (target in hits) != (m is not None):
                 disagree += 1
             others += [(c, names.get(f, f), t) for f, t in hits.items() if f != target]
+            if verbose:
+                for f, ev in evidence.items():
+                    if f != target:
+                        print(f"  other flag: {c.name} -> {names.get(f, f)} {hits[f]} {ev}")
         n_pos = sum(1 for c in cases if c.expect is not None)
         n_neg = len(cases) - n_pos
         print(f"\nregistry pass ({len(flagged)} flags, {len(bases)} bases, {sum(map(len, refs.values()))} references, SQLite, {time.perf_counter() - t0:.0f} s): "
@@ -755,7 +782,8 @@ def registry_pass(work: Path, bases: dict[str, Path], refs: dict[str, list[Path]
         # The upload's own flag: the case's, or the flag whose file the upload is.
         own_flag = lambda c: flagged_files.get(c.path, c.flagged)  # noqa: E731
         same = [o for o in others if rep_of(o[1]) == rep_of(own_flag(o[0]))
-                and {kind_of(o[1]), kind_of(own_flag(o[0]))} <= {"F", "FV"}]
+                and {kind_of(o[1]), kind_of(own_flag(o[0]))} <= {"F", "FV"}
+                and flagged_files.get(o[0].path) != o[1]]
         print(f"matches of another flag than the case's own: {len(others)}, of which {len(same)} "
               "are the same fine-tune flagged with and without its replacement VAE; the rest:")
         own = [o for o in others if flagged_files.get(o[0].path) == o[1]]

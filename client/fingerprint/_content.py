@@ -8,6 +8,7 @@ do not change it; a dtype cast or any changed value does.
 
 from __future__ import annotations
 
+import math
 import re
 import struct
 from collections.abc import Sequence
@@ -120,8 +121,29 @@ def canonical_unit_names(files: Sequence[Sequence[str]]) -> list[list[str]]:
     return out
 
 
+_INTEGER = frozenset({"I8", "I16", "I32", "I64", "U8", "U16", "U32", "U64"})
+
+
+def _is_metadata(t: TensorDigest, names: frozenset[str]) -> bool:
+    """Whether ``t`` is a file's bookkeeping rather than its weights.
+
+    A1111 stores beside an embedding's vectors the token id of its placeholder
+    (``string_to_token: {"*": 265}``, the same constant for every embedding its
+    ``Embedding.save`` writes); the safetensors form of the same embedding has only
+    ``emb_params``. So a one-element integer ``emb_token`` next to ``emb_params``
+    stays in the tensor list but not in the content hash.
+    """
+    return (t.name == "emb_token" and "emb_params" in names and t.dtype in _INTEGER
+            and math.prod(t.shape) == 1)
+
+
 def content_digest(tensors: Sequence[TensorDigest]) -> Digest:
-    """The content hash of ``tensors`` (names must already be canonical and unique)."""
+    """The content hash of ``tensors`` (names must already be canonical and unique).
+
+    Bookkeeping tensors (see :func:`_is_metadata`) are left out.
+    """
+    names = frozenset(t.name for t in tensors)
+    tensors = [t for t in tensors if not _is_metadata(t, names)]
     h = blake3.blake3(_DOMAIN)
     h.update(struct.pack("<Q", len(tensors)))
     for t in sorted(tensors, key=lambda t: t.name.encode("utf-8")):

@@ -25,7 +25,7 @@ import re
 
 from modelhash.fingerprint._layouts import rename
 
-__all__ = ["COMPONENT_PREFIXES", "module_key", "tensor_module"]
+__all__ = ["COMPONENT_PREFIXES", "PREFIX_CONVENTIONS", "module_key", "tensor_module"]
 
 COMPONENT_PREFIXES: list[tuple[str, str]] = [
     ("model.diffusion_model.", "unet"),
@@ -37,6 +37,7 @@ COMPONENT_PREFIXES: list[tuple[str, str]] = [
     ("unet/", "unet"),
     ("unet.", "unet"),
     ("cond_stage_model.transformer.", "te1"),
+    ("cond_stage_model.model.", "te1"),
     ("conditioner.embedders.0.transformer.", "te1"),
     ("conditioner.embedders.1.model.", "te2"),
     ("lora_te1_", "te1"),
@@ -52,6 +53,15 @@ COMPONENT_PREFIXES: list[tuple[str, str]] = [
     ("vae.", "vae"),
 ]
 """Name prefixes that say which component of a pipeline a tensor belongs to."""
+
+PREFIX_CONVENTIONS: dict[str, str] = {
+    "cond_stage_model.model.": "open_clip",
+    "conditioner.embedders.1.model.": "open_clip",
+}
+"""Prefixes that also say which naming convention follows: the path is then tagged
+with it (``open_clip_...``), so that a convention's rows in
+:data:`modelhash.fingerprint._layouts.RENAMES` apply to it alone (OpenCLIP's
+``text_projection`` is the transpose of transformers' module of the same name)."""
 
 _STRIP = ("module.", "_orig_mod.", "base_model.model.")
 _UNET_WORDS = re.compile(
@@ -133,11 +143,15 @@ def module_key(module: str) -> str:
                 name = name[len(prefix) :]
                 changed = True
     component = ""
+    tag = ""
     for prefix, comp in COMPONENT_PREFIXES:
         if name.startswith(prefix):
             component, name = comp, name[len(prefix) :]
+            tag = PREFIX_CONVENTIONS.get(prefix, "")
             break
     path = re.sub(r"[./\-]", "_", name.lower())
+    if tag:
+        path = f"{tag}_{path}"
     if not component:
         if _UNET_WORDS.match(path):
             component = "unet"

@@ -3,7 +3,9 @@
 The same layer is spelt differently by each tool: diffusers, the original
 (ldm / Black Forest Labs / Stability) checkpoints, ComfyUI's prefixes, and the
 LoRA trainers (kohya sd-scripts, ai-toolkit, XLabs, PEFT), and llama.cpp renames
-every tensor when it writes GGUF. Some conventions also *fuse* layers that others
+every tensor when it writes GGUF. SD 1.x / 2.x / XL single files keep the original
+autoencoder's names and OpenCLIP's text tower (``resblocks``, a fused
+``in_proj_weight``). Some conventions also *fuse* layers that others
 keep apart: BFL's ``img_attn.qkv`` is diffusers' ``to_q``/``to_k``/``to_v`` stacked
 row-wise, a single block's ``linear1`` is q, k, v and the MLP input, and the final
 AdaLN stores (shift, scale) where diffusers stores (scale, shift).
@@ -59,6 +61,14 @@ _GGUF_PY = "gguf-py gguf/tensor_mapping.py TensorNameMap (MODEL_ARCH.LLAMA tenso
 _LLAMA_CPP = "llama.cpp convert_hf_to_gguf.py LlamaModel.permute"
 _TRANSFORMERS = "transformers models/llama/modeling_llama.py LlamaForCausalLM.model"
 _DIFFUSERS_FUSE = "diffusers models/attention_processor.py Attention.fuse_projections"
+_SD_TO_ORIGINAL = "diffusers scripts/convert_diffusers_to_original_stable_diffusion.py "
+_SDXL_TO_ORIGINAL = "diffusers scripts/convert_diffusers_to_original_sdxl.py "
+_SD_VAE = (_SD_TO_ORIGINAL + "vae_conversion_map (inverse: " + _SINGLE_FILE
+           + "convert_ldm_vae_checkpoint)")
+_OPEN_CLIP = (_SDXL_TO_ORIGINAL + "convert_openclip_text_enc_state_dict (inverse: "
+              + _SINGLE_FILE + "convert_open_clip_checkpoint)")
+_DEPRECATED_ATTENTION = ("diffusers models/modeling_utils.py "
+                         "ModelMixin._convert_deprecated_attention_blocks")
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,70 @@ def _family(component: str, source: str, rows: list[tuple[str, str]]) -> list[Re
             source,
         )
         for pattern, canonical in rows
+    ]
+
+
+def _rows(component: str, source: str, rows: list[tuple[str, str]]) -> list[Rename]:
+    """Rows given as full regular expressions (groups referred to as ``\\1``...)."""
+    return [Rename(component, re.compile(p), c, source) for p, c in rows]
+
+
+_VAE_UP_BLOCKS = 4
+"""The VAE decoder's block count in every SD 1.x / 2.x / XL (and Flux) autoencoder:
+the original numbers its up blocks from the bottom, diffusers from the top, and the
+conversion scripts hard-code the four."""
+
+
+def _sd_vae() -> list[Rename]:
+    """The original (ldm) autoencoder's names to diffusers' AutoencoderKL."""
+    rows = [
+        (r"(encoder|decoder)_mid_block_1_(.+)", r"\1_mid_block_resnets_0_\2"),
+        (r"(encoder|decoder)_mid_block_2_(.+)", r"\1_mid_block_resnets_1_\2"),
+        (r"(encoder|decoder)_mid_attn_1_(q|k|v)", r"\1_mid_block_attentions_0_to_\2"),
+        (r"(encoder|decoder)_mid_attn_1_proj_out", r"\1_mid_block_attentions_0_to_out_0"),
+        (r"(encoder|decoder)_mid_attn_1_norm", r"\1_mid_block_attentions_0_group_norm"),
+        (r"(encoder|decoder)_norm_out", r"\1_conv_norm_out"),
+        (r"encoder_down_(\d+)_block_(\d+)_nin_shortcut",
+         r"encoder_down_blocks_\1_resnets_\2_conv_shortcut"),
+        (r"encoder_down_(\d+)_block_(\d+)_(.+)", r"encoder_down_blocks_\1_resnets_\2_\3"),
+        (r"encoder_down_(\d+)_downsample_conv", r"encoder_down_blocks_\1_downsamplers_0_conv"),
+    ]
+    for i in range(_VAE_UP_BLOCKS):
+        j = _VAE_UP_BLOCKS - 1 - i
+        rows += [
+            (rf"decoder_up_{i}_block_(\d+)_nin_shortcut",
+             rf"decoder_up_blocks_{j}_resnets_\1_conv_shortcut"),
+            (rf"decoder_up_{i}_block_(\d+)_(.+)", rf"decoder_up_blocks_{j}_resnets_\1_\2"),
+            (rf"decoder_up_{i}_upsample_conv", rf"decoder_up_blocks_{j}_upsamplers_0_conv"),
+        ]
+    return _rows("vae", _SD_VAE, rows)
+
+
+_RES = "open_clip_transformer_resblocks_N"
+
+
+def _open_clip(component: str) -> list[Rename]:
+    """OpenCLIP's text tower (SD 2.x's only text encoder, SDXL's second) to
+    transformers' CLIPTextModel(WithProjection). Its paths arrive tagged
+    ``open_clip_`` (see :data:`modelhash.fingerprint._keys.PREFIX_CONVENTIONS`);
+    ``in_proj_weight`` is q, k and v stacked, split by :data:`SPLITS`.
+    ``text_projection`` is stored transposed (x @ P against a Linear's P^T) and keeps
+    a name of its own, unpaired, rather than meet its transpose under one key."""
+    return [
+        *_family(component, _OPEN_CLIP, [
+            (f"{_RES}_attn_in_proj_weight", r"encoder_layers_N_self_attn_qkv"),
+            (f"{_RES}_attn_out_proj", r"encoder_layers_N_self_attn_out_proj"),
+            (f"{_RES}_mlp_c_fc", r"encoder_layers_N_mlp_fc1"),
+            (f"{_RES}_mlp_c_proj", r"encoder_layers_N_mlp_fc2"),
+            (f"{_RES}_ln_1", r"encoder_layers_N_layer_norm1"),
+            (f"{_RES}_ln_2", r"encoder_layers_N_layer_norm2"),
+        ]),
+        *_rows(component, _OPEN_CLIP, [
+            (r"open_clip_token_embedding", r"embeddings_token_embedding"),
+            (r"open_clip_positional_embedding", r"embeddings_position_embedding"),
+            (r"open_clip_ln_final", r"final_layer_norm"),
+            (r"open_clip_text_projection", r"text_projection_transposed"),
+        ]),
     ]
 
 
@@ -143,6 +217,19 @@ RENAMES: list[Rename] = [
         (r"y_embedder_mlp_0", r"time_text_embed_text_embedder_linear_1"),
         (r"y_embedder_mlp_2", r"time_text_embed_text_embedder_linear_2"),
     ]),
+    # SD 1.x / 2.x / XL single-file checkpoints: the autoencoder, and OpenCLIP text
+    # encoders (the ldm UNet is rewritten block by block in _keys, as the same
+    # scripts do). A1111 / ComfyUI write these names, and kohya's SDXL LoRAs.
+    *_sd_vae(),
+    *_open_clip("te1"),
+    *_open_clip("te2"),
+    # Autoencoders saved by diffusers before its attention rename.
+    *_rows("vae", _DEPRECATED_ATTENTION, [
+        (r"(.+)_attentions_(\d+)_query", r"\1_attentions_\2_to_q"),
+        (r"(.+)_attentions_(\d+)_key", r"\1_attentions_\2_to_k"),
+        (r"(.+)_attentions_(\d+)_value", r"\1_attentions_\2_to_v"),
+        (r"(.+)_attentions_(\d+)_proj_attn", r"\1_attentions_\2_to_out_0"),
+    ]),
     # Language models: the Hugging Face wrapper word, then llama.cpp's GGUF names.
     Rename("", re.compile(r"model_(layers_\d+_.+|embed_tokens|norm)"), r"\1", _TRANSFORMERS),
     *_family("", _GGUF_PY, [
@@ -202,6 +289,8 @@ _THIRD = "1/3"
 SPLITS: list[Split] = [
     _s(r"(.*)_attn(2?)_to_qkv", [(r"\1_attn\2_to_q", _THIRD), (r"\1_attn\2_to_k", _THIRD),
                                  (r"\1_attn\2_to_v", _THIRD)], _DIFFUSERS_FUSE),
+    _s(r"(.*)_self_attn_qkv", [(r"\1_self_attn_q_proj", _THIRD), (r"\1_self_attn_k_proj", _THIRD),
+                                (r"\1_self_attn_v_proj", _THIRD)], _OPEN_CLIP),
     _s(r"(.*)_attn_to_added_qkv", [(r"\1_attn_add_q_proj", _THIRD), (r"\1_attn_add_k_proj", _THIRD),
                                    (r"\1_attn_add_v_proj", _THIRD)], _DIFFUSERS_FUSE),
     _s(r"(.*)_attn_to_qkv_mlp", [(r"\1_attn_to_q", "n"), (r"\1_attn_to_k", "n"),

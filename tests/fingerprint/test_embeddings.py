@@ -38,6 +38,23 @@ def test_a1111_and_safetensors_name_the_vectors_alike() -> None:
     (pv,) = (t for t in pt.tensors if t.name == "emb_params")
     (sv,) = st.tensors
     assert (pv.name, pv.dtype, pv.shape, pv.blake3) == (sv.name, sv.dtype, sv.shape, sv.blake3)
+    # The placeholder's token id is bookkeeping: the two files hold one embedding.
+    assert pt.content == st.content
+
+
+def test_only_the_placeholder_token_id_is_left_out_of_the_content_hash(tmp_path: Path) -> None:
+    v = vector()
+    plain = fingerprint_file(EMB / "emb.safetensors").content
+    cases = {
+        "token id": ({"emb_params": v, "emb_token": np.array(265, dtype=np.int64)}, True),
+        "float emb_token": ({"emb_params": v, "emb_token": np.array([265.0], dtype=np.float32)}, False),
+        "several ids": ({"emb_params": v, "emb_token": np.array([265, 266], dtype=np.int64)}, False),
+        "no vectors": ({"emb_params_x": v, "emb_token": np.array(265, dtype=np.int64)}, False),
+        "other vectors": ({"emb_params": v + 1, "emb_token": np.array(265, dtype=np.int64)}, False),
+    }
+    for name, (tensors, same) in cases.items():
+        save_file(tensors, str(tmp_path / "e.safetensors"))
+        assert (fingerprint_file(tmp_path / "e.safetensors").content == plain) is same, name
 
 
 @pytest.mark.parametrize("form", ["pt", "f16", "bf16_like", "sdxl_clip_l"])
