@@ -239,3 +239,58 @@ def test_norm_folding_uses_the_norm_stored_after_the_matrix(tmp_path: Path) -> N
     down = sd["model.layers.0.mlp.down_proj.weight"].astype(np.float64)
     assert np.allclose(got.invariant.items[":layers_0_mlp_down_proj"].values, spectrum(down),
                        rtol=1e-6)
+
+
+def _sk(tmp_path: Path, name: str, sd: dict[str, np.ndarray]) -> Sketch:
+    from tests.utils.sketch_models import sketch_of, write
+
+    return sketch_of(write(tmp_path, name, sd))
+
+
+def test_match_falls_back_to_the_invariant_layer_only_when_the_delta_is_thin(
+    tmp_path: Path,
+) -> None:
+    from modelhash.fingerprint import delta_sketch, match, shared_direction
+    from tests.utils.invariant_models import disguise, finetune, llama, plus
+
+    b = llama(10)
+    df, dg = finetune(b, 11), finetune(b, 12)
+    sk = {name: _sk(tmp_path, name, sd) for name, sd in {
+        "base": b, "f": plus(b, (1, df)), "f_disguised": disguise(plus(b, (1, df)), 1),
+        "f_disguised16": {k: v.astype(np.float16)
+                          for k, v in disguise(plus(b, (1, df)), 2).items()},
+        "g_disguised": disguise(plus(b, (1, dg)), 1),
+        "base_disguised": disguise(b, 1),
+        "merge_disguised": disguise(plus(b, (0.5, df), (0.5, dg)), 3),
+        "stranger_disguised": disguise(llama(99), 1),
+        **{f"ref{i}": plus(b, (1, finetune(b, 20 + i))) for i in range(5)},
+    }.items()}
+    base = sk["base"]
+    flagged = delta_sketch(sk["f"], base)[0]
+    flagged.invariant = sk["f"].invariant
+
+    def verdict(name: str, shared: Sketch | None = None) -> tuple[str, dict[str, object]] | None:
+        m = match(sk[name], flagged, base, base_name="b", shared=shared)
+        return None if m is None else (m.match, m.evidence)
+
+    got = verdict("f")
+    assert got is not None and got[1]["layer"] == "sketch"  # the ordinary delta decides
+    for name in ("f_disguised", "f_disguised16"):
+        got = verdict(name)
+        assert got is not None and got[0] == "near-duplicate", name
+        ev = got[1]
+        assert ev["invariant"] is True and ev["layer"] == "invariant"
+        assert float(ev["cosine"]) > 0.95 and 0.8 < float(ev["coefficient"]) < 1.25  # type: ignore[arg-type]
+    for name in ("g_disguised", "base_disguised", "stranger_disguised"):
+        assert verdict(name) is None, name
+    # A merge is reported only once references teach what fine-tunes share.
+    assert verdict("merge_disguised") is None
+    shared = shared_direction([sk[f"ref{i}"] for i in range(5)], base)
+    assert shared is not None and shared.invariant is not None
+    got = verdict("merge_disguised", shared)
+    assert got is not None and got[0] == "derived" and got[1]["invariant"] is True
+    for name in ("g_disguised", "base_disguised", "stranger_disguised"):
+        assert verdict(name, shared) is None, name
+    # Without the flag's invariant layer (an old stored blob) nothing changes.
+    flagged.invariant = None
+    assert verdict("f_disguised") is None
