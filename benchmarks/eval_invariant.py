@@ -420,10 +420,16 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, help="build into this folder, or reuse what an "
                     "earlier run built there (to re-score without re-training)")
     args = ap.parse_args()
+    run(args.replicates, args.steps, args.families, verbose=args.verbose, keep=args.keep)
+
+
+def run(replicates: int, steps: int, families: list[str], *, verbose: bool = False,
+        keep: Path | None = None) -> None:
+    """Build (or reuse, from ``keep``), score and print every case."""
     torch.set_num_threads(2)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        work = args.keep or Path(tmp)
+        work = keep or Path(tmp)
         manifest = work / "manifest.json"
         cases: list[Case] = []
         flagged: dict[str, Path] = {}
@@ -432,16 +438,16 @@ def main() -> None:
         if manifest.exists():
             m = json.loads(manifest.read_text())
             cases = [Case(c[0], c[1], Path(c[2]), c[3], c[4]) for c in m["cases"]
-                     if c[0] in args.families]
+                     if c[0] in families]
             flagged = {k: Path(v) for k, v in m["flagged"].items()}
-            bases = {k: Path(v) for k, v in m["bases"].items() if k in args.families}
+            bases = {k: Path(v) for k, v in m["bases"].items() if k in families}
             refs = {k: [Path(p) for p in v] for k, v in m["refs"].items()}
             print(f"reusing the models built in {work}")
         else:
             work.mkdir(parents=True, exist_ok=True)
-            for fam in args.families:
+            for fam in families:
                 refs[fam] = []
-                bases[fam], worst = build(fam, work, args.replicates, args.steps, cases,
+                bases[fam], worst = build(fam, work, replicates, steps, cases,
                                           flagged, refs[fam])
                 print(f"{fam}: largest relative output change made by a transformation: "
                       f"{worst:.1e}")
@@ -474,7 +480,7 @@ def main() -> None:
                       if with_refs else None for fam in bases}
             print(f"\n== {'with' if with_refs else 'without'} references "
                   f"({N_REFS if with_refs else 0} known-innocent fine-tunes per family)")
-            score(cases, sk, base_sk, stored, shared, args.verbose)
+            score(cases, sk, base_sk, stored, shared, verbose)
         print(f"\nbuilt in {built:.0f} s, scored in {time.perf_counter() - t0 - built:.0f} s "
               f"({len(cache)} files)")
 
