@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from modelhash.errors import MalformedFileError
 from modelhash.fingerprint._dequant import DECODERS
@@ -157,6 +158,12 @@ class Measurer:
 
     def finish(self) -> tuple[Spectra, list[str]]:
         """The invariant layer, and a note for whatever was skipped."""
+        # One BLAS thread: the matrices are small, and on a busy machine extra BLAS
+        # threads spin for more CPU than they save.
+        with threadpool_limits(limits=1, user_api="blas"):
+            return self._finish()
+
+    def _finish(self) -> tuple[Spectra, list[str]]:
         norms: dict[str, np.ndarray] = {}
         for nk, full in self._norms.items():
             v = self._values(full)
