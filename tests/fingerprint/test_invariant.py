@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -294,3 +295,57 @@ def test_match_falls_back_to_the_invariant_layer_only_when_the_delta_is_thin(
     # Without the flag's invariant layer (an old stored blob) nothing changes.
     flagged.invariant = None
     assert verdict("f_disguised") is None
+
+
+def test_a_streamed_upload_measures_what_the_file_does(tmp_path: Path) -> None:
+    from modelhash._stream import Body, fingerprint_body
+
+    rng = np.random.default_rng(6)
+    sd = _llama(rng)
+    # The norms sort after some of the matrices that read them: a stream cannot go back.
+    path = tmp_path / "m.safetensors"
+    save_file({k: v.astype(np.float16) for k, v in sd.items()}, str(path))
+    data = path.read_bytes()
+
+    def chunks() -> Iterator[bytes]:
+        at = 0
+        while at < len(data):
+            n = int(rng.integers(1, 5000))
+            yield data[at : at + n]
+            at += n
+
+    out = fingerprint_body(Body(chunks(), path.name, len(data)))
+    assert out.fingerprint is not None and out.fingerprint.sketch is not None
+    streamed = out.fingerprint.sketch.invariant
+    whole = fingerprint_file(path).sketch
+    assert whole is not None and whole.invariant is not None and streamed is not None
+    assert set(streamed.items) == set(whole.invariant.items)
+    for key, s in whole.invariant.items.items():
+        assert np.array_equal(streamed.items[key].values, s.values)
+
+
+def test_a_fused_matrix_is_measured_per_canonical_module(tmp_path: Path) -> None:
+    """Flux's fused qkv (BFL names) against diffusers' separate q, k, v; and the final
+    AdaLN whose (shift, scale) halves are stored swapped: the same spectra."""
+    rng = np.random.default_rng(8)
+    d = 32
+    q, k, v = (rng.standard_normal((d, d)).astype(np.float32) for _ in range(3))
+    shift, scale = (rng.standard_normal((d, 4 * d)).astype(np.float32) for _ in range(2))
+    save_file({"double_blocks.0.img_attn.qkv.weight": np.concatenate([q, k, v]),
+               "final_layer.adaLN_modulation.1.weight": np.concatenate([shift, scale])},
+              str(tmp_path / "bfl.safetensors"))
+    save_file({"transformer.transformer_blocks.0.attn.to_q.weight": q,
+               "transformer.transformer_blocks.0.attn.to_k.weight": k,
+               "transformer.transformer_blocks.0.attn.to_v.weight": v,
+               "transformer.norm_out.linear.weight": np.concatenate([scale, shift])},
+              str(tmp_path / "diffusers.safetensors"))
+    a = fingerprint_file(tmp_path / "bfl.safetensors").sketch
+    b = fingerprint_file(tmp_path / "diffusers.safetensors").sketch
+    assert a is not None and b is not None and a.invariant is not None
+    assert b.invariant is not None
+    assert set(a.invariant.items) == set(b.invariant.items)
+    assert "unet:transformer_blocks_0_attn_to_k" in a.invariant.items
+    for key, s in b.invariant.items.items():
+        assert np.allclose(a.invariant.items[key].values, s.values, rtol=1e-9)
+    assert np.allclose(a.invariant.items["unet:transformer_blocks_0_attn_to_k"].values,
+                       spectrum(k.astype(np.float64)), rtol=1e-9)
