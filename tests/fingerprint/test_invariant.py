@@ -349,3 +349,17 @@ def test_a_fused_matrix_is_measured_per_canonical_module(tmp_path: Path) -> None
         assert np.allclose(a.invariant.items[key].values, s.values, rtol=1e-9)
     assert np.allclose(a.invariant.items["unet:transformer_blocks_0_attn_to_k"].values,
                        spectrum(k.astype(np.float64)), rtol=1e-9)
+
+
+def test_the_wire_carries_the_layer_and_refuses_a_bad_section_plainly() -> None:
+    import base64
+
+    from modelhash.wire import decode_sketch, encode_sketch
+
+    sketch = _sketch(_spectra())
+    back = decode_sketch(encode_sketch(sketch))
+    assert back.invariant is not None and set(back.invariant.items) == {"a:x", "b:y"}
+    body = zlib.decompress(sketch.to_bytes()[6:])
+    bad = base64.b64encode(_reblob(3, body[:-7])).decode("ascii")
+    with pytest.raises(ValueError, match=r"^sketch: .*invariant section"):
+        decode_sketch(bad)

@@ -103,3 +103,12 @@ def test_disguised_copies_match_on_the_invariant_layer(
     for name in ("g_disguised", "base_disguised", "stranger_disguised"):
         assert found(name) == {}, name
     assert found("f_disguised")[f_id][0] == "near-duplicate"
+
+
+def test_the_fast_blob_reader_skips_the_invariant_section() -> None:
+    from modelhash.registry.crud._stacked import stack_blob
+    from tests.fingerprint.test_invariant import _sketch, _spectra
+
+    v2, v3 = stack_blob(_sketch(None).to_bytes()), stack_blob(_sketch(_spectra()).to_bytes())
+    assert v2.rows == v3.rows and v2.shapes == v3.shapes
+    assert np.array_equal(v2.values, v3.values)
