@@ -22,6 +22,9 @@ Two families:
 
     python benchmarks/eval_derivatives.py [--replicates 5] [--steps 40] [--families flux]
 
+``--invariant`` then runs ``benchmarks/eval_invariant.py``: permuted, rotated and
+rescaled re-uploads of the sd and llm families, which the invariant layer catches.
+
 Needs torch, transformers, diffusers, peft and gguf; never downloads weights.
 """
 
@@ -603,6 +606,9 @@ def main() -> None:
     ap.add_argument("--families", nargs="+", default=["sd", "llm", "flux"],
                     choices=["sd", "llm", "flux"], help="families to build (default: all)")
     ap.add_argument("--keep", metavar="DIR", help="build the models in DIR (must not hold an earlier run) and keep them")
+    ap.add_argument("--invariant", action="store_true",
+                    help="then run benchmarks/eval_invariant.py (permutations, rotations and "
+                    "rescalings of the sd and llm families) with the same replicates and steps")
     args = ap.parse_args()
     fams = set(args.families)
     t0 = time.perf_counter()
@@ -679,6 +685,8 @@ def main() -> None:
             s = sk(p)
             fam = key.split(":")[0].rstrip("0123456789")
             stored[key] = delta_sketch(s, base_sk[fam])[0] if s.kind == "model" else s
+            if s.kind == "model":  # the registry keeps the flag's invariant layer with it
+                stored[key].invariant = s.invariant
         pairing(cases, sk, base_sk)
         rows = []
         for c in cases:
@@ -696,6 +704,10 @@ def main() -> None:
         report(rows, args.replicates, built, scored, len(sketches), shared_removed=args.references >= THRESHOLDS.shared_min_samples)
         if not args.no_registry:
             registry_pass(work, bases, refs, flagged, cases, sk, summaries, rows, args.verbose)
+    if args.invariant:
+        from eval_invariant import run
+
+        run(args.replicates, args.steps, [f for f in args.families if f in ("sd", "llm")])
 
 
 def registry_pass(work: Path, bases: dict[str, Path], refs: dict[str, list[Path]],

@@ -7,6 +7,10 @@ stored sketch size (``Sketch.to_bytes()``, what the registry keeps per flag or
 base) next to the file size.
 
     python benchmarks/sketch_size.py [--models sd15,sdxl-unet,llama-1b]
+    python benchmarks/sketch_size.py --invariant-plan   # shapes only, no files
+
+``--invariant-plan`` prints, from the shapes alone, which matrices the invariant
+layer measures, its stored bytes and the multiply-adds it spends.
 
 Needs torch, diffusers and transformers (for the shapes only) and about 2x the
 largest model's fp16 size in free memory and temporary disk.
@@ -18,6 +22,7 @@ import argparse
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -89,10 +94,45 @@ MODELS: dict[str, Callable[[], dict[str, tuple[int, ...]]]] = {
 }
 
 
+def invariant_plan(name: str, shapes: dict[str, tuple[int, ...]]) -> None:
+    """The invariant layer's selection for one architecture, as one file of it."""
+    from modelhash.fingerprint._invariant import TOP, Candidate, Spectra, Spectrum, cost, select
+    from modelhash.fingerprint._keys import module_key, tensor_module
+    from modelhash.fingerprint._layouts import pieces
+    from modelhash.fingerprint._project import matrix_shape
+
+    cands: list[Candidate] = []
+    elements = 0
+    for k, shape in shapes.items():
+        mn = matrix_shape(shape)
+        if mn is None:
+            continue
+        elements += mn[0] * mn[1]
+        for p in pieces(module_key(tensor_module(k)), *mn):
+            cands.append(Candidate(p.key, p.rows, mn[1]))
+    chosen = select(cands, elements)
+    kept = {c.key: c for c in cands if c.key in chosen}
+    rng = np.random.default_rng(0)
+    spectra = Spectra({k: Spectrum(k, (c.rows, c.cols), np.sort(rng.random(min(TOP, c.rows, c.cols)))[::-1])
+                       for k, c in kept.items()})
+    macs = sum(cost(c.rows, c.cols) for c in kept.values())
+    section = spectra.to_section()
+    print(f"{name:12} {len(cands):6} matrices, {len(kept):4} measured, "
+          f"{len(section) / 1024:6.1f} KB ({len(zlib.compress(section, 6)) / 1024:5.1f} KB "
+          "compressed) added to the sketch blob, "
+          f"{macs / 1e9:6.2f} G multiply-adds")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="sd15,llama-1b")
+    ap.add_argument("--invariant-plan", action="store_true",
+                    help="print the invariant layer's selection from the shapes only")
     args = ap.parse_args()
+    if args.invariant_plan:
+        for name in args.models.split(","):
+            invariant_plan(name, MODELS[name]())
+        return
     from safetensors.numpy import save_file
 
     rng = np.random.default_rng(0)

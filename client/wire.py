@@ -425,6 +425,11 @@ class MatchEvidence(_Wire):
     and ``blocks``: where in the model the flagged delta sits, one entry per part of a
     block in model order (``component``, ``block``, ``label``, ``part``, ``tensors``,
     ``cosine``, ``coefficient``, ``share`` of the flagged delta, ``upload_share``).
+    For ``layer: invariant`` (the upload's tensors did not line up with the base's,
+    as after a permutation of its units, and its singular values decided),
+    ``invariant`` is true and the scores are the invariant layer's own (``cosine``,
+    ``coefficient``, ``z``, ``matrices_compared``), with ``sketch`` holding what the
+    sketch layer could still compare.
     """
 
     model_config = ConfigDict(extra="allow")

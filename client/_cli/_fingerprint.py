@@ -74,6 +74,8 @@ def _print_human(o: Outcome) -> None:
         sk = fp.sketch
         click.echo(f"  sketch        {sk.algorithm}, {sk.kind}, {len(sk)} tensors, "
                    f"{len(sk.to_bytes()):,} bytes")
+        if sk.invariant is not None:
+            click.echo(f"  invariant     {sk.invariant.algorithm}, {len(sk.invariant)} matrices")
     for note in fp.notes:
         click.echo(f"  note          {safe_text(note)}")
 

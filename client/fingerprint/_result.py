@@ -171,4 +171,7 @@ def sketch_json(sketch: Sketch) -> dict[str, Any]:
         "bytes": len(blob),
         "blob": base64.b64encode(blob).decode("ascii"),
         "bands": [f"{k:08x}" for k in sketch.band_keys()],
+        **({"invariant": {"algorithm": sketch.invariant.algorithm,
+                          "matrices": len(sketch.invariant)}}
+           if sketch.invariant is not None else {}),
     }

@@ -50,6 +50,14 @@ import numpy as np
 import numpy.typing as npt
 
 from modelhash.fingerprint._blocks import BlockName, block_of
+from modelhash.fingerprint._robust import (
+    INVARIANT_THRESHOLDS,
+    match_invariant,
+    shared_shift,
+)
+from modelhash.fingerprint._robust import (
+    base_distance as spectral_distance,
+)
 from modelhash.fingerprint._sketch import Sketch, TensorSketch
 
 __all__ = [
@@ -228,6 +236,8 @@ class Comparison:
     shared_removed: bool = False
     flagged_base_distance: float | None = None
     blocks: tuple[BlockScore, ...] = ()
+    coverage: float = 0.0
+    """Share of the flagged delta's energy on the tensors compared (0 when none)."""
 
 
 @dataclass(frozen=True)
@@ -396,14 +406,20 @@ def shared_direction(
         for key, v in vecs.items():
             sums[key] = sums.get(key, 0.0) + v / norm
             counts[key] = counts.get(key, 0) + 1
+    invariant = None
+    if base.invariant is not None:
+        invariant = shared_shift(
+            [s.invariant for s in samples if s.kind == "model" and s.invariant is not None],
+            base.invariant, thresholds.shared_min_samples,
+        )
     if used < thresholds.shared_min_samples:
-        return None
+        return Sketch("delta", {}, invariant=invariant) if invariant is not None else None
     return Sketch("delta", {
         k: TensorSketch(k, base.tensors[k].shape, (sums[k] / counts[k]).reshape(
             base.tensors[k].values.shape
         ))
         for k in sums
-    })
+    }, invariant=invariant)
 
 
 def _without(vecs: dict[str, F64], shared: Sketch, keys: list[str]) -> dict[str, F64]:
@@ -443,12 +459,18 @@ def compare(
     fvs: dict[str, F64] = {}
     uvs: dict[str, F64] = {}
     dofs: dict[str, float] = {}
+    energy = covered = 0.0
     for key, f in df.tensors.items():
-        u = du.tensors.get(key)
-        if u is None or u.shape != f.shape or not scored(key):
+        if not scored(key):
             continue
         b = base.tensors.get(key) if base is not None else None
-        fvs[key] = _orthogonal(_flat(f), b, f.shape)
+        fv = _orthogonal(_flat(f), b, f.shape)
+        energy += float(fv @ fv)
+        u = du.tensors.get(key)
+        if u is None or u.shape != f.shape:
+            continue
+        covered += float(fv @ fv)
+        fvs[key] = fv
         uvs[key] = _orthogonal(_flat(u), b, f.shape)
         dofs[key] = f.dof
     # The shared direction is removed only where it covers most of the compared
@@ -503,6 +525,7 @@ def compare(
         shared_removed=removed,
         flagged_base_distance=flag_dist,
         blocks=_blocks(per_block, ff),
+        coverage=covered / energy if energy > 0 else 0.0,
     )
 
 
@@ -588,7 +611,44 @@ def match(
     ):
         kind = "lora" if upload.kind == "lora" else "near-duplicate"
         return Match(kind, 1.0 - c.raw_distance, _evidence(c))
-    return None
+    return _invariant_match(upload, flagged, base, c, base_name, thresholds, shared)
+
+
+def _invariant_match(
+    upload: Sketch, flagged: Sketch, base: Sketch | None, c: Comparison,
+    base_name: str | None, thresholds: Thresholds, shared: Sketch | None,
+) -> Match | None:
+    """The invariant layer's verdict, when the sketch delta is thin (see
+    :mod:`modelhash.fingerprint._robust`): the upload's tensors did not line up
+    with the base's, as after a permutation or rotation of its units."""
+    ti = INVARIANT_THRESHOLDS
+    if (upload.kind != "model" or flagged.kind == "lora" or upload.invariant is None
+            or flagged.invariant is None):
+        return None
+    if base is not None:
+        if base.invariant is None:
+            return None
+        spectral = spectral_distance(upload.invariant, base.invariant)
+        trusted = c.base_distance is not None and c.base_distance <= ti.sketch_ratio * spectral
+        if c.coverage >= ti.thin_coverage and trusted:
+            return None
+    if base is None and c.raw_coverage >= thresholds.raw_coverage:
+        return None
+    algorithms = {upload.invariant.algorithm, flagged.invariant.algorithm}
+    if base is not None and base.invariant is not None:
+        algorithms.add(base.invariant.algorithm)
+    if len(algorithms) != 1:
+        return None
+    got = match_invariant(
+        upload.invariant, flagged.invariant, base.invariant if base is not None else None,
+        shared=shared.invariant if shared is not None else None,
+    )
+    if got is None:
+        return None
+    kind, score, ic = got
+    evidence = {**ic.evidence(), "base": base_name,
+                "sketch": {"tensors_compared": c.tensors, "coverage": round(c.coverage, 3)}}
+    return Match(kind, score, evidence)
 
 
 def _evidence(c: Comparison) -> dict[str, Any]:

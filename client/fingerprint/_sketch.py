@@ -18,7 +18,10 @@ float32 for raw ``model`` sketches (version 2): a fine-tune's delta is 1e-4 to 1
 of the weights, and is computed as the difference of two raw sketches, so their
 rounding must stay far below that, or the rounding of one base's sketch, common to
 every delta taken from it, would make unrelated fine-tunes of it correlate.
-Version 1 blobs (float16 throughout) are still read.
+Version 1 blobs (float16 throughout) are still read. Version 3 is version 2 followed
+by the invariant layer (:class:`~modelhash.fingerprint._invariant.Spectra`, with its
+own algorithm name), inside the same zlib stream; it is written only when a sketch
+carries that layer, so a sketch without it is still a version 2 blob.
 
 :meth:`Sketch.band_keys` gives locality-sensitive band keys for candidate retrieval
 in SQL: sign bits of random hyperplanes through the sum of all sketches, each
@@ -40,6 +43,7 @@ import blake3
 import numpy as np
 import numpy.typing as npt
 
+from modelhash.fingerprint._invariant import Spectra
 from modelhash.fingerprint._project import K
 
 __all__ = ["SKETCH_ALGORITHM", "Sketch", "TensorSketch", "band_keys"]
@@ -47,12 +51,15 @@ __all__ = ["SKETCH_ALGORITHM", "Sketch", "TensorSketch", "band_keys"]
 SKETCH_ALGORITHM = f"sketch-rademacher-k{K}-v1"
 MAGIC = b"MHSK"
 VERSION = 2
-VERSIONS = (1, 2)
+VERSION_INVARIANT = 3
+VERSIONS = (1, 2, 3)
 
 
 def value_dtype(version: int, kind: str) -> str:
     """The numpy dtype of stored values in a blob of ``version`` and ``kind``."""
     return "<f4" if version >= 2 and kind == "model" else "<f2"
+
+
 KINDS = ("model", "lora", "delta")
 BANDS = 16
 ROWS = 16
@@ -84,6 +91,8 @@ class Sketch:
     tensors: dict[str, TensorSketch]
     algorithm: str = SKETCH_ALGORITHM
     notes: list[str] = field(default_factory=list)
+    invariant: Spectra | None = None
+    """The invariant layer measured in the same read (None if it was not)."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -99,9 +108,12 @@ class Sketch:
         """The stored form (see the module docstring).
 
         ``precision`` (``f16`` or ``f32``) overrides the kind's value precision, for
-        measuring what storage costs; ``f16`` writes a version 1 blob.
+        measuring what storage costs; ``f16`` writes a version 1 blob (without the
+        invariant layer).
         """
         version = {None: VERSION, "f32": VERSION, "f16": 1}[precision]
+        if version == VERSION and self.invariant is not None:
+            version = VERSION_INVARIANT
         dtype = value_dtype(version, self.kind)
         if precision == "f32" and dtype != "<f4":
             raise ValueError(f"{self.kind} sketches are stored at float16")
@@ -120,6 +132,9 @@ class Sketch:
             body += struct.pack("<H", len(key)) + key
             body += struct.pack("<IIf", t.shape[0], t.shape[1], scale)
             body += (t.values / float(scale)).astype(dtype).tobytes()
+        if version == VERSION_INVARIANT:
+            assert self.invariant is not None
+            body += self.invariant.to_section()
         payload = zlib.compress(bytes(body), 6) if compress else bytes(body)
         return MAGIC + struct.pack("<BB", version, int(compress)) + payload
 
@@ -167,9 +182,12 @@ class Sketch:
             m, n, scale = struct.unpack("<IIf", take(12))
             vals = np.frombuffer(take(dtype.itemsize * K * K), dtype=dtype).astype(np.float64)
             tensors[key] = TensorSketch(key, (m, n), vals.reshape(K, K) * scale)
-        if pos != len(body):
+        invariant = None
+        if version == VERSION_INVARIANT:
+            invariant = Spectra.from_section(body[pos:])
+        elif pos != len(body):
             raise ValueError("trailing bytes after the sketch")
-        return cls(KINDS[kind_i], tensors, algorithm=alg)
+        return cls(KINDS[kind_i], tensors, algorithm=alg, invariant=invariant)
 
     def band_keys(self) -> list[int]:
         """LSH band keys of this sketch (see :func:`band_keys`)."""

@@ -38,6 +38,7 @@ from modelhash.fingerprint._lora import (
     group_lora,
     sketch_group,
 )
+from modelhash.fingerprint._measure import Measurer
 from modelhash.fingerprint._model import ParsedFile, TensorRecord, numel
 from modelhash.fingerprint._pass import Work
 from modelhash.fingerprint._project import F32, SketchJob, SketchWork, decoder_for, merged
@@ -131,6 +132,8 @@ class Sketcher:
         self._kept: dict[str, bytearray] = {}
         self._adapter_bytes = 0
         self._sidecar: bytes | None = None
+        # The invariant layer, measured in the same read (checkpoints only).
+        self.measurer = None if self.adapter or self.embedding else Measurer(self.metadata)
 
     def work(
         self, pf: ParsedFile, names: list[str], prefix: str, folder: Path | None = None
@@ -193,7 +196,11 @@ class Sketcher:
                     jobs[s].append(job)
         before = kept if kept.spans else None
         works = [SketchWork(js, before) for js in jobs if js]
-        return [Work(w, w.cost(pf.size)) for w in works]
+        out = [Work(w, w.cost(pf.size)) for w in works]
+        if self.measurer is not None:
+            measure = self.measurer.work(pf, names, prefix, set(named) | scale_tensors)
+            out.extend([measure] if measure is not None else [])
+        return out
 
     def _budgeted(
         self, scales: dict[str, str], by_name: Mapping[str, TensorRecord]
@@ -239,6 +246,8 @@ class Sketcher:
         """Finish ``pf``: collect the pass's sketches and decode materialised tensors."""
         if self.adapter:
             return
+        if self.measurer is not None:
+            self.measurer.after_pass(pf)
         for key, parts in self._jobs:
             self._add(key, parts)
         self._jobs.clear()
@@ -326,7 +335,12 @@ class Sketcher:
         if self.skipped:
             what = ", ".join(f"{n} ({why})" for why, n in sorted(self.skipped.items()))
             notes.append(f"sketch: tensors skipped: {what}")
-        return Sketch("lora" if self.adapter else "model", self.tensors, notes=notes)
+        invariant = None
+        if self.measurer is not None:
+            invariant, more = self.measurer.finish()
+            notes.extend(more)
+        return Sketch("lora" if self.adapter else "model", self.tensors, notes=notes,
+                      invariant=invariant or None)
 
     def _finish_adapter(self, notes: list[str]) -> None:
         groups, _ = group_lora(list(self._parts))

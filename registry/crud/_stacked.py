@@ -82,7 +82,8 @@ def stack_blob(blob: bytes) -> Stacked:
             pos += width
     except (IndexError, struct.error, UnicodeDecodeError):
         raise ValueError("truncated sketch") from None
-    if pos != len(body):
+    # A version 3 blob carries the invariant layer after the tensors.
+    if pos > len(body) or (pos != len(body) and blob[4] != 3):
         raise ValueError("malformed sketch")
     raw = np.frombuffer(body, dtype=np.uint8)
     gathered = raw[offsets[:, None] + np.arange(width)].copy()

@@ -63,6 +63,8 @@ from sqlalchemy import Engine, func
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
+from modelhash.fingerprint._robust import INVARIANT_THRESHOLDS
+from modelhash.fingerprint._robust import base_distance as spectral_distance
 from modelhash.fingerprint._similarity import (
     THRESHOLDS,
     compare,
@@ -575,6 +577,7 @@ def prepare_flag_sketch(session: Session, sketch: Sketch) -> PreparedSketch:
             nearest = (base_rank(delta, dist), base_id, delta, dist)
     if nearest is not None:
         _rank, base_id, delta, dist = nearest
+        delta.invariant = sketch.invariant  # the flag's own spectra, for _invariant_scan
         sig = signature(delta, bases[base_id][1])
         if sig is not None:
             return PreparedSketch(
@@ -694,6 +697,7 @@ def rebase_flag_sketches(session: Session, *, base_id: str, base: Sketch) -> int
                                               modules=keys_digest(keys))
         else:
             delta, dist = delta_sketch(sketch, base)
+            delta.invariant = sketch.invariant
             sig = signature(delta, base) if len(delta) else None
             if dist <= THRESHOLDS.base_distance and sig:
                 prepared = PreparedSketch(kind="delta", base_id=base_id,
@@ -883,8 +887,22 @@ def find_matches(
         .limit(top_k)
     )
     candidates.update(int(s) for s in banded)
-    if not candidates:
-        return []
+    skip = set(exclude)
+    best: dict[str, SketchHit] = {}
+    if candidates:
+        _verify_candidates(session, upload, snap, deltas, candidates, verify_with, skip, best)
+    for hit in _invariant_scan(session, upload, snap, deltas, skip | set(best), candidates):
+        best[hit.flag_id] = hit
+    return sorted(best.values(), key=lambda h: -h.verdict.score)
+
+
+def _verify_candidates(
+    session: Session, upload: Sketch, snap: Snapshot, deltas: _UploadDeltas,
+    candidates: set[int], verify_with: dict[int, str], skip: set[str],
+    best: dict[str, SketchHit],
+) -> None:
+    """Verify the retrieved candidates with the client's own verifier, into ``best``."""
+    bases = snap.bases
     rows = session.execute(
         sa_select(
             col(SketchRow.id), col(SketchRow.kind), col(SketchRow.base_id),
@@ -898,10 +916,8 @@ def find_matches(
             col(Flag.status) != "revoked",
         )
     )
-    skip = set(exclude)
     # Every delta verdict needs at least this pooled cosine (see Thresholds).
     least = min(THRESHOLDS.cosine, THRESHOLDS.carried_cosine) * PREFILTER_MARGIN
-    best: dict[str, SketchHit] = {}
     for sid, kind, row_base, blob, flag_id, category, severity, status in rows:
         if flag_id in skip:
             continue
@@ -938,4 +954,87 @@ def find_matches(
         prev = best.get(flag_id)
         if prev is None or verdict.score > prev.verdict.score:
             best[flag_id] = SketchHit(flag_id, category, severity, status, verdict)
-    return sorted(best.values(), key=lambda h: -h.verdict.score)
+
+
+def _invariant_base(upload: Sketch, bases: dict[str, tuple[str, Sketch]]) -> str | None:
+    """The base the upload's spectra are nearest to, within the invariant layer's
+    ``base_distance``."""
+    if upload.invariant is None:
+        return None
+    near: list[tuple[float, str]] = []
+    for base_id, (_name, b) in bases.items():
+        if b.invariant is not None and b.invariant.algorithm == upload.invariant.algorithm:
+            d = spectral_distance(upload.invariant, b.invariant)
+            if d <= INVARIANT_THRESHOLDS.base_distance:
+                near.append((d, base_id))
+    return min(near)[1] if near else None
+
+
+def _thin(upload: Sketch, base: Sketch, deltas: _UploadDeltas, base_id: str) -> bool:
+    """Whether the upload's sketch delta from ``base`` is missing or thin: few of the
+    base's scored tensors aligned, or moved far more than the spectra (see
+    :class:`~modelhash.fingerprint._robust.InvariantThresholds`)."""
+    found = deltas._compute(base_id)
+    if found is None:
+        return True
+    delta, dist = found
+    assert upload.invariant is not None and base.invariant is not None
+    aligned = sum(1 for k in delta.tensors if scored(k))
+    total = sum(1 for k in base.tensors if scored(k))
+    t = INVARIANT_THRESHOLDS
+    spectral = spectral_distance(upload.invariant, base.invariant)
+    return aligned < t.thin_coverage * total or dist > t.sketch_ratio * spectral
+
+
+def _invariant_scan(
+    session: Session, upload: Sketch, snap: Snapshot, deltas: _UploadDeltas,
+    skip: set[str], seen: set[int],
+) -> list[SketchHit]:
+    """Matches on the invariant layer, for an upload whose sketch delta is thin.
+
+    Its tensors did not line up with any base's (its units were permuted, its
+    residual stream rotated, its scales moved), so the signature banks cannot
+    retrieve its flags. The base is found from the spectra instead, and every
+    unrevoked flag stored as a delta from that base whose blob carries the
+    invariant layer is verified. This is linear in the flags on that base, and runs
+    only for such uploads.
+    """
+    if upload.kind != "model" or upload.invariant is None:
+        return []
+    base_id = _invariant_base(upload, snap.bases)
+    if base_id is None:
+        return []
+    name, base = snap.bases[base_id]
+    if not _thin(upload, base, deltas, base_id):
+        return []
+    rows = session.execute(
+        sa_select(
+            col(SketchRow.id), col(SketchRow.blob), col(Flag.id), col(Flag.category),
+            col(Flag.severity), col(Flag.status),
+        )
+        .join(Flag, col(Flag.id) == col(SketchRow.owner_id))
+        .where(
+            col(SketchRow.owner_type) == "flag",
+            col(SketchRow.base_id) == base_id,
+            col(SketchRow.kind) == "delta",
+            col(Flag.status) != "revoked",
+        )
+        .order_by(col(SketchRow.id))
+    )
+    shared = snap.shared.get(base_id, "model")
+    out: dict[str, SketchHit] = {}
+    for sid, blob, flag_id, category, severity, status in rows:
+        if flag_id in skip or int(sid) in seen or blob[4:5] != b"\x03":
+            continue
+        try:
+            flagged = _DECODED.get(int(sid), blob)
+            verdict = verify(upload, flagged, base, base_name=name, shared=shared)
+        except Exception:
+            _log.exception("sketch %s of flag %s could not be compared; skipped", sid, flag_id)
+            continue
+        if verdict is None or not verdict.evidence.get("invariant"):
+            continue
+        prev = out.get(flag_id)
+        if prev is None or verdict.score > prev.verdict.score:
+            out[flag_id] = SketchHit(flag_id, category, severity, status, verdict)
+    return list(out.values())

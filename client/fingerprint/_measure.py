@@ -1,0 +1,210 @@
+"""Measure the invariant layer during the one read of a model.
+
+:class:`Measurer` is given each parsed file before its pass, like the sketcher,
+and returns one :class:`~modelhash.fingerprint._pass.Work` item that keeps the
+bytes of the matrices :func:`~modelhash.fingerprint._invariant.select` picks (and
+of the norms folded into them) as they pass; a stream's bytes go by once, so the
+same item serves files and uploads. Their spectra are computed when the whole
+model has passed (a norm may sit in another shard, or after its matrix). A fused
+matrix is measured per canonical module, from its row pieces
+(:func:`~modelhash.fingerprint._layouts.pieces`); the order of a module's rows
+does not change its singular values.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from modelhash.errors import MalformedFileError
+from modelhash.fingerprint._dequant import DECODERS
+from modelhash.fingerprint._invariant import (
+    MAX_KEPT_BYTES,
+    Candidate,
+    Spectra,
+    Spectrum,
+    fold,
+    is_norm,
+    select,
+    spectrum,
+)
+from modelhash.fingerprint._keys import module_key, tensor_module
+from modelhash.fingerprint._layouts import Piece, pieces
+from modelhash.fingerprint._model import ParsedFile, TensorRecord
+from modelhash.fingerprint._pass import Work
+from modelhash.fingerprint._project import matrix_shape
+
+__all__ = ["Measurer"]
+
+
+class _Keep:
+    """Work that copies some spans of the source into buffers as they pass."""
+
+    def __init__(self, spans: Mapping[str, tuple[int, int]]) -> None:
+        self.spans = dict(spans)
+        self.data = {name: bytearray(length) for name, (_, length) in spans.items()}
+
+    def __call__(self, off: int, view: memoryview) -> None:
+        end = off + len(view)
+        for name, (start, length) in self.spans.items():
+            lo, hi = max(start, off), min(start + length, end)
+            if hi > lo:
+                self.data[name][lo - start : hi - start] = view[lo - off : hi - off]
+
+
+@dataclass
+class _Part:
+    """Rows ``piece.start : piece.start + piece.count`` of a kept tensor, for a module."""
+
+    tensor: str
+    piece: Piece
+
+
+class Measurer:
+    """Accumulates the invariant layer of one model (a file or a folder read as one)."""
+
+    def __init__(self, metadata: Mapping[str, str]) -> None:
+        self.metadata = dict(metadata)
+        self.skipped: Counter[str] = Counter()
+        self._records: dict[str, tuple[TensorRecord, tuple[int, int]]] = {}
+        self._bytes: dict[str, bytes | bytearray] = {}
+        self._parts: dict[str, list[_Part]] = {}
+        self._rows: dict[str, int] = {}
+        self._norms: dict[str, str] = {}
+        self._keep: _Keep | None = None
+        self._later: list[str] = []
+        self._kept = 0
+
+    def work(
+        self, pf: ParsedFile, names: list[str], prefix: str, skip: set[str]
+    ) -> Work | None:
+        """The work item for ``pf``'s pass (None if nothing is measured in it);
+        ``skip`` names tensors that are not measured (scaled fp8 weights and their
+        scales, whose values are not the stored ones)."""
+        plans: list[tuple[str, TensorRecord, tuple[int, int], list[Piece]]] = []
+        spans: dict[str, tuple[int, int]] = {}
+        elements = 0
+        for name, t in zip(names, pf.tensors, strict=True):
+            dec = DECODERS.get(t.dtype)
+            if name in skip or dec is None:
+                continue
+            full = prefix + name
+            mn = matrix_shape(t.shape)
+            if mn is None:
+                nk = module_key(prefix + tensor_module(name))
+                if (len(t.shape) == 1 and t.shape[0] % dec.block == 0 and is_norm(nk)
+                        and nk not in self._norms):
+                    # Kept whichever file its matrices are in (a shard, a folder).
+                    self._take(full, t, (t.shape[0], 1), spans)
+                    self._norms[nk] = full
+                continue
+            m, n = mn
+            if n % dec.block:
+                continue
+            elements += m * n
+            key = module_key(prefix + tensor_module(name))
+            plans.append((full, t, mn, pieces(key, m, n, self.metadata)))
+        chosen = select(
+            (Candidate(p.key, p.rows, mn[1]) for _, _, mn, ps in plans for p in ps), elements
+        )
+        for full, t, mn, ps in plans:
+            mine = [p for p in ps if p.key in chosen]
+            if not mine:
+                continue
+            if self._kept + t.nbytes > MAX_KEPT_BYTES:
+                self.skipped["past the kept-bytes limit"] += 1
+                continue
+            self._kept += t.nbytes
+            self._take(full, t, mn, spans)
+            for p in mine:
+                self._parts.setdefault(p.key, []).append(_Part(full, p))
+                self._rows[p.key] = p.rows
+        if not spans:
+            return None
+        self._keep = _Keep(spans)
+        return Work(self._keep, 0.02)
+
+    def _take(self, full: str, t: TensorRecord, mn: tuple[int, int],
+              spans: dict[str, tuple[int, int]]) -> None:
+        self._records[full] = (t, mn)
+        if t.span is not None:
+            spans[full] = t.span
+        else:
+            self._later.append(full)
+
+    def after_pass(self, pf: ParsedFile) -> None:
+        """Take the kept bytes of ``pf``'s pass, and decode its materialised tensors."""
+        if self._keep is not None:
+            self._bytes.update(self._keep.data)
+            self._keep = None
+        for full in self._later:
+            t, _ = self._records[full]
+            self._bytes[full] = b"".join(_materialized(pf.path, t))
+        self._later.clear()
+
+    def _values(self, full: str) -> np.ndarray | None:
+        t, (m, n) = self._records[full]
+        raw = self._bytes.get(full)
+        if raw is None or len(raw) != t.nbytes:
+            return None
+        with np.errstate(all="ignore"):
+            x = DECODERS[t.dtype].fn(np.frombuffer(raw, dtype=np.uint8))
+        return x.reshape(m, n) if x.size == m * n else None
+
+    def finish(self) -> tuple[Spectra, list[str]]:
+        """The invariant layer, and a note for whatever was skipped."""
+        # One BLAS thread: the matrices are small, and on a busy machine extra BLAS
+        # threads spin for more CPU than they save.
+        with threadpool_limits(limits=1, user_api="blas"):
+            return self._finish()
+
+    def _finish(self) -> tuple[Spectra, list[str]]:
+        norms: dict[str, np.ndarray] = {}
+        for nk, full in self._norms.items():
+            v = self._values(full)
+            if v is not None and np.all(np.isfinite(v)):
+                norms[nk] = v.reshape(-1).astype(np.float64)
+        out = Spectra()
+        cache: dict[str, np.ndarray | None] = {}
+        for key, parts in sorted(self._parts.items()):
+            blocks = []
+            for part in parts:
+                if part.tensor not in cache:
+                    cache = {part.tensor: self._values(part.tensor)}
+                w = cache[part.tensor]
+                if w is not None:
+                    blocks.append(w[part.piece.start : part.piece.start + part.piece.count])
+            if sum(len(b) for b in blocks) != self._rows[key]:
+                self.skipped["incomplete fused pieces"] += 1
+                continue
+            w = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+            if not np.all(np.isfinite(w)):
+                self.skipped["non-finite values"] += 1
+                continue
+            with np.errstate(all="ignore"):
+                vals = spectrum(w, fold(w, key, norms))
+            if not np.all(np.isfinite(vals)):
+                self.skipped["non-finite values"] += 1
+                continue
+            out.items[key] = Spectrum(key, (int(w.shape[0]), int(w.shape[1])), vals)
+        self._bytes.clear()
+        notes = []
+        if self.skipped:
+            what = ", ".join(f"{n} ({why})" for why, n in sorted(self.skipped.items()))
+            notes.append(f"invariant: matrices skipped: {what}")
+        return out, notes
+
+
+def _materialized(path: Path, t: TensorRecord) -> Iterator[bytes]:
+    assert t.materialize is not None
+    n = 0
+    for piece in t.materialize():
+        n += len(piece)
+        yield piece
+    if n != t.nbytes:
+        raise MalformedFileError(path, f"tensor {t.name!r}: got {n} bytes, expected {t.nbytes}")

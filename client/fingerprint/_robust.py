@@ -1,0 +1,284 @@
+"""Match on the invariant layer: for uploads whose sketch delta cannot be formed.
+
+A model whose hidden units, heads or residual channels were permuted (or whose
+residual stream was rotated, or whose norm scales were moved into the matrices)
+computes what the flagged model computes, yet its per-tensor sketches no longer
+line up with the base's: :func:`~modelhash.fingerprint._similarity.align` pairs
+few tensors, and the ordinary delta covers little of the flagged one. The
+invariant layer (:mod:`modelhash.fingerprint._invariant`) does not move under
+those changes, and its shift from the base is, to first order, a linear sketch of
+the delta. So here:
+
+- matrices are paired by key (same shape, spectra within
+  :attr:`InvariantThresholds.pair_distance` of each other), else by spectrum within
+  each shape, so renamed or reordered layers pair too;
+- each model's **shift** from the base, s(W) - s(W_base), is made orthogonal to
+  the base's own spectrum (which removes a uniform rescaling of a matrix, q/k
+  scaling inside attention among them, and weight decay);
+- scores are pooled over the matrices both shifts cover, as for the sketch layer:
+  ``cosine``, ``coefficient`` ⟨u, f⟩ / ‖f‖² and ``z`` (each matrix's cosine times
+  √dof, weighted by the flagged shift's norm).
+
+Fine-tunes of one base move their top singular values in much the same direction
+(a sibling sits at cosine 0.8 from a flagged fine-tune). Without known-innocent
+references only copies are reported (cosine ≥ :attr:`copy_cosine`, coefficient near
+1). With at least :attr:`~modelhash.fingerprint._similarity.Thresholds.shared_min_samples`
+references, the direction they share is removed from both shifts first (see
+:func:`shared_shift`), and merges are reported too.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from modelhash.fingerprint._invariant import INVARIANT_ALGORITHM, Spectra, Spectrum
+
+__all__ = [
+    "INVARIANT_THRESHOLDS",
+    "InvariantComparison",
+    "InvariantThresholds",
+    "base_distance",
+    "compare_invariant",
+    "match_invariant",
+    "pair",
+    "shared_shift",
+]
+
+F64 = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True)
+class InvariantThresholds:
+    """Decision thresholds for the invariant layer (from ``benchmarks/eval_derivatives.py``)."""
+
+    copy_cosine: float = 0.95
+    """Without references: the least cosine of a reported copy."""
+    copy_coefficient: tuple[float, float] = (0.8, 1.25)
+    """Without references: the coefficients of a copy (all of the flagged shift)."""
+    shared_cosine: float = 0.5
+    """With the references' shared shift removed: the least cosine of a match."""
+    shared_min_coefficient: float = 0.3
+    """With it removed: the least coefficient (a 30/70 merge and up)."""
+    z: float = 8.0
+    """The least z of any match."""
+    near_cosine: float = 0.95
+    """A match this close, with a coefficient in :attr:`copy_coefficient`, is a
+    near-duplicate."""
+    pair_distance: float = 0.05
+    """Largest relative distance between two spectra that pair as one matrix."""
+    base_distance: float = 0.05
+    """Largest pooled relative distance of a model's spectra from a base's for the
+    model to count as derived from it (fine-tunes: 1e-4 to 1e-2)."""
+    raw_distance: float = 1e-4
+    """Without a base: the largest pooled relative distance that is a near-duplicate
+    (casting to float16 moves spectra by about 1e-6; a fine-tune, 1e-4 and more)."""
+    thin_coverage: float = 0.5
+    """The ordinary delta is *thin* when the tensors it compares hold less than this
+    share of the flagged delta's energy; the invariant layer then decides."""
+    sketch_ratio: float = 4.0
+    """The ordinary delta is not trusted either when the upload's sketch distance from
+    the base is more than this multiple of its spectral distance: a fine-tune moves
+    both by about the same relative amount, while scales moved across a norm or
+    between queries and keys leave the tensors aligned but change them by far more
+    than the spectra."""
+    min_matrices: int = 2
+    """Matrices both shifts must cover."""
+
+
+INVARIANT_THRESHOLDS = InvariantThresholds()
+
+
+def _rel(a: F64, b: F64) -> tuple[float, float]:
+    k = min(len(a), len(b))
+    d = a[:k] - b[:k]
+    return float(d @ d), float(b[:k] @ b[:k])
+
+
+def pair(x: Spectra, ref: Spectra, max_distance: float = INVARIANT_THRESHOLDS.pair_distance
+         ) -> dict[str, str]:
+    """Pair matrices of ``x`` with those of ``ref`` (ref key -> x key): same key and
+    shape first, then greedily by relative spectral distance within each shape."""
+    out: dict[str, str] = {}
+    for k, s in ref.items.items():
+        o = x.items.get(k)
+        if o is not None and o.shape == s.shape:
+            dd, bb = _rel(o.values, s.values)
+            if bb > 0 and dd <= max_distance**2 * bb:
+                out[k] = k
+    used = set(out.values())
+    free_x: dict[tuple[int, int], list[Spectrum]] = {}
+    for k, s in x.items.items():
+        if k not in used:
+            free_x.setdefault(s.shape, []).append(s)
+    for k, s in ref.items.items():
+        if k in out or not free_x.get(s.shape):
+            continue
+        cands = free_x[s.shape]
+        best: tuple[float, int] | None = None
+        for i, o in enumerate(cands):
+            dd, bb = _rel(o.values, s.values)
+            if bb > 0 and dd <= max_distance**2 * bb and (best is None or dd < best[0]):
+                best = (dd, i)
+        if best is not None:
+            out[k] = cands.pop(best[1]).key
+    return out
+
+
+def base_distance(x: Spectra, base: Spectra,
+                  max_distance: float = INVARIANT_THRESHOLDS.pair_distance) -> float:
+    """Pooled relative distance ‖s(x) - s(base)‖ / ‖s(base)‖ over paired matrices
+    (infinity when none pair)."""
+    pairs = pair(x, base, max_distance)
+    num = den = 0.0
+    for bk, xk in pairs.items():
+        dd, bb = _rel(x.items[xk].values, base.items[bk].values)
+        num, den = num + dd, den + bb
+    return math.sqrt(num / den) if den > 0 else math.inf
+
+
+def shifts(x: Spectra, base: Spectra) -> dict[str, F64]:
+    """``x``'s shift from ``base`` per base key, each orthogonal to the base spectrum."""
+    out: dict[str, F64] = {}
+    for bk, xk in pair(x, base).items():
+        b = base.items[bk].values
+        k = min(len(b), len(x.items[xk].values))
+        b = b[:k]
+        d = x.items[xk].values[:k] - b
+        bb = float(b @ b)
+        if bb > 0:
+            out[bk] = d - (float(d @ b) / bb) * b
+    return out
+
+
+def shared_shift(samples: list[Spectra], base: Spectra, min_samples: int,
+                 thresholds: InvariantThresholds = INVARIANT_THRESHOLDS) -> Spectra | None:
+    """The shift that known-innocent derivatives of ``base`` share: the mean of their
+    unit (pooled) shifts, matrix by matrix; None with fewer than ``min_samples``."""
+    sums: dict[str, F64] = {}
+    counts: dict[str, int] = {}
+    used = 0
+    for sample in samples:
+        dist = base_distance(sample, base)
+        if not (0 < dist <= thresholds.base_distance):
+            continue
+        vecs = shifts(sample, base)
+        norm = math.sqrt(sum(float(v @ v) for v in vecs.values()))
+        if not vecs or not math.isfinite(norm) or norm == 0:
+            continue
+        used += 1
+        for k, v in vecs.items():
+            if k in sums and len(sums[k]) != len(v):
+                continue
+            sums[k] = sums.get(k, np.zeros(len(v))) + v / norm
+            counts[k] = counts.get(k, 0) + 1
+    if used < min_samples:
+        return None
+    return Spectra({k: Spectrum(k, base.items[k].shape, sums[k] / counts[k]) for k in sums})
+
+
+@dataclass(frozen=True)
+class InvariantComparison:
+    """Scores of an upload's invariant shift against a flagged model's (None if none)."""
+
+    cosine: float | None = None
+    coefficient: float | None = None
+    z: float | None = None
+    matrices: int = 0
+    base_distance: float | None = None
+    raw_distance: float | None = None
+    shared_removed: bool = False
+
+    def evidence(self) -> dict[str, Any]:
+        """The evidence a verdict on this comparison carries."""
+        out: dict[str, Any] = {"layer": "invariant", "algorithm": INVARIANT_ALGORITHM,
+                               "invariant": True, "matrices_compared": self.matrices}
+        if self.cosine is not None:
+            out.update(cosine=round(self.cosine, 4), coefficient=round(self.coefficient or 0.0, 4),
+                       z=round(self.z or 0.0, 2))
+        if self.shared_removed:
+            out["shared_direction_removed"] = True
+        if self.base_distance is not None:
+            out["base_distance"] = round(self.base_distance, 6)
+        if self.raw_distance is not None:
+            out["raw_distance"] = round(self.raw_distance, 8)
+        return out
+
+
+def compare_invariant(
+    upload: Spectra, flagged: Spectra, base: Spectra | None, *,
+    shared: Spectra | None = None, thresholds: InvariantThresholds = INVARIANT_THRESHOLDS,
+) -> InvariantComparison:
+    """Every score of ``upload``'s spectra against ``flagged``'s, relative to ``base``."""
+    raw = base_distance(upload, flagged, thresholds.pair_distance)
+    covered = len(pair(upload, flagged, thresholds.pair_distance))
+    enough = covered >= max(thresholds.min_matrices, 0.5 * len(flagged))
+    raw_d = raw if math.isfinite(raw) and enough else None
+    if base is None:
+        return InvariantComparison(raw_distance=raw_d)
+    up_dist = base_distance(upload, base)
+    if not up_dist <= thresholds.base_distance:
+        return InvariantComparison(base_distance=up_dist if math.isfinite(up_dist) else None,
+                                   raw_distance=raw_d)
+    us, fs = shifts(upload, base), shifts(flagged, base)
+    keys = [k for k in fs if k in us and len(us[k]) == len(fs[k])]
+    removed = False
+    if shared is not None:
+        s = {k: shared.items[k].values for k in keys
+             if k in shared.items and len(shared.items[k].values) == len(fs[k])}
+        ss = sum(float(v @ v) for v in s.values())
+        if ss > 0 and len(s) >= 0.5 * len(keys):
+            pu = sum(float(us[k] @ v) for k, v in s.items()) / ss
+            pf = sum(float(fs[k] @ v) for k, v in s.items()) / ss
+            us = {k: us[k] - pu * s[k] if k in s else us[k] for k in keys}
+            fs = {k: fs[k] - pf * s[k] if k in s else fs[k] for k in keys}
+            removed = True
+    dot = uu = ff = zsum = wsum = 0.0
+    n = 0
+    for k in keys:
+        u, f = us[k], fs[k]
+        nu, nf = float(np.linalg.norm(u)), float(np.linalg.norm(f))
+        if nf == 0:
+            continue
+        d = float(u @ f)
+        dot, uu, ff = dot + d, uu + nu * nu, ff + nf * nf
+        c = d / (nu * nf) if nu > 0 else 0.0
+        zsum += nf * c * math.sqrt(max(1, len(f) - 1))
+        wsum += nf * nf
+        n += 1
+    if n == 0:
+        return InvariantComparison(base_distance=up_dist, raw_distance=raw_d)
+    return InvariantComparison(
+        cosine=dot / math.sqrt(uu * ff) if uu > 0 else 0.0,
+        coefficient=dot / ff,
+        z=zsum / math.sqrt(wsum),
+        matrices=n,
+        base_distance=up_dist,
+        raw_distance=raw_d,
+        shared_removed=removed,
+    )
+
+
+def match_invariant(
+    upload: Spectra, flagged: Spectra, base: Spectra | None, *,
+    shared: Spectra | None = None, thresholds: InvariantThresholds = INVARIANT_THRESHOLDS,
+) -> tuple[str, float, InvariantComparison] | None:
+    """The verdict type, score and comparison when the invariant layer matches."""
+    t = thresholds
+    c = compare_invariant(upload, flagged, base, shared=shared, thresholds=t)
+    lo, hi = t.copy_coefficient
+    if (c.cosine is not None and c.coefficient is not None and c.z is not None
+            and c.matrices >= t.min_matrices and c.z >= t.z):
+        copy = c.cosine >= t.copy_cosine and lo <= c.coefficient <= hi
+        merged = (c.shared_removed and c.cosine >= t.shared_cosine
+                  and c.coefficient >= t.shared_min_coefficient)
+        if copy or merged:
+            near = c.cosine >= t.near_cosine and lo <= c.coefficient <= hi
+            return ("near-duplicate" if near else "derived"), c.cosine, c
+    if base is None and c.raw_distance is not None and c.raw_distance <= t.raw_distance:
+        return "near-duplicate", 1.0 - c.raw_distance, c
+    return None
