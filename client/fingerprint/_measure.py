@@ -36,25 +36,10 @@ from modelhash.fingerprint._invariant import (
 from modelhash.fingerprint._keys import module_key, tensor_module
 from modelhash.fingerprint._layouts import Piece, pieces
 from modelhash.fingerprint._model import ParsedFile, TensorRecord
-from modelhash.fingerprint._pass import Work
+from modelhash.fingerprint._pass import SpanCopier, Work
 from modelhash.fingerprint._project import matrix_shape
 
 __all__ = ["Measurer"]
-
-
-class _Keep:
-    """Work that copies some spans of the source into buffers as they pass."""
-
-    def __init__(self, spans: Mapping[str, tuple[int, int]]) -> None:
-        self.spans = dict(spans)
-        self.data = {name: bytearray(length) for name, (_, length) in spans.items()}
-
-    def __call__(self, off: int, view: memoryview) -> None:
-        end = off + len(view)
-        for name, (start, length) in self.spans.items():
-            lo, hi = max(start, off), min(start + length, end)
-            if hi > lo:
-                self.data[name][lo - start : hi - start] = view[lo - off : hi - off]
 
 
 @dataclass
@@ -76,7 +61,7 @@ class Measurer:
         self._parts: dict[str, list[_Part]] = {}
         self._rows: dict[str, int] = {}
         self._norms: dict[str, str] = {}
-        self._keep: _Keep | None = None
+        self._keep: SpanCopier | None = None
         self._later: list[str] = []
         self._kept = 0
 
@@ -126,7 +111,7 @@ class Measurer:
                 self._rows[p.key] = p.rows
         if not spans:
             return None
-        self._keep = _Keep(spans)
+        self._keep = SpanCopier(spans)
         return Work(self._keep, 0.02)
 
     def _take(self, full: str, t: TensorRecord, mn: tuple[int, int],

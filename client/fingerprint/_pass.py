@@ -20,10 +20,11 @@ import hashlib
 import mmap
 import os
 import queue
+import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -43,6 +44,7 @@ __all__ = [
     "ChunkSource",
     "FileSource",
     "Source",
+    "SpanCopier",
     "SpanHasher",
     "Work",
     "file_layer_work",
@@ -173,9 +175,7 @@ def may_map(st: os.stat_result) -> bool:
     """
     if os.environ.get("MODELHASH_NO_MMAP", "") not in ("", "0"):
         return False
-    import stat as _stat
-
-    if not _stat.S_ISREG(st.st_mode) or st.st_size < MAP_MIN_BYTES:
+    if not stat.S_ISREG(st.st_mode) or st.st_size < MAP_MIN_BYTES:
         return False
     return _filesystem(st.st_dev) in LOCAL_FILESYSTEMS
 
@@ -592,3 +592,23 @@ class SpanHasher:
                 d = blake3.blake3().hexdigest()
             out.append(d)
         return out
+
+
+class SpanCopier:
+    """Work that copies a few named byte spans of the source as they pass.
+
+    For bytes a later step needs after a stream has gone by: the weight scales the
+    sketch reads back, the matrices the invariant layer measures. The copies are
+    exact whichever chunks the spans are cut into; memory is the spans' total size.
+    """
+
+    def __init__(self, spans: Mapping[str, tuple[int, int]]) -> None:
+        self.spans = dict(spans)
+        self.data = {name: bytearray(length) for name, (_, length) in spans.items()}
+
+    def __call__(self, off: int, view: memoryview) -> None:
+        end = off + len(view)
+        for name, (start, length) in self.spans.items():
+            lo, hi = max(start, off), min(start + length, end)
+            if hi > lo:
+                self.data[name][lo - start : hi - start] = view[lo - off : hi - off]

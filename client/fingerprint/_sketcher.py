@@ -40,7 +40,7 @@ from modelhash.fingerprint._lora import (
 )
 from modelhash.fingerprint._measure import Measurer
 from modelhash.fingerprint._model import ParsedFile, TensorRecord, numel
-from modelhash.fingerprint._pass import Work
+from modelhash.fingerprint._pass import SpanCopier, Work
 from modelhash.fingerprint._project import F32, SketchJob, SketchWork, decoder_for, merged
 from modelhash.fingerprint._scaled import (
     MAX_SCALE_ELEMENTS,
@@ -75,24 +75,13 @@ class _Collect:
                 self.data[name] += view[lo - off : hi - off]
 
 
-class _Kept:
+class _Kept(SpanCopier):
     """Bytes of a few small spans (weight scales) kept as a stream passes.
 
     Every stripe's work writes the spans it sees, before it feeds its jobs: the
     copies are the same bytes, and each lane has written every span that ends
     before the bytes it is sketching, whichever lane the pass gave it.
     """
-
-    def __init__(self, spans: Mapping[str, tuple[int, int]]) -> None:
-        self.spans = dict(spans)
-        self.data = {name: bytearray(length) for name, (_, length) in spans.items()}
-
-    def __call__(self, off: int, view: memoryview) -> None:
-        end = off + len(view)
-        for name, (start, length) in self.spans.items():
-            lo, hi = max(start, off), min(start + length, end)
-            if hi > lo:
-                self.data[name][lo - start : hi - start] = view[lo - off : hi - off]
 
 
 class _Lazy:

@@ -252,10 +252,11 @@ def test_match_falls_back_to_the_invariant_layer_only_when_the_delta_is_thin(
     tmp_path: Path,
 ) -> None:
     from modelhash.fingerprint import delta_sketch, match, shared_direction
-    from tests.utils.invariant_models import disguise, finetune, llama, plus
+    from tests.utils.invariant_models import disguise, llama
+    from tests.utils.sketch_models import plus, random_delta
 
     b = llama(10)
-    df, dg = finetune(b, 11), finetune(b, 12)
+    df, dg = random_delta(b, 11), random_delta(b, 12)
     sk = {name: _sk(tmp_path, name, sd) for name, sd in {
         "base": b, "f": plus(b, (1, df)), "f_disguised": disguise(plus(b, (1, df)), 1),
         "f_disguised16": {k: v.astype(np.float16)
@@ -264,7 +265,7 @@ def test_match_falls_back_to_the_invariant_layer_only_when_the_delta_is_thin(
         "base_disguised": disguise(b, 1),
         "merge_disguised": disguise(plus(b, (0.5, df), (0.5, dg)), 3),
         "stranger_disguised": disguise(llama(99), 1),
-        **{f"ref{i}": plus(b, (1, finetune(b, 20 + i))) for i in range(5)},
+        **{f"ref{i}": plus(b, (1, random_delta(b, 20 + i))) for i in range(5)},
     }.items()}
     base = sk["base"]
     flagged = delta_sketch(sk["f"], base)[0]

@@ -18,9 +18,9 @@ from modelhash.fingerprint import Sketch, fingerprint_path
 from modelhash.registry._db import session_scope
 from modelhash.registry.models import SketchRow
 from modelhash.wire import CheckResponse, encode_sketch
-from tests.utils.invariant_models import disguise, finetune, llama, plus
+from tests.utils.invariant_models import disguise, llama
 from tests.utils.registry import auth, flag_body
-from tests.utils.sketch_models import write
+from tests.utils.sketch_models import plus, random_delta, write
 
 
 def _model(folder: Path, name: str, sd: dict[str, np.ndarray]) -> dict[str, str]:
@@ -49,7 +49,7 @@ def _base(client: TestClient, keys: dict[str, str], m: dict[str, str], prefix: s
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, str]]:
     folder = tmp_path_factory.mktemp("invariant-models")
     b = llama(700)
-    df, dg = finetune(b, 701), finetune(b, 702)
+    df, dg = random_delta(b, 701), random_delta(b, 702)
     half = {k: v.astype(np.float16) for k, v in disguise(plus(b, (1, df)), 2).items()}
     sds = {
         "base": b,
@@ -60,7 +60,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, str]
         "base_disguised": disguise(b, 3),
         "merge_disguised": disguise(plus(b, (0.5, df), (0.5, dg)), 4),
         "stranger_disguised": disguise(llama(799), 1),
-        **{f"ref{i}": plus(b, (1, finetune(b, 710 + i))) for i in range(5)},
+        **{f"ref{i}": plus(b, (1, random_delta(b, 710 + i))) for i in range(5)},
     }
     return {name: _model(folder, name, sd) for name, sd in sds.items()}
 

@@ -1,8 +1,8 @@
 """Small Llama-shaped models, and the function-preserving changes a re-uploader makes.
 
-Written with numpy only: a base with norms, fine-tunes (base plus a dense delta),
-and the same weights with the feed-forward units and the residual stream permuted
-and the norm scales moved into the matrices that read them.
+Written with numpy only: a base with norms, and the same weights with the feed-forward units and the residual stream permuted
+and the norm scales moved into the matrices that read them. Fine-tunes and merges of
+them use :mod:`tests.utils.sketch_models` (``random_delta``, ``plus``).
 """
 
 from __future__ import annotations
@@ -32,26 +32,6 @@ def llama(seed: int, d: int = 48, f: int = 128, layers: int = 2) -> StateDict:
         for norm in ("input_layernorm", "post_attention_layernorm"):
             sd[p + norm + ".weight"] = (1 + 0.2 * rng.standard_normal(d)).astype(np.float32)
     return sd
-
-
-def finetune(base: StateDict, seed: int, size: float = 0.02) -> StateDict:
-    """A dense delta of relative norm ``size`` on every matrix."""
-    rng = np.random.default_rng(seed)
-    out: StateDict = {}
-    for k, v in base.items():
-        if v.ndim == 2:
-            dlt = rng.standard_normal(v.shape)
-            out[k] = dlt / np.linalg.norm(dlt) * np.linalg.norm(v) * size
-    return out
-
-
-def plus(base: StateDict, *deltas: tuple[float, StateDict]) -> StateDict:
-    """``base`` plus weighted deltas."""
-    out = {k: v.astype(np.float64) for k, v in base.items()}
-    for w, dl in deltas:
-        for k, v in dl.items():
-            out[k] = out[k] + w * v
-    return {k: v.astype(np.float32) for k, v in out.items()}
 
 
 def disguise(sd: StateDict, seed: int) -> StateDict:
