@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from modelhash.fingerprint import fingerprint_file
 from modelhash.fingerprint._similarity import (
     THRESHOLDS,
+    calibrated,
     compare,
     delta_sketch,
     match,
@@ -680,6 +681,16 @@ def main() -> None:
             (fam, kind): shared_direction([s for p in refs[fam] if (s := sk(p)).kind == kind], base_sk[fam])
             for fam in bases for kind in ("model", "lora")
         }
+        # ...and the thresholds those references calibrate (raised where they are
+        # more alike than the fixed thresholds assume), as the registry does.
+        cal = {
+            (fam, kind): calibrated([s for p in refs[fam] if (s := sk(p)).kind == kind], base_sk[fam])
+            for fam in bases for kind in ("model", "lora")
+        }
+        for (fam, kind), th in sorted(cal.items()):
+            if th != THRESHOLDS:
+                raised = {k: round(v, 3) for k, v in vars(th).items() if v != getattr(THRESHOLDS, k)}
+                print(f"thresholds calibrated on {fam}'s {kind} references: {raised}")
         stored: dict[str, Sketch] = {}
         for key, p in flagged.items():
             s = sk(p)
@@ -692,9 +703,12 @@ def main() -> None:
         for c in cases:
             fam = c.flagged.split(":")[0].rstrip("0123456789")
             up = sk(c.path)
-            sh = shared[fam, "lora" if stored[c.flagged].kind == "lora" else "model"]
-            cmp = compare(up, stored[c.flagged], base_sk[fam], base_name=f"{fam}-base", shared=sh)
-            m = match(up, stored[c.flagged], base_sk[fam], base_name=f"{fam}-base", shared=sh)
+            kind = "lora" if stored[c.flagged].kind == "lora" else "model"
+            sh, th = shared[fam, kind], cal[fam, kind]
+            cmp = compare(up, stored[c.flagged], base_sk[fam], base_name=f"{fam}-base", shared=sh,
+                          thresholds=th)
+            m = match(up, stored[c.flagged], base_sk[fam], base_name=f"{fam}-base", shared=sh,
+                      thresholds=th)
             rows.append((c, cmp, m))
             if args.verbose:
                 print(f"{c.name:55} -> {c.flagged:10} {m.match if m else '-':15} cos={cmp.cosine} z={cmp.z} coef={cmp.coefficient} n={cmp.tensors} bd={cmp.base_distance}")

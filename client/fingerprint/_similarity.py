@@ -43,7 +43,7 @@ derivative itself.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -68,6 +68,7 @@ __all__ = [
     "Match",
     "Thresholds",
     "align",
+    "calibrated",
     "compare",
     "delta_sketch",
     "match",
@@ -116,6 +117,9 @@ class Thresholds:
     evaluation) and so do true merge fractions, which it had inflated (a 30/70 merge:
     0.41 to 0.33); the floor sits in the middle of the new gap.
     """
+    shared_cosine: float = 0.3
+    """:attr:`cosine` when the base's shared direction was removed (the same by
+    default; :func:`calibrated` may raise the two apart)."""
     shared_lora_cosine: float = 0.5
     """:attr:`lora_cosine` when the base's shared adapter direction was removed
     (other adapters: 0.57 to 0.37; a flagged LoRA mixed with another: 0.77 to 0.64)."""
@@ -370,6 +374,44 @@ def _pooled(delta: Sketch, base: Sketch) -> dict[str, F64]:
     return out
 
 
+def _unit_deltas(
+    samples: list[Sketch], base: Sketch, thresholds: Thresholds
+) -> list[tuple[Sketch, dict[str, F64]]]:
+    """The samples that are derivatives of ``base``, each with its unit pooled delta."""
+    out: list[tuple[Sketch, dict[str, F64]]] = []
+    for sample in samples:
+        if sample.kind == "model":
+            delta, dist = delta_sketch(sample, base)
+            if not (thresholds.raw_distance < dist <= thresholds.base_distance):
+                continue
+        elif sample.kind == "lora":
+            delta = sample
+        else:
+            continue
+        vecs = _pooled(delta, base)
+        norm = math.sqrt(sum(float(v @ v) for v in vecs.values()))
+        if not vecs or not math.isfinite(norm) or norm == 0:
+            continue
+        out.append((sample, {k: v / norm for k, v in vecs.items()}))
+    return out
+
+
+def _mean_direction(units: list[dict[str, F64]], base: Sketch) -> Sketch:
+    """The tensor-by-tensor mean of unit deltas (over the units that cover a tensor)."""
+    sums: dict[str, F64] = {}
+    counts: dict[str, int] = {}
+    for vecs in units:
+        for key, v in vecs.items():
+            sums[key] = sums.get(key, 0.0) + v
+            counts[key] = counts.get(key, 0) + 1
+    return Sketch("delta", {
+        k: TensorSketch(k, base.tensors[k].shape, (sums[k] / counts[k]).reshape(
+            base.tensors[k].values.shape
+        ))
+        for k in sums
+    })
+
+
 def shared_direction(
     samples: list[Sketch], base: Sketch, *, thresholds: Thresholds = THRESHOLDS
 ) -> Sketch | None:
@@ -386,40 +428,88 @@ def shared_direction(
     one such direction carried most of the similarity between innocent adapters.
     The result is a ``delta`` sketch keyed by the base's keys.
     """
-    sums: dict[str, F64] = {}
-    counts: dict[str, int] = {}
-    used = 0
-    for sample in samples:
-        if sample.kind == "model":
-            delta, dist = delta_sketch(sample, base)
-            if not (thresholds.raw_distance < dist <= thresholds.base_distance):
-                continue
-        elif sample.kind == "lora":
-            delta = sample
-        else:
-            continue
-        vecs = _pooled(delta, base)
-        norm = math.sqrt(sum(float(v @ v) for v in vecs.values()))
-        if not vecs or not math.isfinite(norm) or norm == 0:
-            continue
-        used += 1
-        for key, v in vecs.items():
-            sums[key] = sums.get(key, 0.0) + v / norm
-            counts[key] = counts.get(key, 0) + 1
+    units = _unit_deltas(samples, base, thresholds)
     invariant = None
     if base.invariant is not None:
         invariant = shared_shift(
             [s.invariant for s in samples if s.kind == "model" and s.invariant is not None],
             base.invariant, thresholds.shared_min_samples,
         )
-    if used < thresholds.shared_min_samples:
+    if len(units) < thresholds.shared_min_samples:
         return Sketch("delta", {}, invariant=invariant) if invariant is not None else None
-    return Sketch("delta", {
-        k: TensorSketch(k, base.tensors[k].shape, (sums[k] / counts[k]).reshape(
-            base.tensors[k].values.shape
-        ))
-        for k in sums
-    }, invariant=invariant)
+    found = _mean_direction([u for _s, u in units], base)
+    found.invariant = invariant
+    return found
+
+
+CALIBRATION_SIGMAS = 3.0
+"""How far above the mean of the references' pairwise scores a base's thresholds sit."""
+CALIBRATION_MIN_SAMPLES = 3
+"""References a calibration needs (six ordered pairs)."""
+CALIBRATION_MAX_PAIRS = 120
+"""Most ordered reference pairs scored for one calibration (the first references'
+pairs, in registration order): enough to estimate a spread, bounded in cost."""
+
+
+def calibrated(
+    samples: list[Sketch], base: Sketch, *, thresholds: Thresholds = THRESHOLDS
+) -> Thresholds:
+    """``thresholds``, raised where known-innocent derivatives of ``base`` are more
+    alike than the fixed thresholds assume.
+
+    How much two innocent fine-tunes of one base share depends on the base and on
+    what people train on it: in the evaluation's Flux family two innocent fine-tunes
+    reached delta cosine 0.32, coefficient 0.30 with the shared direction removed,
+    where the SD family's stayed under 0.17. The references registered for a base
+    (``samples``, as for :func:`shared_direction`) are a sample of that similarity:
+    each ordered pair of them is scored as :func:`compare` would score an innocent
+    upload against an innocent flag, with the shared direction estimated from the
+    *other* references (so neither member of the pair is in it, as neither an
+    upload nor a flag is among the references). The thresholds that decide a delta
+    match without the whole flagged delta present (the cosine, the coefficient
+    floor, and the adapter cosine, with or without the shared direction) are then
+    raised to at least the pairs' mean plus :data:`CALIBRATION_SIGMAS` standard
+    deviations; they are never lowered. Near-duplicates and the carried rule
+    (coefficient near 1) are unaffected. With fewer than
+    :data:`CALIBRATION_MIN_SAMPLES` references the fixed thresholds apply.
+    """
+    units = _unit_deltas(samples, base, thresholds)
+    if len(units) < CALIBRATION_MIN_SAMPLES:
+        return thresholds
+    pairs = [(i, j) for i in range(len(units)) for j in range(len(units)) if i != j]
+    pairs = pairs[:CALIBRATION_MAX_PAIRS]
+
+    def level(removed: bool) -> tuple[float, float] | None:
+        cosines: list[float] = []
+        coefficients: list[float] = []
+        for i, j in pairs:
+            shared = _mean_direction(
+                [u for k, (_s, u) in enumerate(units) if k not in (i, j)], base
+            ) if removed else None
+            c = compare(units[i][0], units[j][0], base, thresholds=thresholds, shared=shared)
+            if c.cosine is not None and c.coefficient is not None and c.tensors:
+                cosines.append(c.cosine)
+                coefficients.append(c.coefficient)
+        if len(cosines) < 2:
+            return None
+        return tuple(  # type: ignore[return-value]
+            float(np.mean(x) + CALIBRATION_SIGMAS * np.std(x, ddof=1))
+            for x in (cosines, coefficients)
+        )
+
+    t = thresholds
+    raw = level(False)
+    if raw is not None:
+        t = replace(t, cosine=max(t.cosine, raw[0]), min_coefficient=max(t.min_coefficient, raw[1]),
+                    lora_cosine=max(t.lora_cosine, raw[0]))
+    # The shared direction of the other references (at least two) stands in for
+    # the one a check removes.
+    removed = level(True) if len(units) >= 4 else None
+    if removed is not None:
+        t = replace(t, shared_cosine=max(t.shared_cosine, removed[0]),
+                    shared_min_coefficient=max(t.shared_min_coefficient, removed[1]),
+                    shared_lora_cosine=max(t.shared_lora_cosine, removed[0]))
+    return t
 
 
 def _without(vecs: dict[str, F64], shared: Sketch, keys: list[str]) -> dict[str, F64]:
@@ -587,8 +677,11 @@ def match(
         if flagged.kind == "lora":
             by_cosine = c.cosine >= (t.shared_lora_cosine if c.shared_removed else t.lora_cosine)
         else:
-            floor = t.shared_min_coefficient if c.shared_removed else t.min_coefficient
-            by_cosine = c.cosine >= t.cosine and c.coefficient >= floor
+            if c.shared_removed:
+                least, floor = t.shared_cosine, t.shared_min_coefficient
+            else:
+                least, floor = t.cosine, t.min_coefficient
+            by_cosine = c.cosine >= least and c.coefficient >= floor
         if (by_cosine or carried) and c.z >= t.z:
             lo, hi = t.near_coefficient
             if upload.kind == "lora":

@@ -67,6 +67,8 @@ from modelhash.fingerprint._robust import INVARIANT_THRESHOLDS
 from modelhash.fingerprint._robust import base_distance as spectral_distance
 from modelhash.fingerprint._similarity import (
     THRESHOLDS,
+    Thresholds,
+    calibrated,
     compare,
     delta_sketch,
     scored,
@@ -449,7 +451,7 @@ class SharedDirections:
                  adapters: dict[str, tuple[str, Sketch]]) -> None:
         self._bases = bases  # in registration order
         self._adapters = adapters
-        self._cache: dict[tuple[str, str], Sketch | None] = {}
+        self._cache: dict[tuple[str, str], tuple[Sketch | None, Thresholds]] = {}
         self._parents: dict[str, str] | None = None
         self._lock = threading.Lock()
 
@@ -473,12 +475,21 @@ class SharedDirections:
 
     def get(self, base_id: str, kind: str) -> Sketch | None:
         """The shared direction for flags of ``kind`` (``lora`` or not) relative to a base."""
+        return self._lookup(base_id, kind)[0]
+
+    def thresholds(self, base_id: str | None, kind: str) -> Thresholds:
+        """The thresholds for flags of ``kind`` relative to a base, raised where its
+        references are more alike than the fixed ones assume (see
+        :func:`~modelhash.fingerprint._similarity.calibrated`)."""
+        return THRESHOLDS if base_id is None else self._lookup(base_id, kind)[1]
+
+    def _lookup(self, base_id: str, kind: str) -> tuple[Sketch | None, Thresholds]:
         key = (base_id, "lora" if kind == "lora" else "model")
         with self._lock:
             if key in self._cache:
                 return self._cache[key]
         base = self._bases.get(base_id)
-        found: Sketch | None = None
+        found: tuple[Sketch | None, Thresholds] = (None, THRESHOLDS)
         if base is not None:
             try:
                 if key[1] == "lora":
@@ -486,9 +497,10 @@ class SharedDirections:
                                if _lora_coverage(a, base[1]) >= LORA_COVERAGE]
                 else:
                     samples = self._children(base_id)
-                found = shared_direction(samples, base[1]) if samples else None
+                if samples:
+                    found = (shared_direction(samples, base[1]), calibrated(samples, base[1]))
             except Exception:
-                # Without it the fixed thresholds apply: a check loses nothing.
+                # Without them the fixed thresholds apply: a check loses nothing.
                 _log.exception("shared direction of base %s could not be computed", base_id)
         with self._lock:
             self._cache[key] = found
@@ -945,6 +957,7 @@ def _verify_candidates(
             verdict = verify(
                 upload, flagged, base[1] if base else None,
                 base_name=base[0] if base else None, shared=shared,
+                thresholds=snap.shared.thresholds(base_id, kind),
             )
         except Exception:
             _log.exception("sketch %s of flag %s could not be compared; skipped", sid, flag_id)
@@ -1022,13 +1035,15 @@ def _invariant_scan(
         .order_by(col(SketchRow.id))
     )
     shared = snap.shared.get(base_id, "model")
+    thresholds = snap.shared.thresholds(base_id, "model")
     out: dict[str, SketchHit] = {}
     for sid, blob, flag_id, category, severity, status in rows:
         if flag_id in skip or int(sid) in seen or blob[4:5] != b"\x03":
             continue
         try:
             flagged = _DECODED.get(int(sid), blob)
-            verdict = verify(upload, flagged, base, base_name=name, shared=shared)
+            verdict = verify(upload, flagged, base, base_name=name, shared=shared,
+                             thresholds=thresholds)
         except Exception:
             _log.exception("sketch %s of flag %s could not be compared; skipped", sid, flag_id)
             continue
