@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from modelhash.fingerprint._keys import module_key, tensor_module
+from modelhash.fingerprint._layouts import RENAMES, _first_word
 
 FILE = Path(__file__).resolve().parents[1] / "fixtures" / "unet_keys.json.gz"
 UNETS = ["sd15", "sd2", "sdxl", "sdxl_refiner"]
@@ -60,6 +61,12 @@ def test_edge_paths_change_only_beyond_the_real_blocks_or_with_processor_suffixe
         else:
             pytest.fail(f"{m}: {edges[m]} became {module_key(m)}")
     assert len(edges) > 5000
+    # what changed: input blocks 13 and output blocks 12-13 stay as they are, and
+    # the processor suffix of an ldm path stays, its block renamed
+    assert module_key("model.diffusion_model.input_blocks.13.1.proj_in") == "unet:input_blocks_13_1_proj_in"
+    assert module_key("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_processor_to_q") == (
+        "unet:down_blocks_1_attentions_0_transformer_blocks_0_attn1_processor_to_q")
+    assert len(beyond) + len(suffixed) == len(changed) < len(edges) // 5
 
 
 @pytest.mark.parametrize("unet", UNETS)
@@ -82,3 +89,39 @@ def test_every_ldm_block_is_renamed(unet: str) -> None:
     for _, ldm in data()["pairs"][unet]:
         path = module_key("model.diffusion_model." + tensor_module(ldm)).partition(":")[2]
         assert not re.match(r"(input_blocks|middle_block|output_blocks|time_embed|label_emb|out)_", path), ldm
+
+
+def test_diffusers_and_transformer_paths_match_no_ldm_row() -> None:
+    """No row written for the ldm layout fullmatches a diffusers, Flux or SD3 path."""
+    ldm_rows = [r for r in RENAMES if r.source.startswith("diffusers scripts/convert_diffusers_to_original")
+                and r.component == "unet"]
+    assert len(ldm_rows) > 100
+    paths = {tensor_module(hf).replace(".", "_").lower() for u in UNETS for hf, _ in data()["pairs"][u]}
+    paths |= {k.partition(":")[2] for k in data()["keys"].values() if k.startswith("unet:")}
+    hits = [(p, r.pattern.pattern) for p in paths for r in ldm_rows if r.pattern.fullmatch(p)]
+    assert not hits, hits[:5]
+
+
+def test_the_first_word_index_never_hides_a_matching_row() -> None:
+    """``rename`` tries only the rows whose literal start fixes the path's first word
+    (and those fixing none): every row that matches a path must be among them."""
+    inputs = sorted({*data()["keys"], *data()["edges"]})[::3]
+    paths = {re.sub(r"[./\-]", "_", m.lower()) for m in inputs}
+    paths |= {p.split("_", 2)[-1] for p in paths}  # also without a two-word prefix
+    paths |= {"output", "output_norm", "out", "out_0", "outer_0", "t_embedder_mlp_0", "t"}
+    words = {r.pattern.pattern: _first_word(r.pattern.pattern) for r in RENAMES}
+    assert sum(w is None for w in words.values()) < 20
+    for r in RENAMES:
+        w = words[r.pattern.pattern]
+        if w is not None:
+            hidden = [p for p in paths if r.pattern.fullmatch(p) and p.split("_", 1)[0] != w]
+            assert not hidden, (r.pattern.pattern, hidden[:3])
+
+
+@pytest.mark.parametrize(("pattern", "word"), [
+    ("output", "output"), ("out_0(_.*)?", "out"), ("model_(layers_\\d+_.+|norm)", "model"),
+    ("abc_x|def", None), ("a_?b", None), ("ab_c?", "ab"), ("(.*)_to_out", None),
+    ("a_b[(]|c", None), ("x\\|y_z", None), ("a_b[|]c", "a"),
+])
+def test_first_word_of_a_pattern(pattern: str, word: str | None) -> None:
+    assert _first_word(pattern) == word
