@@ -11,10 +11,8 @@ it, so that the same layer lines up across conventions: a checkpoint tensor
 A key is ``component:path``: the component (``unet`` for any denoiser, ``te1``/``te2``
 for text encoders, ``vae``) comes from a table of prefixes, else from the path's
 first word, else is empty; the path is lower-case with every separator turned into
-``_``. The ldm UNet layout (``input_blocks``/``middle_block``/``output_blocks``, used
-by single-file SD 1.x/2.x/XL checkpoints and by SDXL kohya LoRAs) is rewritten to
-diffusers block paths, the rewrite the diffusers conversion scripts perform; the
-other families' conventions are rows of :data:`modelhash.fingerprint._layouts.RENAMES`.
+``_``. Conventions (the ldm UNet layout of single-file SD 1.x/2.x/XL checkpoints and
+SDXL kohya LoRAs among them) are rows of :data:`modelhash.fingerprint._layouts.RENAMES`.
 A bare name (no component prefix) gets its component from its first words, so a
 LoRA or checkpoint saved without ``transformer.`` or ``unet.`` still lines up.
 """
@@ -75,63 +73,6 @@ _UNET_WORDS = re.compile(
 )
 _TE_WORDS = re.compile(r"^(text_model_|encoder_layers_\d+_|embeddings_|final_layer_norm)")
 
-_RESNET_PARTS = [
-    ("_in_layers_0", "_norm1"),
-    ("_in_layers_2", "_conv1"),
-    ("_emb_layers_1", "_time_emb_proj"),
-    ("_out_layers_0", "_norm2"),
-    ("_out_layers_3", "_conv2"),
-    ("_skip_connection", "_conv_shortcut"),
-]
-_SIMPLE_UNET = {
-    "time_embed_0": "time_embedding_linear_1",
-    "time_embed_2": "time_embedding_linear_2",
-    "label_emb_0_0": "add_embedding_linear_1",
-    "label_emb_0_2": "add_embedding_linear_2",
-    "out_0": "conv_norm_out",
-    "out_2": "conv_out",
-    "input_blocks_0_0": "conv_in",
-}
-_INPUT = re.compile(r"^input_blocks_(\d+)_([01])(_|$)(.*)$")
-_MIDDLE = re.compile(r"^middle_block_([012])(_|$)(.*)$")
-_OUTPUT = re.compile(r"^output_blocks_(\d+)_([012])(_|$)(.*)$")
-_PROCESSOR = re.compile(r"_processor_(to_[qkv]|to_out)$")
-
-
-def _ldm_unet(path: str) -> str:
-    """Rewrite an ldm UNet path (already ``_``-joined) into the diffusers layout."""
-    for ldm, diffusers in _SIMPLE_UNET.items():
-        if path == ldm or path.startswith(ldm + "_"):
-            return diffusers + path[len(ldm) :]
-    new = path
-    if m := _INPUT.match(path):
-        n, part, rest = int(m[1]), int(m[2]), m[4]
-        block, j = (n - 1) // 3, (n - 1) % 3
-        if n >= 1 and j == 2 and part == 0 and rest.startswith("op"):
-            new = f"down_blocks_{block}_downsamplers_0_conv" + rest[2:]
-        elif n >= 1 and j < 2:
-            kind = "resnets" if part == 0 else "attentions"
-            new = f"down_blocks_{block}_{kind}_{j}" + (f"_{rest}" if rest else "")
-    elif m := _MIDDLE.match(path):
-        part, rest = int(m[1]), m[3]
-        where = {0: "resnets_0", 1: "attentions_0", 2: "resnets_1"}[part]
-        new = f"mid_block_{where}" + (f"_{rest}" if rest else "")
-    elif m := _OUTPUT.match(path):
-        n, part, rest = int(m[1]), int(m[2]), m[4]
-        block, j = n // 3, n % 3
-        if part > 0 and rest.startswith("conv"):
-            new = f"up_blocks_{block}_upsamplers_0_" + rest
-        else:
-            kind = "resnets" if part == 0 else "attentions"
-            new = f"up_blocks_{block}_{kind}_{j}" + (f"_{rest}" if rest else "")
-    if new is not path and "_resnets_" in new:
-        for ldm, diffusers in _RESNET_PARTS:
-            if ldm in new:
-                new = new.replace(ldm, diffusers, 1)
-                break
-    return new
-
-
 def module_key(module: str) -> str:
     """The canonical key of a module path (no ``.weight`` suffix) in any convention."""
     name = module
@@ -157,12 +98,7 @@ def module_key(module: str) -> str:
             component = "unet"
         elif _TE_WORDS.match(path):
             component = "te1"
-    if component == "unet":
-        path = _ldm_unet(path)
-        path = _PROCESSOR.sub(r"_\1", path)
-        if path.endswith("_to_out"):
-            path += "_0"
-    elif component in ("te1", "te2"):
+    if component in ("te1", "te2"):
         path = path.removeprefix("text_model_")
     return f"{component}:{rename(component, path)}"
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cache
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # numpy is imported where used: exact-only runs never load it
@@ -67,6 +68,8 @@ _SD_VAE = (_SD_TO_ORIGINAL + "vae_conversion_map (inverse: " + _SINGLE_FILE
            + "convert_ldm_vae_checkpoint)")
 _OPEN_CLIP = (_SDXL_TO_ORIGINAL + "convert_openclip_text_enc_state_dict (inverse: "
               + _SINGLE_FILE + "convert_open_clip_checkpoint)")
+_UNET_TO_DIFFUSERS = ("diffusers utils/state_dict_utils.py KEYS_TO_ALWAYS_REPLACE "
+                      "('.processor.') and UNET_TO_DIFFUSERS ('.to_out_lora' is 'to_out.0')")
 _DEPRECATED_ATTENTION = ("diffusers models/modeling_utils.py "
                          "ModelMixin._convert_deprecated_attention_blocks")
 
@@ -128,6 +131,84 @@ def _sd_vae() -> list[Rename]:
             (rf"decoder_up_{i}_upsample_conv", rf"decoder_up_blocks_{j}_upsamplers_0_conv"),
         ]
     return _rows("vae", _SD_VAE, rows)
+
+
+_LDM_UNET = (_SD_TO_ORIGINAL + "unet_conversion_map, unet_conversion_map_resnet, "
+             "unet_conversion_map_layer (SDXL: " + _SDXL_TO_ORIGINAL + "the same maps; inverse: "
+             + _SINGLE_FILE + "convert_ldm_unet_checkpoint)")
+_UNET_BLOCKS = 4
+"""Down (and up) blocks of the largest ldm UNet: SD 1.x / 2.x and the SDXL refiner
+have four, the SDXL base three; the SD script hard-codes ``range(4)``."""
+_LAYERS_PER_BLOCK = 2
+"""Resnets per down block (up blocks have one more) in every SD 1.x / 2.x / XL UNet.
+The ldm layout numbers its ``input_blocks`` through each down block's resnets and
+then its downsampler, ``layers_per_block + 1`` of them, and its ``output_blocks``
+through each up block's ``layers_per_block + 1`` resnets; the single-file loader
+takes ``layers_per_block`` from the diffusers config, the scripts hard-code 2."""
+_LDM_RESNET = [
+    ("in_layers_0", "norm1"),
+    ("in_layers_2", "conv1"),
+    ("emb_layers_1", "time_emb_proj"),
+    ("out_layers_0", "norm2"),
+    ("out_layers_3", "conv2"),
+    ("skip_connection", "conv_shortcut"),
+]
+"""unet_conversion_map_resnet: the parts of an ldm ``ResBlock`` and diffusers' names."""
+
+
+def _ldm_resnet(ldm: str, diffusers: str) -> list[tuple[str, str]]:
+    """One ldm resnet at ``ldm`` to diffusers' at ``diffusers``: a part anywhere after
+    the block is renamed (the loader's ``update_unet_resnet_ldm_to_diffusers`` replaces
+    it wherever it is), the first in table order, at its first occurrence."""
+    return [
+        *[(rf"{ldm}(_.*?)?_{part}(.*)", rf"{diffusers}\1_{name}\2") for part, name in _LDM_RESNET],
+        (rf"{ldm}(_.*)?", rf"{diffusers}\1"),
+    ]
+
+
+def _ldm_unet() -> list[Rename]:
+    """The ldm UNet (``input_blocks`` / ``middle_block`` / ``output_blocks``) of SD
+    1.x / 2.x / XL single files and SDXL kohya LoRAs to diffusers' UNet2DConditionModel.
+
+    Rows are anchored on the ldm words, which no diffusers path starts with, so a
+    diffusers path never meets them. ``input_blocks.0.0`` is ``conv_in``; input block
+    ``n >= 1`` is down block ``(n - 1) // 3``, its layer ``(n - 1) % 3`` a resnet
+    (``.0``) and attention (``.1``), or the downsampler (``.0.op``) for layer 2; output
+    block ``n`` is up block ``n // 3``, layer ``n % 3``, its upsampler the ``conv`` at
+    ``.1`` or ``.2`` (``.1`` where the block has no attention), any other ``.1`` or
+    ``.2`` the layer's attention. (3 is ``layers_per_block + 1``.)
+    """
+    rows = [
+        (r"time_embed_0(_.*)?", r"time_embedding_linear_1\1"),
+        (r"time_embed_2(_.*)?", r"time_embedding_linear_2\1"),
+        (r"label_emb_0_0(_.*)?", r"add_embedding_linear_1\1"),
+        (r"label_emb_0_2(_.*)?", r"add_embedding_linear_2\1"),
+        (r"out_0(_.*)?", r"conv_norm_out\1"),
+        (r"out_2(_.*)?", r"conv_out\1"),
+        (r"input_blocks_0_0(_.*)?", r"conv_in\1"),
+    ]
+    per = _LAYERS_PER_BLOCK + 1
+    for i in range(_UNET_BLOCKS):
+        for j in range(_LAYERS_PER_BLOCK):
+            n = per * i + j + 1
+            rows += _ldm_resnet(f"input_blocks_{n}_0", f"down_blocks_{i}_resnets_{j}")
+            rows.append((rf"input_blocks_{n}_1(_.*)?", rf"down_blocks_{i}_attentions_{j}\1"))
+        rows.append((rf"input_blocks_{per * (i + 1)}_0_op(.*)",
+                     rf"down_blocks_{i}_downsamplers_0_conv\1"))
+    rows += [
+        *_ldm_resnet("middle_block_0", "mid_block_resnets_0"),
+        (r"middle_block_1(_.*)?", r"mid_block_attentions_0\1"),
+        *_ldm_resnet("middle_block_2", "mid_block_resnets_1"),
+    ]
+    for i in range(_UNET_BLOCKS):
+        for j in range(per):
+            n = per * i + j
+            rows += _ldm_resnet(f"output_blocks_{n}_0", f"up_blocks_{i}_resnets_{j}")
+            rows += [
+                (rf"output_blocks_{n}_[12]_(conv.*)", rf"up_blocks_{i}_upsamplers_0_\1"),
+                (rf"output_blocks_{n}_[12](_.*)?", rf"up_blocks_{i}_attentions_{j}\1"),
+            ]
+    return _rows("unet", _LDM_UNET, rows)
 
 
 _RES = "open_clip_transformer_resblocks_N"
@@ -217,9 +298,17 @@ RENAMES: list[Rename] = [
         (r"y_embedder_mlp_0", r"time_text_embed_text_embedder_linear_1"),
         (r"y_embedder_mlp_2", r"time_text_embed_text_embedder_linear_2"),
     ]),
-    # SD 1.x / 2.x / XL single-file checkpoints: the autoencoder, and OpenCLIP text
-    # encoders (the ldm UNet is rewritten block by block in _keys, as the same
-    # scripts do). A1111 / ComfyUI write these names, and kohya's SDXL LoRAs.
+    # SD 1.x / 2.x / XL single-file checkpoints: the ldm UNet, the autoencoder, and
+    # OpenCLIP text encoders. A1111 / ComfyUI write these names, and kohya's SDXL LoRAs
+    # the UNet's.
+    *_ldm_unet(),
+    # diffusers' older LoRAs on attention processors (``attn1.processor.to_q_lora``,
+    # ``to_out_lora``): the processor's module is the attention's own.
+    *_rows("unet", _UNET_TO_DIFFUSERS, [
+        (r"(.*)_processor_(to_[qkv])", r"\1_\2"),
+        (r"(.*)_processor_to_out", r"\1_to_out_0"),
+        (r"(.*)_to_out", r"\1_to_out_0"),
+    ]),
     *_sd_vae(),
     *_open_clip("te1"),
     *_open_clip("te2"),
@@ -366,10 +455,56 @@ ROW_ORDERS: list[RowOrderRule] = [
 """Canonical paths stored with permuted rows, and how to put the rows back."""
 
 
+def _first_word(pattern: str) -> str | None:
+    """The first ``_``-separated word of every path ``pattern`` can match, if its
+    literal start fixes one (it runs up to a ``_`` or is the whole pattern), else None."""
+    depth = 0
+    escaped = in_class = False
+    for ch in pattern:
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif in_class:
+            in_class = ch != "]"
+        elif ch == "[":
+            in_class = True
+        elif ch in "()":
+            depth += 1 if ch == "(" else -1
+        elif ch == "|" and depth == 0:
+            return None  # a top-level alternative may start anyhow
+    literal = re.match(r"[^\\.^$*+?{}\[\]|()]*", pattern)
+    text = literal[0] if literal else ""
+    if text != pattern and pattern[len(text)] in "*+?{":
+        text = text[:-1]  # a quantifier makes its character optional
+    if "_" in text:
+        return text.split("_", 1)[0]
+    return text if text == pattern else None
+
+
+@cache
+def _row_words() -> tuple[tuple[Rename, str | None], ...]:
+    return tuple((r, _first_word(r.pattern.pattern)) for r in RENAMES)
+
+
+_CANDIDATES: dict[tuple[str, str], list[Rename]] = {}
+
+
+def _candidates(component: str, word: str) -> list[Rename]:
+    """The rows of ``component`` that a path whose first word is ``word`` may match, in
+    table order: those fixing that word and those fixing none."""
+    found = _CANDIDATES.get((component, word))
+    if found is None:
+        found = [r for r, w in _row_words() if r.component == component and w in (word, None)]
+        if len(_CANDIDATES) < 4096:  # words come from files: keep the memo bounded
+            _CANDIDATES[(component, word)] = found
+    return found
+
+
 def rename(component: str, path: str) -> str:
     """The canonical path of ``path`` in ``component`` (unchanged if no row matches)."""
-    for r in RENAMES:
-        if r.component == component and (m := r.pattern.fullmatch(path)):
+    for r in _candidates(component, path.split("_", 1)[0]):
+        if m := r.pattern.fullmatch(path):
             return m.expand(r.canonical)
     return path
 
