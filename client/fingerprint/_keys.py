@@ -32,6 +32,9 @@ COMPONENT_PREFIXES: list[tuple[str, str]] = [
     ("diffusion_model.", "unet"),
     ("lora_unet_", "unet"),
     ("lora_transformer_", "unet"),
+    # SimpleTuner's LyCORIS wrapper names the denoiser's modules ``lycoris_`` +
+    # diffusers path (ComfyUI comfy/lora.py model_lora_keys_unet).
+    ("lycoris_", "unet"),
     ("transformer/", "unet"),
     ("transformer.", "unet"),
     ("unet/", "unet"),
@@ -44,6 +47,7 @@ COMPONENT_PREFIXES: list[tuple[str, str]] = [
     ("lora_te2_", "te2"),
     ("lora_te_", "te1"),
     ("text_encoders.clip_l.transformer.", "te1"),
+    ("text_encoders.clip_g.transformer.", "te2"),
     ("text_encoder_2/", "te2"),
     ("text_encoder_2.", "te2"),
     ("text_encoder/", "te1"),
