@@ -16,7 +16,11 @@ by single-file SD 1.x/2.x/XL checkpoints and by SDXL kohya LoRAs) is rewritten t
 diffusers block paths, the rewrite the diffusers conversion scripts perform; the
 other families' conventions are rows of :data:`modelhash.fingerprint._layouts.RENAMES`.
 A bare name (no component prefix) gets its component from its first words, so a
-LoRA or checkpoint saved without ``transformer.`` or ``unet.`` still lines up.
+LoRA or checkpoint saved without ``transformer.`` or ``unet.`` still lines up, and an
+autoencoder saved alone (``encoder.down.0.block.0.conv1``, ``decoder.up_blocks.0...``,
+``quant_conv``) lines up with the ``vae`` of a full checkpoint. The words are the
+autoencoder's own block names, never a bare ``encoder.``/``decoder.``, which text
+encoders (``encoder.layers``), T5 (``encoder.block``) and speech models also use.
 """
 
 from __future__ import annotations
@@ -74,8 +78,16 @@ _UNET_WORDS = re.compile(
     # diffusion transformers, diffusers (Flux, SD3, PixArt...) and original names
     r"transformer_blocks|single_transformer_blocks|time_text_embed|x_embedder|"
     r"context_embedder|pos_embed|norm_out|proj_out|"
-    r"double_blocks|single_blocks|img_in|txt_in|time_in|vector_in|guidance_in|final_layer|"
+    r"double_blocks|single_blocks|img_in|txt_in|time_in|vector_in|guidance_in|final_layer(?!_norm)|"
     r"joint_blocks|t_embedder|y_embedder)(_|$)"
+)
+_VAE_WORDS = re.compile(
+    # an autoencoder saved alone: the original (ldm) names, then diffusers' AutoencoderKL
+    r"^((encoder|decoder)_(conv_in|conv_out|norm_out|conv_norm_out|"
+    r"down_\d+_(block|downsample)|up_\d+_(block|upsample)|mid_(block|attn)_\d+|"
+    r"down_blocks_\d+_(resnets|downsamplers)|up_blocks_\d+_(resnets|upsamplers)|"
+    r"mid_block_(resnets|attentions))|"
+    r"quant_conv|post_quant_conv)(_|$)"
 )
 _TE_WORDS = re.compile(r"^(text_model_|encoder_layers_\d+_|embeddings_|final_layer_norm)")
 
@@ -159,6 +171,8 @@ def module_key(module: str) -> str:
     if not component:
         if _UNET_WORDS.match(path):
             component = "unet"
+        elif _VAE_WORDS.match(path):
+            component = "vae"
         elif _TE_WORDS.match(path):
             component = "te1"
     if component == "unet":
