@@ -8,8 +8,8 @@ it, so that the same layer lines up across conventions: a checkpoint tensor
 ``base_model.model.down_blocks.0.attentions.0.proj_in`` all become
 ``unet:down_blocks_0_attentions_0_proj_in``.
 
-A key is ``component:path``: the component (``unet`` for any denoiser, ``te1``/``te2``
-for text encoders, ``vae``) comes from a table of prefixes, else from the path's
+A key is ``component:path``: the component (``unet`` for any denoiser, ``te1``/``te2``/
+``te3`` for text encoders, ``vae``) comes from a table of prefixes, else from the path's
 first word, else is empty; the path is lower-case with every separator turned into
 ``_``. The ldm UNet layout (``input_blocks``/``middle_block``/``output_blocks``, used
 by single-file SD 1.x/2.x/XL checkpoints and by SDXL kohya LoRAs) is rewritten to
@@ -49,9 +49,16 @@ COMPONENT_PREFIXES: list[tuple[str, str]] = [
     ("conditioner.embedders.1.model.", "te2"),
     ("lora_te1_", "te1"),
     ("lora_te2_", "te2"),
+    ("lora_te3_", "te3"),
     ("lora_te_", "te1"),
     ("text_encoders.clip_l.transformer.", "te1"),
     ("text_encoders.clip_g.transformer.", "te2"),
+    # SD3's T5: Stability / ComfyUI single files, diffusers' third text encoder
+    # (diffusers loaders/single_file_utils.py convert_sd3_t5_checkpoint_to_diffusers
+    # strips the prefix), kohya sd-scripts' lora_sd3 LoRAs.
+    ("text_encoders.t5xxl.transformer.", "te3"),
+    ("text_encoder_3/", "te3"),
+    ("text_encoder_3.", "te3"),
     ("text_encoder_2/", "te2"),
     ("text_encoder_2.", "te2"),
     ("text_encoder/", "te1"),

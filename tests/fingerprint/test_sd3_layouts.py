@@ -194,3 +194,25 @@ def test_another_lora_is_not_found_in_any_form(sk: dict[str, Sketch], flagged: s
 )
 def test_sd3_names_map_to_diffusers(name: str, key: str) -> None:
     assert module_key(name) == key
+
+
+def test_sd3_t5_lines_up_in_a_pipeline_folder_and_a_comfyui_single_file(tmp_path: Path) -> None:
+    """SD3's third text encoder: diffusers' ``text_encoder_3/`` and the single file's
+    ``text_encoders.t5xxl.transformer.`` (all convert_sd3_t5_checkpoint_to_diffusers
+    strips). T5's own names (tests/fixtures/keys/t5_encoder.json), shapes widened so
+    that every matrix is large enough to sketch."""
+    names = json.loads((SD3.parent / "keys" / "t5_encoder.json").read_text())
+    rng = np.random.default_rng(5)
+    sd = {k: rng.standard_normal([4 * d for d in shape]).astype(np.float16) for k, shape in names.items()}
+    pipe = tmp_path / "pipe"
+    (pipe / "text_encoder_3").mkdir(parents=True)
+    (pipe / "model_index.json").write_text(json.dumps(
+        {"_class_name": "StableDiffusion3Pipeline", "text_encoder_3": ["transformers", "T5EncoderModel"]}))
+    save_file(sd, str(pipe / "text_encoder_3" / "model.safetensors"))
+    save_file({f"text_encoders.t5xxl.transformer.{k}": v for k, v in sd.items()}, str(tmp_path / "sd3.safetensors"))
+    folder, single = fingerprint_file(pipe).sketch, fingerprint_file(tmp_path / "sd3.safetensors").sketch
+    assert folder is not None and single is not None
+    assert len(folder) == sum(matrix_shape(v.shape) is not None for v in sd.values()) > 10
+    assert all(k.startswith("te3:") for k in folder.tensors)
+    same(folder, single)
+    assert module_key("lora_te3_encoder_block_0_layer_0_SelfAttention_q") in folder.tensors
