@@ -8,13 +8,17 @@ it, so that the same layer lines up across conventions: a checkpoint tensor
 ``base_model.model.down_blocks.0.attentions.0.proj_in`` all become
 ``unet:down_blocks_0_attentions_0_proj_in``.
 
-A key is ``component:path``: the component (``unet`` for any denoiser, ``te1``/``te2``
-for text encoders, ``vae``) comes from a table of prefixes, else from the path's
+A key is ``component:path``: the component (``unet`` for any denoiser, ``te1``/``te2``/
+``te3`` for text encoders, ``vae``) comes from a table of prefixes, else from the path's
 first word, else is empty; the path is lower-case with every separator turned into
 ``_``. Conventions (the ldm UNet layout of single-file SD 1.x/2.x/XL checkpoints and
 SDXL kohya LoRAs among them) are rows of :data:`modelhash.fingerprint._layouts.RENAMES`.
 A bare name (no component prefix) gets its component from its first words, so a
-LoRA or checkpoint saved without ``transformer.`` or ``unet.`` still lines up.
+LoRA or checkpoint saved without ``transformer.`` or ``unet.`` still lines up, and an
+autoencoder saved alone (``encoder.down.0.block.0.conv1``, ``decoder.up_blocks.0...``,
+``quant_conv``) lines up with the ``vae`` of a full checkpoint. The words are the
+autoencoder's own block names, never a bare ``encoder.``/``decoder.``, which text
+encoders (``encoder.layers``), T5 (``encoder.block``) and speech models also use.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ COMPONENT_PREFIXES: list[tuple[str, str]] = [
     ("diffusion_model.", "unet"),
     ("lora_unet_", "unet"),
     ("lora_transformer_", "unet"),
+    # SimpleTuner's LyCORIS wrapper names the denoiser's modules ``lycoris_`` +
+    # diffusers path (ComfyUI comfy/lora.py model_lora_keys_unet).
+    ("lycoris_", "unet"),
     ("transformer/", "unet"),
     ("transformer.", "unet"),
     ("unet/", "unet"),
@@ -40,8 +47,16 @@ COMPONENT_PREFIXES: list[tuple[str, str]] = [
     ("conditioner.embedders.1.model.", "te2"),
     ("lora_te1_", "te1"),
     ("lora_te2_", "te2"),
+    ("lora_te3_", "te3"),
     ("lora_te_", "te1"),
     ("text_encoders.clip_l.transformer.", "te1"),
+    ("text_encoders.clip_g.transformer.", "te2"),
+    # SD3's T5: Stability / ComfyUI single files, diffusers' third text encoder
+    # (diffusers loaders/single_file_utils.py convert_sd3_t5_checkpoint_to_diffusers
+    # strips the prefix), kohya sd-scripts' lora_sd3 LoRAs.
+    ("text_encoders.t5xxl.transformer.", "te3"),
+    ("text_encoder_3/", "te3"),
+    ("text_encoder_3.", "te3"),
     ("text_encoder_2/", "te2"),
     ("text_encoder_2.", "te2"),
     ("text_encoder/", "te1"),
@@ -68,8 +83,16 @@ _UNET_WORDS = re.compile(
     # diffusion transformers, diffusers (Flux, SD3, PixArt...) and original names
     r"transformer_blocks|single_transformer_blocks|time_text_embed|x_embedder|"
     r"context_embedder|pos_embed|norm_out|proj_out|"
-    r"double_blocks|single_blocks|img_in|txt_in|time_in|vector_in|guidance_in|final_layer|"
+    r"double_blocks|single_blocks|img_in|txt_in|time_in|vector_in|guidance_in|final_layer(?!_norm)|"
     r"joint_blocks|t_embedder|y_embedder)(_|$)"
+)
+_VAE_WORDS = re.compile(
+    # an autoencoder saved alone: the original (ldm) names, then diffusers' AutoencoderKL
+    r"^((encoder|decoder)_(conv_in|conv_out|norm_out|conv_norm_out|"
+    r"down_\d+_(block|downsample)|up_\d+_(block|upsample)|mid_(block|attn)_\d+|"
+    r"down_blocks_\d+_(resnets|downsamplers)|up_blocks_\d+_(resnets|upsamplers)|"
+    r"mid_block_(resnets|attentions))|"
+    r"quant_conv|post_quant_conv)(_|$)"
 )
 _TE_WORDS = re.compile(r"^(text_model_|encoder_layers_\d+_|embeddings_|final_layer_norm)")
 
@@ -96,6 +119,8 @@ def module_key(module: str) -> str:
     if not component:
         if _UNET_WORDS.match(path):
             component = "unet"
+        elif _VAE_WORDS.match(path):
+            component = "vae"
         elif _TE_WORDS.match(path):
             component = "te1"
     if component in ("te1", "te2"):
