@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,6 +17,7 @@ from modelhash.fingerprint import (
     shared_direction,
 )
 from modelhash.fingerprint._project import K
+from modelhash.fingerprint._similarity import THRESHOLDS, calibrated
 
 SHAPES = [(320, 320), (320, 768), (640, 320), (1280, 640)]
 
@@ -265,3 +268,59 @@ def test_a_shared_direction_of_adapters_covers_their_modules() -> None:
     baked = _plus(BASE, (1.0, _values(flagged)))
     m = match(baked, flagged, BASE, shared=shared)
     assert m is not None and m.match == "lora-baked"
+
+
+def _task_family(a: float = 0.8) -> tuple[list[Sketch], Callable[[int, int], Sketch]]:
+    """Fine-tunes of BASE on three tasks: each is its own delta plus ``a`` of its task's.
+
+    Two fine-tunes of one task sit at delta cosine a²/(1 + a²) (0.39), fine-tunes of
+    different tasks near 0: no single shared direction explains it, so removing the
+    references' mean leaves same-task siblings alike. Six references, two per task.
+    """
+    tasks = [_delta(700 + j, BASE, 0.01) for j in range(3)]
+
+    def ft(seed: int, task: int) -> Sketch:
+        return _plus(BASE, (1.0, _delta(seed, BASE, 0.01)), (a, tasks[task]))
+
+    return [ft(720 + i, i % 3) for i in range(6)], ft
+
+
+def test_references_calibrate_the_thresholds_of_their_base() -> None:
+    refs, ft = _task_family()
+    shared = shared_direction(refs, BASE)
+    cal = calibrated(refs, BASE)
+    f, sibling, other = ft(801, 0), ft(802, 0), ft(803, 1)
+    flagged = delta_sketch(f, BASE)[0]
+    # The same-task sibling is the false match the fixed thresholds make...
+    c = compare(sibling, flagged, BASE, shared=shared)
+    assert c.shared_removed and c.cosine is not None and 0.3 < c.cosine < 0.45
+    assert match(sibling, flagged, BASE, shared=shared) is not None
+    # ...and the references show it: their pairs reach that far, so the bar rises.
+    assert cal.shared_cosine > 0.45 and cal.shared_min_coefficient > 0.45
+    assert match(sibling, flagged, BASE, shared=shared, thresholds=cal) is None
+    assert match(other, flagged, BASE, shared=shared, thresholds=cal) is None
+    # Copies and uploads carrying most of the flagged delta still match.
+    m = match(_noise(f, 1e-4, 3), flagged, BASE, shared=shared, thresholds=cal)
+    assert m is not None and m.match == "near-duplicate"
+    own = _values(delta_sketch(f, BASE)[0])
+    merged = _plus(BASE, (0.7, own), (0.3, _values(delta_sketch(other, BASE)[0])))
+    m = match(merged, flagged, BASE, shared=shared, thresholds=cal)
+    assert m is not None and m.match == "derived"
+    # Fixed thresholds untouched by calibration keep their values.
+    assert (cal.near_cosine, cal.carried_coefficient, cal.z) == (
+        THRESHOLDS.near_cosine, THRESHOLDS.carried_coefficient, THRESHOLDS.z)
+
+
+def test_calibration_never_lowers_a_threshold_and_needs_three_references() -> None:
+    independent = [_plus(BASE, (1.0, _delta(900 + i, BASE, 0.01))) for i in range(6)]
+    assert calibrated(independent, BASE) == THRESHOLDS
+    refs, _ft = _task_family()
+    assert calibrated(refs[:2], BASE) == THRESHOLDS
+    # The base and a stranger are not samples of the base's derivatives.
+    assert calibrated([BASE, _model(77), *refs[:2]], BASE) == THRESHOLDS
+    three = calibrated(refs[:3], BASE)
+    for name in ("cosine", "min_coefficient", "lora_cosine", "shared_cosine",
+                 "shared_min_coefficient", "shared_lora_cosine"):
+        assert getattr(three, name) >= getattr(THRESHOLDS, name)
+    # Three references give no shared direction: only the thresholds without it move.
+    assert three.shared_cosine == THRESHOLDS.shared_cosine

@@ -541,6 +541,40 @@ def test_references_remove_what_innocent_fine_tunes_share(
     assert evidence.model_dump().get("shared_direction_removed") is True
 
 
+def test_references_raise_the_thresholds_where_innocent_fine_tunes_are_alike(
+    client: TestClient, keys: dict[str, str], tmp_path: Path
+):
+    """Fine-tunes of three tasks: same-task siblings stay alike after the references'
+    mean is removed (delta cosine 0.3-0.45), which no single shared direction
+    explains. The references show it (two of them per task), and the registry raises
+    this base's thresholds above what they reach, so the sibling is clean while a
+    copy and a 70/30 merge of the flagged fine-tune still match."""
+    b = base_model(450)
+    tasks = [random_delta(b, 451 + j) for j in range(3)]
+
+    def ft(seed: int, task: int) -> dict[str, np.ndarray]:
+        return plus(b, (1.0, random_delta(b, seed)), (0.8, tasks[task]))
+
+    f, other = random_delta(b, 470), random_delta(b, 471)
+    ms = {name: _model(tmp_path, name, sd) for name, sd in {
+        "base": b, "f": plus(b, (1.0, f), (0.8, tasks[0])), "g": ft(472, 0),
+        "f16": cast(plus(b, (1.0, f), (0.8, tasks[0]))),
+        "merge": plus(b, (0.7, f), (0.56, tasks[0]), (0.3, other), (0.24, tasks[1])),
+        **{f"ref{i}": ft(480 + i, i % 3) for i in range(6)},
+    }.items()}
+    _add_base(client, keys, ms["base"], "task-base")
+    for i in range(6):
+        _add_base(client, keys, ms[f"ref{i}"], "public-task-fine-tune")
+    f_id = _flag(client, keys["submitter"], ms["f"])
+
+    def matched(name: str) -> dict[str, str]:
+        return _matched(client, keys, ms[name], f_id)
+
+    assert matched("g") == {}
+    assert matched("f16") == {f_id: "near-duplicate"}
+    assert matched("merge") == {f_id: "derived"}
+
+
 def test_reference_adapters_remove_what_innocent_adapters_share(
     client: TestClient, keys: dict[str, str], tmp_path: Path, engine: Engine
 ):
