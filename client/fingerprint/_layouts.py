@@ -61,6 +61,7 @@ _DIFFUSERS_XLABS = _LORA_CONVERSION + "_convert_xlabs_flux_lora_to_diffusers"
 _GGUF_PY = "gguf-py gguf/tensor_mapping.py TensorNameMap (MODEL_ARCH.LLAMA tensor names)"
 _LLAMA_CPP = "llama.cpp convert_hf_to_gguf.py LlamaModel.permute"
 _TRANSFORMERS = "transformers models/llama/modeling_llama.py LlamaForCausalLM.model"
+_DIFFUSERS_OLD_TE = "diffusers utils/state_dict_utils.py DIFFUSERS_OLD_TO_DIFFUSERS"
 _DIFFUSERS_FUSE = "diffusers models/attention_processor.py Attention.fuse_projections"
 _SD_TO_ORIGINAL = "diffusers scripts/convert_diffusers_to_original_stable_diffusion.py "
 _SDXL_TO_ORIGINAL = "diffusers scripts/convert_diffusers_to_original_sdxl.py "
@@ -312,6 +313,12 @@ RENAMES: list[Rename] = [
     *_sd_vae(),
     *_open_clip("te1"),
     *_open_clip("te2"),
+    # diffusers' older text-encoder LoRAs name CLIP's projections as its attention
+    # processors do (``self_attn.to_q_lora``, ``to_out_lora``).
+    *(row for te in ("te1", "te2") for row in _rows(te, _DIFFUSERS_OLD_TE, [
+        (r"(.*)_self_attn_to_([qkv])", r"\1_self_attn_\2_proj"),
+        (r"(.*)_self_attn_to_out(_0)?", r"\1_self_attn_out_proj"),
+    ])),
     # Autoencoders saved by diffusers before its attention rename.
     *_rows("vae", _DEPRECATED_ATTENTION, [
         (r"(.+)_attentions_(\d+)_query", r"\1_attentions_\2_to_q"),

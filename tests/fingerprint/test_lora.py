@@ -124,6 +124,10 @@ def test_loha_and_lokr_materialised() -> None:
         ("cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj",
          "te1:encoder_layers_0_self_attn_q_proj"),
         ("text_encoder_2.text_model.encoder.layers.0.mlp.fc1", "te2:encoder_layers_0_mlp_fc1"),
+        # diffusers' old text-encoder LoRAs (the reader has already cut ``_lora.up``)
+        ("text_encoder.text_model.encoder.layers.0.self_attn.to_q", "te1:encoder_layers_0_self_attn_q_proj"),
+        ("text_encoder_2.text_model.encoder.layers.3.self_attn.to_out",
+         "te2:encoder_layers_3_self_attn_out_proj"),
         ("base_model.model.model.layers.0.self_attn.q_proj", ":layers_0_self_attn_q_proj"),
         ("model.layers.0.self_attn.q_proj", ":layers_0_self_attn_q_proj"),
     ],
@@ -182,3 +186,28 @@ def test_peft_without_config_notes_the_scale(tmp_path: Path) -> None:
     (peft_path.parent / "adapter_config.json").unlink()
     fp = fingerprint_file(peft_path)
     assert any("alpha unknown" in n for n in fp.notes)
+
+
+def test_old_diffusers_text_encoder_lora_lines_up_with_its_peft_twin(tmp_path: Path) -> None:
+    """diffusers' older text-encoder LoRAs (``self_attn.to_q_lora.up``...) hold the same
+    deltas as PEFT's ``q_proj.lora_B``, under CLIP's own module names."""
+    rng = np.random.default_rng(3)
+    old: dict[str, np.ndarray] = {}
+    peft: dict[str, np.ndarray] = {}
+    prefix = "text_encoder.text_model.encoder.layers.0.self_attn"
+    for diffusers, clip in (("to_q", "q_proj"), ("to_v", "v_proj"), ("to_out", "out_proj")):
+        down = rng.standard_normal((4, 64)).astype(np.float32)
+        up = rng.standard_normal((64, 4)).astype(np.float32)
+        old[f"{prefix}.{diffusers}_lora.down.weight"] = down
+        old[f"{prefix}.{diffusers}_lora.up.weight"] = up
+        peft[f"{prefix}.{clip}.lora_A.weight"] = down
+        peft[f"{prefix}.{clip}.lora_B.weight"] = up
+    save_file(old, tmp_path / "old.safetensors")
+    save_file(peft, tmp_path / "peft.safetensors")
+    a = fingerprint_file(tmp_path / "old.safetensors").sketch
+    b = fingerprint_file(tmp_path / "peft.safetensors").sketch
+    assert a is not None and b is not None and a.kind == b.kind == "lora"
+    assert set(a.tensors) == set(b.tensors) == {
+        f"te1:encoder_layers_0_self_attn_{m}" for m in ("q_proj", "v_proj", "out_proj")}
+    for k, t in a.tensors.items():
+        np.testing.assert_allclose(t.values, b.tensors[k].values, rtol=1e-6)
