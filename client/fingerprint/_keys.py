@@ -96,6 +96,7 @@ _VAE_WORDS = re.compile(
 )
 _TE_WORDS = re.compile(r"^(text_model_|encoder_layers_\d+_|embeddings_|final_layer_norm)")
 
+
 def module_key(module: str) -> str:
     """The canonical key of a module path (no ``.weight`` suffix) in any convention."""
     name = module
