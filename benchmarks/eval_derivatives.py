@@ -884,7 +884,8 @@ def report(rows: list[tuple[Case, object, object]], reps: int, built: float, sco
     n_det = sum(1 for rs in pos.values() for _, _, m in rs if m is not None)
     n_neg = sum(len(v) for v in neg.values())
     n_fp = sum(1 for rs in neg.values() for _, _, m in rs if m is not None)
-    print(f"\nthresholds: z >= {t.z} and (delta cosine >= {t.cosine} with coefficient >= {floor} against a fine-tune, delta cosine >= {lora_cos} against an adapter, or cosine >= {t.carried_cosine} with coefficient in {t.carried_coefficient}); near-duplicate: cosine >= {t.near_cosine} "
+    print(f"\nthresholds (fixed; where a family's references raised them, the calibrated values printed "
+          f"above apply, and the margins below are the fixed thresholds'): z >= {t.z} and (delta cosine >= {t.cosine} with coefficient >= {floor} against a fine-tune, delta cosine >= {lora_cos} against an adapter, or cosine >= {t.carried_cosine} with coefficient in {t.carried_coefficient}); near-duplicate: cosine >= {t.near_cosine} "
           f"and coefficient in {t.near_coefficient}; without a base, raw distance <= {t.raw_distance}; "
           f"tensors align at raw cosine >= {t.pair_cosine}; uploads farther than {t.base_distance} from the base get no delta")
     print(f"detected {n_det}/{n_pos} positives, {n_fp}/{n_neg} false positives")
