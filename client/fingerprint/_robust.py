@@ -30,7 +30,7 @@ references, the direction they share is removed from both shifts first (see
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -43,6 +43,7 @@ __all__ = [
     "InvariantComparison",
     "InvariantThresholds",
     "base_distance",
+    "calibrated_invariant",
     "compare_invariant",
     "match_invariant",
     "pair",
@@ -179,6 +180,38 @@ def shared_shift(samples: list[Spectra], base: Spectra, min_samples: int,
     if used < min_samples:
         return None
     return Spectra({k: Spectrum(k, base.items[k].shape, sums[k] / counts[k]) for k in sums})
+
+
+def calibrated_invariant(
+    samples: list[Spectra], base: Spectra, sigmas: float,
+    thresholds: InvariantThresholds = INVARIANT_THRESHOLDS, max_pairs: int = 120,
+) -> InvariantThresholds:
+    """``thresholds`` with the merge rule's cosine and coefficient raised to at least
+    the mean plus ``sigmas`` standard deviations of the references' pairwise scores,
+    each pair scored with the shared shift of the *other* references removed (the
+    invariant twin of :func:`modelhash.fingerprint._similarity.calibrated`; the
+    merge rule needs a shared shift, so at least four derivatives of ``base``)."""
+    kept = [s for s in samples if 0 < base_distance(s, base) <= thresholds.base_distance]
+    if len(kept) < 4:
+        return thresholds
+    cosines: list[float] = []
+    coefficients: list[float] = []
+    for i in range(len(kept)):
+        for j in range(len(kept)):
+            if i == j or len(cosines) >= max_pairs:
+                continue
+            others = [s for k, s in enumerate(kept) if k not in (i, j)]
+            shared = shared_shift(others, base, 2, thresholds)
+            c = compare_invariant(kept[i], kept[j], base, shared=shared, thresholds=thresholds)
+            if c.cosine is not None and c.coefficient is not None and c.shared_removed:
+                cosines.append(c.cosine)
+                coefficients.append(c.coefficient)
+    if len(cosines) < 2:
+        return thresholds
+    cos = float(np.mean(cosines) + sigmas * np.std(cosines, ddof=1))
+    coef = float(np.mean(coefficients) + sigmas * np.std(coefficients, ddof=1))
+    return replace(thresholds, shared_cosine=max(thresholds.shared_cosine, cos),
+                   shared_min_coefficient=max(thresholds.shared_min_coefficient, coef))
 
 
 @dataclass(frozen=True)

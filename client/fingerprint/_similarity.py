@@ -52,6 +52,8 @@ import numpy.typing as npt
 from modelhash.fingerprint._blocks import BlockName, block_of
 from modelhash.fingerprint._robust import (
     INVARIANT_THRESHOLDS,
+    InvariantThresholds,
+    calibrated_invariant,
     match_invariant,
     shared_shift,
 )
@@ -155,6 +157,8 @@ class Thresholds:
     """Minimum raw cosine for two tensors to be aligned across models."""
     base_distance: float = 0.5
     """An upload farther than this (relative) from the base is not derived from it."""
+    invariant: InvariantThresholds = INVARIANT_THRESHOLDS
+    """The invariant layer's own (see :mod:`modelhash.fingerprint._robust`)."""
 
 
 THRESHOLDS = Thresholds()
@@ -498,6 +502,10 @@ def calibrated(
         )
 
     t = thresholds
+    if base.invariant is not None:
+        spectra = [s.invariant for s, _u in units if s.kind == "model" and s.invariant is not None]
+        t = replace(t, invariant=calibrated_invariant(
+            spectra, base.invariant, CALIBRATION_SIGMAS, t.invariant, CALIBRATION_MAX_PAIRS))
     raw = level(False)
     if raw is not None:
         t = replace(t, cosine=max(t.cosine, raw[0]), min_coefficient=max(t.min_coefficient, raw[1]),
@@ -714,7 +722,7 @@ def _invariant_match(
     """The invariant layer's verdict, when the sketch delta is thin (see
     :mod:`modelhash.fingerprint._robust`): the upload's tensors did not line up
     with the base's, as after a permutation or rotation of its units."""
-    ti = INVARIANT_THRESHOLDS
+    ti = thresholds.invariant
     if (upload.kind != "model" or flagged.kind == "lora" or upload.invariant is None
             or flagged.invariant is None):
         return None
@@ -734,7 +742,7 @@ def _invariant_match(
         return None
     got = match_invariant(
         upload.invariant, flagged.invariant, base.invariant if base is not None else None,
-        shared=shared.invariant if shared is not None else None,
+        shared=shared.invariant if shared is not None else None, thresholds=ti,
     )
     if got is None:
         return None

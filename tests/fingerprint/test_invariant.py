@@ -364,3 +364,44 @@ def test_the_wire_carries_the_layer_and_refuses_a_bad_section_plainly() -> None:
     bad = base64.b64encode(_reblob(3, body[:-7])).decode("ascii")
     with pytest.raises(ValueError, match=r"^sketch: .*invariant section"):
         decode_sketch(bad)
+
+
+def test_references_calibrate_the_invariant_merge_rule() -> None:
+    """Spectral shifts of three tasks: same-task references stay alike once the shared
+    shift of the others is removed, so the merge rule's bar rises above them; with
+    unlike references it stays where it was."""
+    from modelhash.fingerprint._robust import (
+        INVARIANT_THRESHOLDS,
+        calibrated_invariant,
+        match_invariant,
+        shared_shift,
+    )
+
+    rng = np.random.default_rng(11)
+    keys = [f"unet:m{i}" for i in range(12)]
+    base = Spectra({k: Spectrum(k, (64, 64), np.sort(rng.random(TOP))[::-1] * 10 + 1)
+                    for k in keys})
+
+    def shift(seed: int) -> dict[str, np.ndarray]:
+        r = np.random.default_rng(seed)
+        return {k: 1e-3 * r.standard_normal(TOP) for k in keys}
+
+    tasks = [shift(900 + j) for j in range(3)]
+
+    def model(seed: int, task: int | None, a: float = 1.3) -> Spectra:
+        own = shift(seed)
+        return Spectra({k: Spectrum(k, (64, 64), base.items[k].values * (1 + own[k] + (
+            a * tasks[task][k] if task is not None else 0))) for k in keys})
+
+    refs = [model(920 + i, i % 3) for i in range(6)]
+    cal = calibrated_invariant(refs, base, 3.0)
+    assert cal.shared_cosine > 0.55 and cal.shared_min_coefficient > 0.55
+    assert (cal.copy_cosine, cal.z) == (INVARIANT_THRESHOLDS.copy_cosine, INVARIANT_THRESHOLDS.z)
+    shared = shared_shift(refs, base, 4)
+    flagged, sibling = model(950, 0), model(951, 0)
+    assert match_invariant(sibling, flagged, base, shared=shared) is not None
+    assert match_invariant(sibling, flagged, base, shared=shared, thresholds=cal) is None
+    assert match_invariant(flagged, flagged, base, shared=shared, thresholds=cal) is not None
+    unlike = [model(960 + i, None) for i in range(6)]
+    assert calibrated_invariant(unlike, base, 3.0) == INVARIANT_THRESHOLDS
+    assert calibrated_invariant(refs[:3], base, 3.0) == INVARIANT_THRESHOLDS
