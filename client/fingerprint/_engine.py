@@ -325,6 +325,7 @@ def _assemble(
         from modelhash.fingerprint._sketcher import Sketcher
 
         sketcher = Sketcher(model.kind, metadata)
+        sketcher.plan([(p.pf, ns, p.prefix) for p, ns in zip(parts, names, strict=True)])
     for part, pf_names in zip(parts, names, strict=True):
         pf, prefix = part.pf, part.prefix
         formats.add(pf.format)

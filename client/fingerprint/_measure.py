@@ -64,6 +64,41 @@ class Measurer:
         self._keep: SpanCopier | None = None
         self._later: list[str] = []
         self._kept = 0
+        self._chosen: set[str] | None = None
+
+    def plan(self, files: list[tuple[ParsedFile, list[str], str, set[str]]]) -> None:
+        """Choose the measured matrices for the whole model before its first pass:
+        ``files`` are every file's (parsed file, canonical names, prefix, skipped
+        names). A sharded model then measures the same matrices as the single file
+        it was split from (one budget for the model, not one per shard)."""
+        candidates: list[Candidate] = []
+        elements = 0
+        for pf, names, prefix, skip in files:
+            plans, n = self._plans(pf, names, prefix, skip)
+            candidates += [Candidate(p.key, p.rows, mn[1]) for _, _, mn, ps in plans for p in ps]
+            elements += n
+        self._chosen = select(candidates, elements)
+
+    def _plans(
+        self, pf: ParsedFile, names: list[str], prefix: str, skip: set[str]
+    ) -> tuple[list[tuple[str, TensorRecord, tuple[int, int], list[Piece]]], int]:
+        """The measurable matrices of ``pf`` with their pieces, and their element count."""
+        plans: list[tuple[str, TensorRecord, tuple[int, int], list[Piece]]] = []
+        elements = 0
+        for name, t in zip(names, pf.tensors, strict=True):
+            dec = DECODERS.get(t.dtype)
+            if name in skip or dec is None:
+                continue
+            mn = matrix_shape(t.shape)
+            if mn is None:
+                continue
+            m, n = mn
+            if n % dec.block:
+                continue
+            elements += m * n
+            key = module_key(prefix + tensor_module(name))
+            plans.append((prefix + name, t, mn, pieces(key, m, n, self.metadata)))
+        return plans, elements
 
     def work(
         self, pf: ParsedFile, names: list[str], prefix: str, skip: set[str]
@@ -71,32 +106,23 @@ class Measurer:
         """The work item for ``pf``'s pass (None if nothing is measured in it);
         ``skip`` names tensors that are not measured (scaled fp8 weights and their
         scales, whose values are not the stored ones)."""
-        plans: list[tuple[str, TensorRecord, tuple[int, int], list[Piece]]] = []
         spans: dict[str, tuple[int, int]] = {}
-        elements = 0
         for name, t in zip(names, pf.tensors, strict=True):
             dec = DECODERS.get(t.dtype)
-            if name in skip or dec is None:
+            if name in skip or dec is None or matrix_shape(t.shape) is not None:
                 continue
-            full = prefix + name
-            mn = matrix_shape(t.shape)
-            if mn is None:
-                nk = module_key(prefix + tensor_module(name))
-                if (len(t.shape) == 1 and t.shape[0] % dec.block == 0 and is_norm(nk)
-                        and nk not in self._norms):
-                    # Kept whichever file its matrices are in (a shard, a folder).
-                    self._take(full, t, (t.shape[0], 1), spans)
-                    self._norms[nk] = full
-                continue
-            m, n = mn
-            if n % dec.block:
-                continue
-            elements += m * n
-            key = module_key(prefix + tensor_module(name))
-            plans.append((full, t, mn, pieces(key, m, n, self.metadata)))
-        chosen = select(
-            (Candidate(p.key, p.rows, mn[1]) for _, _, mn, ps in plans for p in ps), elements
-        )
+            nk = module_key(prefix + tensor_module(name))
+            if (len(t.shape) == 1 and t.shape[0] % dec.block == 0 and is_norm(nk)
+                    and nk not in self._norms):
+                # Kept whichever file its matrices are in (a shard, a folder).
+                self._take(prefix + name, t, (t.shape[0], 1), spans)
+                self._norms[nk] = prefix + name
+        plans, elements = self._plans(pf, names, prefix, skip)
+        chosen = self._chosen
+        if chosen is None:  # no plan for the whole model: this file alone decides
+            chosen = select(
+                (Candidate(p.key, p.rows, mn[1]) for _, _, mn, ps in plans for p in ps), elements
+            )
         for full, t, mn, ps in plans:
             mine = [p for p in ps if p.key in chosen]
             if not mine:

@@ -124,6 +124,17 @@ class Sketcher:
         # The invariant layer, measured in the same read (checkpoints only).
         self.measurer = None if self.adapter or self.embedding else Measurer(self.metadata)
 
+    def plan(self, files: list[tuple[ParsedFile, list[str], str]]) -> None:
+        """Every file of the model (parsed file, canonical names, prefix), before the
+        first pass: the invariant layer's matrices are chosen for the whole model."""
+        if self.measurer is None:
+            return
+        planned = []
+        for pf, names, prefix in files:
+            named = scale_names(dict(zip(names, pf.tensors, strict=True)))
+            planned.append((pf, names, prefix, set(named) | set(named.values())))
+        self.measurer.plan(planned)
+
     def work(
         self, pf: ParsedFile, names: list[str], prefix: str, folder: Path | None = None
     ) -> list[Work]:

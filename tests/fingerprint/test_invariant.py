@@ -405,3 +405,49 @@ def test_references_calibrate_the_invariant_merge_rule() -> None:
     unlike = [model(960 + i, None) for i in range(6)]
     assert calibrated_invariant(unlike, base, 3.0) == INVARIANT_THRESHOLDS
     assert calibrated_invariant(refs[:3], base, 3.0) == INVARIANT_THRESHOLDS
+
+
+def test_a_sharded_model_measures_the_matrices_of_its_single_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The matrices measured are chosen for the whole model before the first pass, so
+    re-sharding a checkpoint does not change them (one budget, not one per shard)."""
+    import json
+
+    import modelhash.fingerprint._invariant as inv
+    from modelhash.fingerprint._measure import Measurer
+
+    rng = np.random.default_rng(5)
+    shapes = [(48, 40), (64, 48), (96, 64), (40, 40), (128, 96), (56, 48), (80, 72), (64, 64)]
+    sd = {f"model.layers.{i}.mlp.up_proj.weight": rng.standard_normal(s).astype(np.float32)
+          for i, s in enumerate(shapes)}
+    save_file(sd, str(tmp_path / "single.safetensors"))
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    names = sorted(sd)
+    # Cheap matrices in one shard, costly ones in the others: per-shard budgets differ.
+    by_cost = sorted(names, key=lambda k: sd[k].size)
+    groups = [by_cost[:3], by_cost[3:6], by_cost[6:]]
+    wm = {}
+    for i, group in enumerate(groups):
+        shard = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file({k: sd[k] for k in group}, str(folder / shard))
+        wm.update({k: shard for k in group})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+    # A budget that takes about half of the matrices.
+    monkeypatch.setattr(inv, "MACS_BASE", 0.0)
+    monkeypatch.setattr(inv, "MACS_PER_ELEMENT", 30)
+
+    def measured(path: Path) -> dict[str, np.ndarray]:
+        s = fingerprint_file(path).sketch
+        assert s is not None and s.invariant is not None
+        return {k: v.values for k, v in s.invariant.items.items()}
+
+    single, sharded = measured(tmp_path / "single.safetensors"), measured(folder)
+    assert 2 <= len(single) < len(sd)
+    assert set(sharded) == set(single)
+    for k, v in single.items():
+        np.testing.assert_allclose(sharded[k], v, rtol=1e-12)
+    # Without the whole-model plan each shard spends its own budget.
+    monkeypatch.setattr(Measurer, "plan", lambda self, files: None)
+    assert set(measured(folder)) != set(single)
