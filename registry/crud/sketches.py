@@ -46,7 +46,7 @@ Retrieval, two paths, then verification:
   copy shares no band with them: the index keeps their spectra, grouped by the
   matrices they measure (:class:`RawSpectra`, about 11 KB per SD-sized model), and
   a model upload carrying the layer is compared with all of them at once (float32,
-  about 3 ms per 1000 SD-sized flags); the few within
+  3-7 ms per 1000 SD-sized flags); the few within
   :data:`RAW_SPECTRAL_MARGIN` times the copy rule's distance are verified
   (:func:`_raw_invariant_scan`). A flag re-based on a base registered after it
   leaves that index: its delta row, which keeps the invariant layer, takes over.
@@ -1127,7 +1127,7 @@ def find_matches(
         _verify_candidates(session, upload, snap, deltas, candidates, verify_with, skip, best)
     for hit in _invariant_scan(session, upload, snap, deltas, skip | set(best), candidates):
         best[hit.flag_id] = hit
-    for hit in _raw_invariant_scan(session, upload, snap, deltas, skip | set(best), candidates,
+    for hit in _raw_invariant_scan(session, upload, snap, skip | set(best), candidates,
                                    top_k=top_k):
         best[hit.flag_id] = hit
     return sorted(best.values(), key=lambda h: -h.verdict.score)
@@ -1281,7 +1281,7 @@ def _invariant_scan(
 
 
 def _raw_invariant_scan(
-    session: Session, upload: Sketch, snap: Snapshot, deltas: _UploadDeltas,
+    session: Session, upload: Sketch, snap: Snapshot,
     skip: set[str], seen: set[int], *, top_k: int = TOP_K,
 ) -> list[SketchHit]:
     """Matches on the invariant layer against flags stored raw (filed with no base
@@ -1292,7 +1292,8 @@ def _raw_invariant_scan(
     it. Its spectra are retrieved instead: the index keeps them per matrix layout,
     and the rows within :data:`RAW_SPECTRAL_MARGIN` times the copy rule's raw
     distance (at most ``top_k`` per layout, nearest first) are verified, relative
-    to the upload's nearest base as for any raw flag (without one, copies only).
+    to the base the upload's spectra are nearest to, if any (without one, copies
+    only).
     Rows the ordinary paths already verified (``seen``) and flags already matched
     (``skip``) are left out; revoked flags are dropped here, at verification.
     """
@@ -1318,7 +1319,10 @@ def _raw_invariant_scan(
             col(Flag.status) != "revoked",
         )
     )
-    base_id = deltas.nearest()
+    # Relative to the base the upload's spectra are nearest to, as for delta flags,
+    # so that a flag that barely moved from a registered base does not make the
+    # base a copy of it; without one, the copy rule on raw spectra.
+    base_id = _invariant_base(upload, snap.bases)
     base = snap.bases.get(base_id) if base_id is not None else None
     shared = snap.shared.get(base_id, "model") if base_id is not None else None
     thresholds = snap.shared.thresholds(base_id, "model")

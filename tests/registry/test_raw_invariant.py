@@ -71,11 +71,15 @@ def _item(folder: Path, name: str, sd: dict[str, np.ndarray]) -> dict[str, str]:
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, str]]:
     folder = tmp_path_factory.mktemp("raw-invariant-models")
     b = llama(900, **DIMS)
-    f, g, h = (plus(b, (1, random_delta(b, s))) for s in (901, 902, 903))
+    f, g, h, k = (plus(b, (1, random_delta(b, s))) for s in (901, 902, 903, 904))
     sds = {
         "base": b, "f": f, "h": h,
         **_variants("f", f, 10), **_variants("g", g, 10), **_variants("base", b, 20),
         "h-all": everything(h, 30)[0],
+        # A flag that is itself a disguised fine-tune of the base: raw even once the
+        # base is registered (its tensors line up with none of the base's).
+        "k-all": everything(k, 40)[0],
+        "k-rotated-fp16": _half(rotate(permute(k, 41)[0], 42)[0]),
         "stranger": llama(999, **DIMS),
         "stranger-all": everything(llama(999, **DIMS), 10)[0],
     }
@@ -176,6 +180,16 @@ def test_raw_flags_are_found_on_the_invariant_layer_then_through_their_base(
         assert ev["invariant"] is True and ev["base"] == base_name, name
     for name in (*NEGATIVES, "stranger", "stranger-all"):
         assert found(name) is None, name
+
+    # Filed after the base, disguised: stored raw, and judged relative to the base
+    # its copies' spectra are nearest to, so the base itself is not a copy of it.
+    k_id = _flag(client, keys, models["k-all"])
+    ((kind, base_id, _k),) = _rows(engine, k_id)
+    assert kind == "model" and base_id is None
+    got = found("k-rotated-fp16", k_id)
+    assert got is not None and got[1]["layer"] == "invariant" and got[1]["base"] == base_name
+    for name in ("base-all", "base-all-fp16", "g-all-fp16", "f-all-fp16", "base"):
+        assert found(name, k_id) is None, name
 
 
 def test_the_spectra_index_pairs_by_key_and_needs_half_the_matrices(

@@ -157,15 +157,15 @@ def rescale_norms(sd: StateDict, seed: int) -> tuple[StateDict, np.ndarray]:
     return out, np.eye(d)
 
 
-def scale_qk(sd: StateDict, seed: int) -> tuple[StateDict, np.ndarray]:
-    """Each head's queries multiplied by a random factor and its keys divided by it
-    (the attention logits do not change)."""
+def scale_qk(sd: StateDict, seed: int, spread: float = 0.7) -> tuple[StateDict, np.ndarray]:
+    """Each head's queries multiplied by a random factor exp(spread N(0, 1)) and its
+    keys divided by it (the attention logits do not change)."""
     rng = np.random.default_rng(seed)
     d, _ = _dims(sd)
     out = dict(sd)
     for i in _layers(sd):
         p = f"model.layers.{i}."
-        c = np.repeat(np.exp(0.7 * rng.standard_normal(HEADS)), d // HEADS)[:, None]
+        c = np.repeat(np.exp(spread * rng.standard_normal(HEADS)), d // HEADS)[:, None]
         out[p + "self_attn.q_proj.weight"] = _f32(sd[p + "self_attn.q_proj.weight"] * c)
         out[p + "self_attn.k_proj.weight"] = _f32(sd[p + "self_attn.k_proj.weight"] / c)
     return out, np.eye(d)
