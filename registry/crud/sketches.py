@@ -494,7 +494,7 @@ class SketchIndex:
     modules: dict[str, frozenset[str]] = field(default_factory=dict)
     shared: SharedDirections = field(default_factory=lambda: SharedDirections({}, {}))
     raw: dict[RawKey, RawSpectra] = field(default_factory=dict)
-    raw_flags: dict[str, RawKey] = field(default_factory=dict)
+    raw_flags: dict[str, set[RawKey]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     counted_at: float = -math.inf
 
@@ -615,7 +615,7 @@ class SketchIndex:
                                       for k, sp in spectra.items.items()))
                 key: RawKey = (spectra.algorithm, layout)
                 self.raw.setdefault(key, RawSpectra(layout)).add(int(sid), owner, spectra)
-                self.raw_flags[owner] = key
+                self.raw_flags.setdefault(owner, set()).add(key)
         if not self.raw_flags:
             return
         rebased = set(session.execute(
@@ -626,7 +626,8 @@ class SketchIndex:
         ).scalars().all()) & self.raw_flags.keys()
         groups: dict[RawKey, set[str]] = {}
         for flag_id in rebased:
-            groups.setdefault(self.raw_flags.pop(flag_id), set()).add(flag_id)
+            for key in self.raw_flags.pop(flag_id):
+                groups.setdefault(key, set()).add(flag_id)
         for key, flags in groups.items():
             self.raw[key].drop(flags)
 
