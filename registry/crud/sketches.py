@@ -164,8 +164,8 @@ RAW_SPECTRAL_MARGIN = 2.0
 this multiple of the copy rule's raw distance
 (:attr:`~modelhash.fingerprint._robust.InvariantThresholds.raw_distance`) of its
 own, measured over the matrices that pair by key. The distance is exact over those
-matrices; the margin covers what the verifier's pairing by spectrum (renamed or
-reordered matrices of one shape) can move it."""
+matrices; the margin covers the matrices the verifier goes on to pair by spectrum
+within a shape (those whose keys did not pair), which move its pooled distance."""
 
 _SIG_DOMAIN = b"modelhash/registry/signature/v2\x00"
 _SCAN_ROWS = 4096
