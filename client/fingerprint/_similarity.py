@@ -734,7 +734,13 @@ def _invariant_match(
         if c.coverage >= ti.thin_coverage and trusted:
             return None
     if base is None and c.raw_coverage >= thresholds.raw_coverage:
-        return None
+        # Without a base the raw sketches stand in for the delta: they are trusted
+        # when they moved about as much as the spectra did. Scales moved across a
+        # norm or between queries and keys keep every tensor aligned but move it
+        # far (raw distance 0.3-0.5 for a copy whose spectra moved by 1e-8).
+        raw_spectral = spectral_distance(upload.invariant, flagged.invariant)
+        if c.raw_distance is not None and c.raw_distance <= ti.sketch_ratio * raw_spectral:
+            return None
     algorithms = {upload.invariant.algorithm, flagged.invariant.algorithm}
     if base is not None and base.invariant is not None:
         algorithms.add(base.invariant.algorithm)

@@ -38,6 +38,18 @@ Retrieval, two paths, then verification:
   ``sketch_band``, indexed: the flags sharing a band with the upload, most bands
   first. Sign bits only keep pairs at high cosine, which is what a raw
   near-duplicate (or the same adapter re-saved) is.
+- **Invariant layer.** For a model upload whose sketch delta from its base is thin
+  (units permuted, residual stream rotated, scales moved), the base is found by
+  spectra and every delta flag on it that carries the invariant layer is verified
+  (:func:`_invariant_scan`, linear in that base's flags). Raw model flags (filed
+  with no base near them, and not re-based since) are in no bank, and a disguised
+  copy shares no band with them: the index keeps their spectra, grouped by the
+  matrices they measure (:class:`RawSpectra`, about 11 KB per SD-sized model), and
+  a model upload carrying the layer is compared with all of them at once (float32,
+  3-7 ms per 1000 SD-sized flags); the few within
+  :data:`RAW_SPECTRAL_MARGIN` times the copy rule's distance are verified
+  (:func:`_raw_invariant_scan`). A flag re-based on a base registered after it
+  leaves that index: its delta row, which keeps the invariant layer, takes over.
 
 Each candidate is then verified with :func:`modelhash.fingerprint._similarity.match`,
 the code the client ships. A stored blob that does not parse, or a verifier that
@@ -52,6 +64,7 @@ import math
 import struct
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -63,6 +76,8 @@ from sqlalchemy import Engine, func
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
+from modelhash.fingerprint._invariant import Spectra
+from modelhash.fingerprint._project import K
 from modelhash.fingerprint._robust import INVARIANT_THRESHOLDS
 from modelhash.fingerprint._robust import base_distance as spectral_distance
 from modelhash.fingerprint._similarity import (
@@ -77,7 +92,14 @@ from modelhash.fingerprint._similarity import (
 )
 from modelhash.fingerprint._similarity import Match as Verdict
 from modelhash.fingerprint._similarity import match as verify
-from modelhash.fingerprint._sketch import Sketch, TensorSketch
+from modelhash.fingerprint._sketch import (
+    KINDS,
+    MAGIC,
+    MAX_BLOB,
+    Sketch,
+    TensorSketch,
+    value_dtype,
+)
 from modelhash.registry.crud._stacked import Stacked, pooled_cosine, stack_blob, stack_sketch
 from modelhash.registry.errors import ReferenceBaseConflict
 from modelhash.registry.models import Flag, ReferenceBase, SketchBand, SketchRow, SketchSignature
@@ -85,16 +107,19 @@ from modelhash.registry.models import Flag, ReferenceBase, SketchBand, SketchRow
 __all__ = [
     "CARRIED_WINDOW",
     "FLOOR",
+    "RAW_SPECTRAL_MARGIN",
     "SIG_BITS",
     "SIG_BYTES",
     "TOP_K",
     "BankView",
     "PreparedSketch",
+    "RawSpectra",
     "SharedDirections",
     "Signature",
     "SketchHit",
     "SketchIndex",
     "Snapshot",
+    "blob_spectra",
     "estimate",
     "find_matches",
     "index_for",
@@ -134,9 +159,17 @@ PREFILTER_MARGIN = 0.5
 cosine any delta verdict accepts is not sent to the full verifier."""
 LORA_COVERAGE = 0.5
 """Share of an adapter's modules a base must have (same key and shape) to be its base."""
+RAW_SPECTRAL_MARGIN = 2.0
+"""A raw flag is verified on its invariant layer when the upload's spectra are within
+this multiple of the copy rule's raw distance
+(:attr:`~modelhash.fingerprint._robust.InvariantThresholds.raw_distance`) of its
+own, measured over the matrices that pair by key. The distance is exact over those
+matrices; the margin covers the matrices the verifier goes on to pair by spectrum
+within a shape (those whose keys did not pair), which move its pooled distance."""
 
 _SIG_DOMAIN = b"modelhash/registry/signature/v2\x00"
 _SCAN_ROWS = 4096
+_RAW_BATCH = 32
 F32 = npt.NDArray[np.float32]
 U64 = npt.NDArray[np.uint64]
 
@@ -307,6 +340,144 @@ class BankView:
     ids: npt.NDArray[np.int64]
 
 
+RawKey = tuple[str, tuple[tuple[str, int, int, int], ...]]
+"""(invariant algorithm, per measured matrix its key, rows, columns and values kept)."""
+
+
+def blob_spectra(blob: bytes) -> Spectra | None:
+    """The invariant layer of a stored sketch blob, None if it has none (before version
+    3), without building the per-tensor sketches; ValueError if malformed."""
+    if blob[:4] != MAGIC or len(blob) < 6:
+        raise ValueError("not a modelhash sketch")
+    if blob[4] != 3:
+        return None
+    body = blob[6:]
+    if blob[5]:
+        d = zlib.decompressobj()
+        try:
+            body = d.decompress(body, MAX_BLOB)
+        except zlib.error as exc:
+            raise ValueError(f"corrupt sketch: {exc}") from None
+        if d.unconsumed_tail or not d.eof:
+            raise ValueError("truncated or oversized sketch")
+    try:
+        pos = 1 + body[0]
+        kind, count = struct.unpack_from("<BI", body, pos)
+        pos += 5
+        width = np.dtype(value_dtype(3, KINDS[kind])).itemsize * K * K
+        for _ in range(count):
+            (klen,) = struct.unpack_from("<H", body, pos)
+            pos += 2 + klen + 12 + width
+    except (IndexError, struct.error):
+        raise ValueError("truncated sketch") from None
+    if pos > len(body):
+        raise ValueError("truncated sketch")
+    return Spectra.from_section(memoryview(body)[pos:])
+
+
+class RawSpectra:
+    """The invariant layers of raw model flags that measure the same matrices.
+
+    Row i holds one stored sketch's singular values, one matrix per ``layout``
+    entry, zero-padded to the longest (float32, as stored), and each matrix's
+    squared norm.
+    """
+
+    def __init__(self, layout: tuple[tuple[str, int, int, int], ...]) -> None:
+        self.layout = layout
+        self.width = max((n for *_, n in layout), default=0)
+        self.values: F32 = np.zeros((0, len(layout), self.width), dtype=np.float32)
+        self.norms: npt.NDArray[np.float64] = np.zeros((0, len(layout)))
+        self.ids: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
+        self.flags: list[str] = []
+        self.n = 0
+
+    def add(self, sid: int, flag_id: str, spectra: Spectra) -> None:
+        if self.n == len(self.ids):
+            cap = max(2 * self.n, 64)
+            values = np.zeros((cap, len(self.layout), self.width), dtype=np.float32)
+            values[: self.n] = self.values[: self.n]
+            norms = np.zeros((cap, len(self.layout)))
+            norms[: self.n] = self.norms[: self.n]
+            ids = np.zeros(cap, dtype=np.int64)
+            ids[: self.n] = self.ids[: self.n]
+            self.values, self.norms, self.ids = values, norms, ids
+        for m, (key, *_shape, n) in enumerate(self.layout):
+            v = spectra.items[key].values
+            self.values[self.n, m, :n] = v
+            self.norms[self.n, m] = float(v @ v)
+        self.ids[self.n] = sid
+        self.flags.append(flag_id)
+        self.n += 1
+
+    def drop(self, flag_ids: set[str]) -> None:
+        """Remove the rows of ``flag_ids`` (into new arrays: views stay valid)."""
+        keep = np.array([f not in flag_ids for f in self.flags[: self.n]], dtype=bool)
+        self.values = self.values[: self.n][keep]
+        self.norms = self.norms[: self.n][keep]
+        self.ids = self.ids[: self.n][keep]
+        self.flags = [f for f, k in zip(self.flags, keep, strict=True) if k]
+        self.n = len(self.flags)
+
+    def view(self) -> RawSpectraView:
+        return RawSpectraView(self.layout, self.values[: self.n], self.norms[: self.n],
+                              self.ids[: self.n])
+
+
+@dataclass(frozen=True)
+class RawSpectraView:
+    """A consistent read-only view of one :class:`RawSpectra`."""
+
+    layout: tuple[tuple[str, int, int, int], ...]
+    values: F32
+    norms: npt.NDArray[np.float64]
+    ids: npt.NDArray[np.int64]
+
+    def near(self, upload: Spectra, *, radius: float, top_k: int = TOP_K) -> list[int]:
+        """Sketch ids of the rows whose spectra are within ``radius`` of the upload's,
+        nearest first, at most ``top_k``.
+
+        Measured as :func:`~modelhash.fingerprint._robust.base_distance` measures it,
+        over the matrices that pair by key (same key and shape, within the pair
+        distance); a row qualifies only if as many pair as the copy rule needs (half
+        its matrices, and at least ``min_matrices``). Differences are taken in
+        float32, in which both sides are stored, so a copy's tiny distance keeps
+        its relative precision.
+        """
+        t = INVARIANT_THRESHOLDS
+        present: list[int] = []
+        u = np.zeros((len(self.layout), self.values.shape[2]), dtype=np.float32)
+        for m, (key, rows, columns, n) in enumerate(self.layout):
+            s = upload.items.get(key)
+            if s is not None and s.shape == (rows, columns) and len(s.values) == n and n:
+                present.append(m)
+                u[m, :n] = s.values
+        need = max(t.min_matrices, 0.5 * len(self.layout))
+        if not len(self.ids) or len(present) < need:
+            return []
+        everything = len(present) == len(self.layout)
+        pm = np.asarray(present)
+        if not everything:
+            u = u[pm]
+        dist = np.full(len(self.ids), np.inf)
+        limit = t.pair_distance**2
+        for lo in range(0, len(self.ids), _SCAN_ROWS // 16):
+            block = self.values[lo : lo + _SCAN_ROWS // 16]
+            d = (block if everything else block[:, pm]) - u
+            dd = np.einsum("nml,nml->nm", d, d).astype(np.float64)
+            bb = self.norms[lo : lo + len(block)]
+            if not everything:
+                bb = bb[:, pm]
+            paired = (bb > 0) & (dd <= limit * bb)
+            num = np.where(paired, dd, 0.0).sum(axis=1)
+            den = np.where(paired, bb, 0.0).sum(axis=1)
+            ok = (paired.sum(axis=1) >= need) & (den > 0)
+            dist[lo : lo + len(block)] = np.where(ok, np.sqrt(num / np.where(ok, den, 1.0)),
+                                                  np.inf)
+        order = np.argsort(dist, kind="stable")[:top_k]
+        return [int(self.ids[i]) for i in order if dist[i] <= radius]
+
+
 BankKey = tuple[str, str | None]
 """(base id, digest of the adapter modules the bank's rows cover, or None for deltas)."""
 
@@ -322,6 +493,8 @@ class SketchIndex:
     banks: dict[BankKey, _Bank] = field(default_factory=dict)
     modules: dict[str, frozenset[str]] = field(default_factory=dict)
     shared: SharedDirections = field(default_factory=lambda: SharedDirections({}, {}))
+    raw: dict[RawKey, RawSpectra] = field(default_factory=dict)
+    raw_flags: dict[str, set[RawKey]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     counted_at: float = -math.inf
 
@@ -357,6 +530,7 @@ class SketchIndex:
             if not incremental:
                 self.max_id = self.count = 0
                 self.bases, self.adapters, self.banks, self.modules = {}, {}, {}, {}
+                self.raw, self.raw_flags = {}, {}
             known = (len(self.bases), len(self.adapters))
             self._load(session, after=self.max_id, upto=top)
             self.max_id, self.count = top, count
@@ -409,6 +583,53 @@ class SketchIndex:
                 np.asarray(ids, dtype=np.int64), bits.astype(np.uint64),
                 np.asarray(norms, dtype=np.float32),
             )
+        self._load_raw_spectra(session, after=after, upto=upto)
+
+    def _load_raw_spectra(self, session: Session, *, after: int, upto: int) -> None:
+        """Add the spectra of raw model flags stored in (after, upto]; drop the flags
+        re-based since (a base registered after them: the delta row takes over)."""
+        raw_ids = session.execute(
+            sa_select(col(SketchRow.id)).where(
+                col(SketchRow.owner_type) == "flag", col(SketchRow.kind) == "model",
+                col(SketchRow.base_id).is_(None), col(SketchRow.id) > after,
+                col(SketchRow.id) <= upto,
+            ).order_by(col(SketchRow.id))
+        ).scalars().all()
+        # Blobs in small batches: a full reload never holds many at once.
+        for lo in range(0, len(raw_ids), _RAW_BATCH):
+            batch = raw_ids[lo : lo + _RAW_BATCH]
+            rows = session.execute(
+                sa_select(col(SketchRow.id), col(SketchRow.owner_id), col(SketchRow.blob))
+                .where(col(SketchRow.id).in_(batch)).order_by(col(SketchRow.id))
+            )
+            for sid, owner, blob in rows:
+                try:
+                    spectra = blob_spectra(blob)
+                except ValueError:
+                    _log.warning("sketch %s of flag %s has an unreadable blob; skipped",
+                                 sid, owner)
+                    continue
+                if spectra is None or not len(spectra):
+                    continue
+                layout = tuple(sorted((k, *sp.shape, len(sp.values))
+                                      for k, sp in spectra.items.items()))
+                key: RawKey = (spectra.algorithm, layout)
+                self.raw.setdefault(key, RawSpectra(layout)).add(int(sid), owner, spectra)
+                self.raw_flags.setdefault(owner, set()).add(key)
+        if not self.raw_flags:
+            return
+        rebased = set(session.execute(
+            sa_select(col(SketchRow.owner_id)).where(
+                col(SketchRow.owner_type) == "flag", col(SketchRow.kind) == "delta",
+                col(SketchRow.id) > after, col(SketchRow.id) <= upto,
+            )
+        ).scalars().all()) & self.raw_flags.keys()
+        groups: dict[RawKey, set[str]] = {}
+        for flag_id in rebased:
+            for key in self.raw_flags.pop(flag_id):
+                groups.setdefault(key, set()).add(flag_id)
+        for key, flags in groups.items():
+            self.raw[key].drop(flags)
 
     def _modules_of(self, session: Session, sid: int, base_id: str) -> frozenset[str] | None:
         """The module keys of an adapter bank, read from one of its sketches."""
@@ -430,6 +651,7 @@ class SketchIndex:
             return Snapshot(
                 dict(self.bases), {b: bank.view() for b, bank in self.banks.items()},
                 dict(self.modules), dict(self.adapters), self.shared,
+                {k: g.view() for k, g in self.raw.items() if g.n},
             )
 
 
@@ -516,6 +738,7 @@ class Snapshot:
     modules: dict[str, frozenset[str]]
     adapters: dict[str, tuple[str, Sketch]] = field(default_factory=dict)
     shared: SharedDirections = field(default_factory=lambda: SharedDirections({}, {}))
+    raw_spectra: dict[RawKey, RawSpectraView] = field(default_factory=dict)
 
 
 _INDEXES: dict[str, SketchIndex] = {}
@@ -905,6 +1128,9 @@ def find_matches(
         _verify_candidates(session, upload, snap, deltas, candidates, verify_with, skip, best)
     for hit in _invariant_scan(session, upload, snap, deltas, skip | set(best), candidates):
         best[hit.flag_id] = hit
+    for hit in _raw_invariant_scan(session, upload, snap, skip | set(best), candidates,
+                                   top_k=top_k):
+        best[hit.flag_id] = hit
     return sorted(best.values(), key=lambda h: -h.verdict.score)
 
 
@@ -1043,6 +1269,72 @@ def _invariant_scan(
         try:
             flagged = _DECODED.get(int(sid), blob)
             verdict = verify(upload, flagged, base, base_name=name, shared=shared,
+                             thresholds=thresholds)
+        except Exception:
+            _log.exception("sketch %s of flag %s could not be compared; skipped", sid, flag_id)
+            continue
+        if verdict is None or not verdict.evidence.get("invariant"):
+            continue
+        prev = out.get(flag_id)
+        if prev is None or verdict.score > prev.verdict.score:
+            out[flag_id] = SketchHit(flag_id, category, severity, status, verdict)
+    return list(out.values())
+
+
+def _raw_invariant_scan(
+    session: Session, upload: Sketch, snap: Snapshot,
+    skip: set[str], seen: set[int], *, top_k: int = TOP_K,
+) -> list[SketchHit]:
+    """Matches on the invariant layer against flags stored raw (filed with no base
+    near them), for a model upload that carries the layer.
+
+    Such a flag is in no signature bank, and a copy of it whose units were permuted,
+    whose residual stream was rotated or whose scales were moved shares no band with
+    it. Its spectra are retrieved instead: the index keeps them per matrix layout,
+    and the rows within :data:`RAW_SPECTRAL_MARGIN` times the copy rule's raw
+    distance (at most ``top_k`` per layout, nearest first) are verified, relative
+    to the base the upload's spectra are nearest to, if any (without one, copies
+    only).
+    Rows the ordinary paths already verified (``seen``) and flags already matched
+    (``skip``) are left out; revoked flags are dropped here, at verification.
+    """
+    if upload.kind != "model" or upload.invariant is None or not snap.raw_spectra:
+        return []
+    radius = RAW_SPECTRAL_MARGIN * INVARIANT_THRESHOLDS.raw_distance
+    near: list[int] = []
+    for (algorithm, _layout), view in snap.raw_spectra.items():
+        if algorithm == upload.invariant.algorithm:
+            near.extend(i for i in view.near(upload.invariant, radius=radius, top_k=top_k)
+                        if i not in seen)
+    if not near:
+        return []
+    rows = session.execute(
+        sa_select(
+            col(SketchRow.id), col(SketchRow.blob), col(Flag.id), col(Flag.category),
+            col(Flag.severity), col(Flag.status),
+        )
+        .join(Flag, col(Flag.id) == col(SketchRow.owner_id))
+        .where(
+            col(SketchRow.id).in_(sorted(near)),
+            col(SketchRow.owner_type) == "flag",
+            col(Flag.status) != "revoked",
+        )
+    )
+    # Relative to the base the upload's spectra are nearest to, as for delta flags,
+    # so that a flag that barely moved from a registered base does not make the
+    # base a copy of it; without one, the copy rule on raw spectra.
+    base_id = _invariant_base(upload, snap.bases)
+    base = snap.bases.get(base_id) if base_id is not None else None
+    shared = snap.shared.get(base_id, "model") if base_id is not None else None
+    thresholds = snap.shared.thresholds(base_id, "model")
+    out: dict[str, SketchHit] = {}
+    for sid, blob, flag_id, category, severity, status in rows:
+        if flag_id in skip:
+            continue
+        try:
+            flagged = _DECODED.get(int(sid), blob)
+            verdict = verify(upload, flagged, base[1] if base else None,
+                             base_name=base[0] if base else None, shared=shared,
                              thresholds=thresholds)
         except Exception:
             _log.exception("sketch %s of flag %s could not be compared; skipped", sid, flag_id)

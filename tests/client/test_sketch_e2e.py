@@ -6,6 +6,8 @@ import json
 import uuid
 from pathlib import Path
 
+import numpy as np
+
 from modelhash import RegistryClient
 from modelhash.fingerprint import fingerprint_path
 from tests.client.conftest import LiveRegistry
@@ -72,3 +74,36 @@ def test_cli_finds_derivatives_through_sketches(
     with RegistryClient(live_registry.url, api_key=live_registry.reader) as sdk:
         (r,) = sdk.check([o.fingerprint])
     assert r.verdict == "match" and r.matches[0].match == "derived"
+
+
+def test_cli_finds_a_disguised_copy_of_a_flag_filed_without_a_base(
+    live_registry: LiveRegistry, tmp_path: Path
+) -> None:
+    """No base is registered for this architecture: the flag is stored raw, and its
+    copy with its units and heads permuted, its residual stream rotated and cast to
+    float16 is found on the invariant layer through ``modelhash check``; a sibling
+    changed the same way is not."""
+    from tests.utils.invariant_models import llama, permute, rotate
+
+    def disguised(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return cast(rotate(permute(sd, 7)[0], 8)[0])
+
+    reader = live_registry.cli(live_registry.reader)
+    submitter = live_registry.cli(live_registry.submitter)
+    b = llama(1100, d=36, f=100)
+    f, g = plus(b, (1.0, random_delta(b, 1101))), plus(b, (1.0, random_delta(b, 1102)))
+    paths = {
+        "f": write(tmp_path, "f", f),
+        "f-all16": write(tmp_path, "f-all16", disguised(f)),
+        "g-all16": write(tmp_path, "g-all16", disguised(g)),
+    }
+    out = submitter("flag", paths["f"], "--category", "other", "--json")
+    assert out.exit_code == 0, out.stderr
+    flag_id = json.loads(out.stdout)["id"]
+    out = reader("check", "--json", paths["f-all16"], paths["g-all16"])
+    assert out.exit_code == 1, out.stderr
+    results = json.loads(out.stdout)["results"]
+    assert [r["verdict"] for r in results] == ["match", "clean"]
+    (m,) = results[0]["matches"]
+    assert m["flag_id"] == flag_id and m["match"] == "near-duplicate"
+    assert m["evidence"]["layer"] == "invariant" and m["evidence"]["invariant"] is True

@@ -451,3 +451,43 @@ def test_a_sharded_model_measures_the_matrices_of_its_single_file(
     # Without the whole-model plan each shard spends its own budget.
     monkeypatch.setattr(Measurer, "plan", lambda self, files: None)
     assert set(measured(folder)) != set(single)
+
+
+def test_without_a_base_copies_are_found_on_the_invariant_layer_whatever_changed(
+    tmp_path: Path,
+) -> None:
+    """Without a base: a copy whose tensors no longer line up (permuted, rotated) and
+    one whose tensors line up but moved far (scales moved across a norm or between
+    queries and keys) are both copies on the invariant layer; a sibling or the base
+    changed the same way is not."""
+    from modelhash.fingerprint import match
+    from tests.utils.invariant_models import (
+        everything,
+        llama,
+        permute,
+        rescale_norms,
+        rotate,
+        scale_qk,
+    )
+    from tests.utils.sketch_models import plus, random_delta
+
+    b = llama(40)
+    f, g = plus(b, (1, random_delta(b, 41))), plus(b, (1, random_delta(b, 42)))
+    flagged = _sk(tmp_path, "f", f)
+    got = match(_sk(tmp_path, "f16", {k: v.astype(np.float16) for k, v in f.items()}), flagged)
+    assert got is not None and got.evidence["layer"] == "sketch"  # a plain cast: the sketch
+    for i, change in enumerate((permute, rotate, rescale_norms, scale_qk, everything)):
+        for half in (False, True):
+            def sk(sd: dict[str, np.ndarray], who: str) -> Sketch:
+                out, _q = change(sd, 50 + i)
+                if half:
+                    out = {k: v.astype(np.float16) for k, v in out.items()}
+                return _sk(tmp_path, f"{who}-{i}-{half}", out)
+
+            name = f"{change.__name__}{' fp16' if half else ''}"
+            got = match(sk(f, "f"), flagged)
+            assert got is not None and got.match == "near-duplicate", name
+            assert got.evidence["layer"] == "invariant" and got.evidence["invariant"] is True
+            assert float(got.evidence["raw_distance"]) <= 1e-4, name  # type: ignore[arg-type]
+            assert match(sk(g, "g"), flagged) is None, name
+            assert match(sk(b, "b"), flagged) is None, name

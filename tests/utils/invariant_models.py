@@ -1,8 +1,11 @@
 """Small Llama-shaped models, and the function-preserving changes a re-uploader makes.
 
-Written with numpy only: a base with norms, and the same weights with the feed-forward units and the residual stream permuted
-and the norm scales moved into the matrices that read them. Fine-tunes and merges of
-them use :mod:`tests.utils.sketch_models` (``random_delta``, ``plus``).
+Written with numpy only: a base with norms; :func:`disguise`, the same weights with
+the feed-forward units and the residual stream permuted and the norm scales moved
+into the matrices that read them; and each such change on its own (:func:`permute`,
+:func:`rotate`, :func:`rescale_norms`, :func:`scale_qk`, :func:`everything`), with a
+forward pass (:func:`forward`) to check that they keep the function. Fine-tunes and
+merges of them use :mod:`tests.utils.sketch_models` (``random_delta``, ``plus``).
 """
 
 from __future__ import annotations
@@ -64,3 +67,148 @@ def disguise(sd: StateDict, seed: int) -> StateDict:
                 w = w[:, res]
             out[p + name + ".weight"] = np.ascontiguousarray(w, dtype=np.float32)
     return out
+
+
+# Each change below, one at a time, as ``eval_invariant.py`` applies them with torch
+# (``llm_ffn``, ``llm_heads``, ``_llm_residual``, ``llm_norm_rescale``,
+# ``llm_qk_scale``). Each returns the new state dict and the map ``q`` it applied to
+# the residual stream (the identity when untouched): the new model on ``x @ q.T``
+# computes the old one's output times ``q.T`` (see :func:`forward`).
+
+HEADS = 4
+_READERS = {"input_layernorm": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
+_WRITERS = ("self_attn.o_proj", "mlp.down_proj")
+
+
+def _layers(sd: StateDict) -> list[str]:
+    return sorted({k.split(".")[2] for k in sd})
+
+
+def _dims(sd: StateDict) -> tuple[int, int]:
+    up = sd["model.layers.0.mlp.up_proj.weight"]
+    return up.shape[1], up.shape[0]
+
+
+def _f32(w: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(w, dtype=np.float32)
+
+
+def permute(sd: StateDict, seed: int) -> tuple[StateDict, np.ndarray]:
+    """Feed-forward units and attention heads permuted per layer, and the residual
+    stream's channels permuted (the norms' scales follow their channels)."""
+    rng = np.random.default_rng(seed)
+    d, f = _dims(sd)
+    hd = d // HEADS
+    out = dict(sd)
+    for i in _layers(sd):
+        p = f"model.layers.{i}."
+        unit = rng.permutation(f)
+        heads = (rng.permutation(HEADS)[:, None] * hd + np.arange(hd)).reshape(-1)
+        for name in ("mlp.gate_proj", "mlp.up_proj"):
+            out[p + name + ".weight"] = _f32(sd[p + name + ".weight"][unit])
+        out[p + "mlp.down_proj.weight"] = _f32(sd[p + "mlp.down_proj.weight"][:, unit])
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            out[p + name + ".weight"] = _f32(sd[p + name + ".weight"][heads])
+        out[p + "self_attn.o_proj.weight"] = _f32(sd[p + "self_attn.o_proj.weight"][:, heads])
+    q = np.eye(d)[rng.permutation(d)]
+    return _residual(out, q, fold=False), q
+
+
+def rotate(sd: StateDict, seed: int) -> tuple[StateDict, np.ndarray]:
+    """The residual stream rotated by a random orthogonal matrix, each norm's scale
+    folded into the matrices reading it first (an RMSNorm commutes with a rotation
+    only when its scale is 1)."""
+    rng = np.random.default_rng(seed)
+    d, _ = _dims(sd)
+    q, r = np.linalg.qr(rng.standard_normal((d, d)))
+    q = q * np.sign(np.diagonal(r))
+    return _residual(sd, q, fold=True), q
+
+
+def _residual(sd: StateDict, q: np.ndarray, *, fold: bool) -> StateDict:
+    out = dict(sd)
+    for i in _layers(sd):
+        p = f"model.layers.{i}."
+        for norm, readers in _READERS.items():
+            g = sd[p + norm + ".weight"].astype(np.float64)
+            for name in readers:
+                w = sd[p + name + ".weight"].astype(np.float64) * (g if fold else 1.0)
+                out[p + name + ".weight"] = _f32(w @ q.T)
+            out[p + norm + ".weight"] = _f32(np.ones_like(g) if fold else np.abs(q) @ g)
+        for name in _WRITERS:
+            out[p + name + ".weight"] = _f32(q @ sd[p + name + ".weight"].astype(np.float64))
+    return out
+
+
+def rescale_norms(sd: StateDict, seed: int) -> tuple[StateDict, np.ndarray]:
+    """Each norm's scale multiplied per channel, the matrices reading it divided."""
+    rng = np.random.default_rng(seed)
+    d, _ = _dims(sd)
+    out = dict(sd)
+    for i in _layers(sd):
+        p = f"model.layers.{i}."
+        for norm, readers in _READERS.items():
+            g = sd[p + norm + ".weight"].astype(np.float64)
+            s = np.exp(0.5 * rng.standard_normal(g.shape))
+            out[p + norm + ".weight"] = _f32(g * s)
+            for name in readers:
+                out[p + name + ".weight"] = _f32(sd[p + name + ".weight"] / s)
+    return out, np.eye(d)
+
+
+def scale_qk(sd: StateDict, seed: int, spread: float = 0.7) -> tuple[StateDict, np.ndarray]:
+    """Each head's queries multiplied by a random factor exp(spread N(0, 1)) and its
+    keys divided by it (the attention logits do not change)."""
+    rng = np.random.default_rng(seed)
+    d, _ = _dims(sd)
+    out = dict(sd)
+    for i in _layers(sd):
+        p = f"model.layers.{i}."
+        c = np.repeat(np.exp(spread * rng.standard_normal(HEADS)), d // HEADS)[:, None]
+        out[p + "self_attn.q_proj.weight"] = _f32(sd[p + "self_attn.q_proj.weight"] * c)
+        out[p + "self_attn.k_proj.weight"] = _f32(sd[p + "self_attn.k_proj.weight"] / c)
+    return out, np.eye(d)
+
+
+def everything(sd: StateDict, seed: int) -> tuple[StateDict, np.ndarray]:
+    """Every change above at once (as ``llm_all`` applies them)."""
+    d, _ = _dims(sd)
+    total = np.eye(d)
+    for i, change in enumerate((rescale_norms, scale_qk, permute, rotate)):
+        sd, q = change(sd, seed * 10 + i)
+        total = q @ total
+    return sd, total
+
+
+def forward(sd: StateDict, x: np.ndarray) -> np.ndarray:
+    """The residual stream after every layer (pre-norm, RMSNorm, causal multi-head
+    attention without positions, SwiGLU), for ``x`` of shape (tokens, d), in float64."""
+    t = x.shape[0]
+    d, _ = _dims(sd)
+    hd = d // HEADS
+    mask = np.triu(np.full((t, t), -np.inf), 1)
+
+    def w(name: str) -> np.ndarray:
+        return sd[name].astype(np.float64)
+
+    def norm(h: np.ndarray, g: np.ndarray) -> np.ndarray:
+        return h / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + 1e-6) * g
+
+    h = x.astype(np.float64)
+    for i in _layers(sd):
+        p = f"model.layers.{i}."
+        a = norm(h, w(p + "input_layernorm.weight"))
+        q, k, v = (a @ w(p + f"self_attn.{n}_proj.weight").T for n in "qkv")
+        heads = []
+        for j in range(HEADS):
+            sl = slice(j * hd, (j + 1) * hd)
+            logits = q[:, sl] @ k[:, sl].T / np.sqrt(hd) + mask
+            e = np.exp(logits - logits.max(axis=1, keepdims=True))
+            heads.append((e / e.sum(axis=1, keepdims=True)) @ v[:, sl])
+        h = h + np.concatenate(heads, axis=1) @ w(p + "self_attn.o_proj.weight").T
+        m = norm(h, w(p + "post_attention_layernorm.weight"))
+        gate = m @ w(p + "mlp.gate_proj.weight").T
+        h = h + (gate / (1 + np.exp(-gate)) * (m @ w(p + "mlp.up_proj.weight").T)) @ w(
+            p + "mlp.down_proj.weight").T
+    return h
