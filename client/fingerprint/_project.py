@@ -388,6 +388,17 @@ class SketchJob:
         """Bytes of one row block."""
         return self.block_rows * self.shape[1] // self.decoder.block * self.decoder.size
 
+    @property
+    def share(self) -> int:
+        """Bytes of the tensor this job is fed: all of them, or its stripe's blocks."""
+        if self.stripes == 1:
+            return self.length
+        bb = self.block_bytes
+        full, rest = divmod(self.length, bb)
+        count = (full - self.stripe + self.stripes - 1) // self.stripes if full > self.stripe else 0
+        last = rest if rest and full % self.stripes == self.stripe else 0
+        return count * bb + last
+
     def _segment(self) -> int:
         """Elements from ``pos`` to the next cut: the end of the row block, or for a
         row longer than :data:`TILE`, the end of the current tile of the row."""
@@ -529,7 +540,7 @@ class SketchWork:
 
     def cost(self, size: int) -> float:
         """Relative CPU cost of this work per byte of a file of ``size`` bytes."""
-        return sum(j.length * j.decoder.cost / j.stripes for j in self.jobs) / max(1, size)
+        return sum(j.share * j.decoder.cost for j in self.jobs) / max(1, size)
 
 
 def _feed_stripe(job: SketchJob, view: memoryview, off: int, lo: int, hi: int) -> None:
