@@ -104,6 +104,8 @@ print(out.fingerprint.content.hex)
 # On a loaded machine the wall time of a multi-threaded pass says little about an idle
 # one. This measures, in one process, the CPU time of each lane of the read pass and
 # of the reading thread: on idle cores the pass takes about as long as the busiest.
+# It also sums the CPU time of each kind of work item over the lanes (the file's
+# SHA-256, AutoV3's, BLAKE3, the per-tensor BLAKE3, the sketch's stripes, ...).
 LANES_DRIVER = """
 import json, sys, time, threading
 from pathlib import Path
@@ -111,10 +113,24 @@ import modelhash.fingerprint._pass as p
 from modelhash._stream import Body, fingerprint_body
 from modelhash.fingerprint import fingerprint_path
 busy = {}
+kinds = {}
 lock = threading.Lock()
 pack = p._pack
+def kind(fn):
+    name = getattr(fn, "__name__", None) or type(fn).__name__
+    return type(fn).__name__ if name == "__call__" else name
+def timed(fn):
+    key = kind(fn)
+    def run(off, view):
+        t0 = time.thread_time()
+        fn(off, view)
+        dt = time.thread_time() - t0
+        with lock:
+            kinds[key] = kinds.get(key, 0.0) + dt
+    return run
 def timed_pack(works, lanes):
     out = []
+    works = [p.Work(timed(w.fn), w.cost) for w in works]
     for i, lane in enumerate(pack(works, lanes)):
         def run(off, view, lane=lane, i=i):
             t0 = time.thread_time()
@@ -135,7 +151,8 @@ if mode == "stream":
 else:
     (out,) = fingerprint_path(Path(path), layers=mode)
 assert out.error is None, out.error
-print(json.dumps({"reader": time.thread_time() - t0, "lanes": sorted(busy.values())}))
+print(json.dumps({"reader": time.thread_time() - t0, "lanes": sorted(busy.values()),
+                  "kinds": kinds}))
 """
 
 
@@ -186,11 +203,17 @@ def floor(path: Path, modelhash: str, tiny: Path) -> tuple[dict[str, float], flo
     return prims, start
 
 
-def lanes(mode: str, path: Path) -> tuple[float, list[float]]:
+def lanes(mode: str, path: Path) -> tuple[float, list[float], dict[str, float]]:
     out = subprocess.run([sys.executable, "-c", LANES_DRIVER, mode, str(path)],
                          capture_output=True, text=True, check=True, env=ENV)
     data = json.loads(out.stdout.strip().splitlines()[-1])
-    return float(data["reader"]), [float(x) for x in data["lanes"]]
+    kinds = {str(k): float(v) for k, v in data["kinds"].items()}
+    return float(data["reader"]), [float(x) for x in data["lanes"]], kinds
+
+
+# Work items by the name lanes() reports them under.
+KINDS = {"sha": "SHA-256", "autov3": "AutoV3 SHA-256", "b3": "BLAKE3", "SpanHasher":
+         "tensor BLAKE3", "crc": "CRC32", "SketchWork": "sketch", "SpanCopier": "kept spans"}
 
 
 # An installed package has its bytecode compiled (pip does it); an editable checkout
@@ -277,11 +300,14 @@ def main() -> None:
     print("busiest lane of the read pass, CPU seconds (what bounds it on idle cores):")
     for mode, label in (("exact", "file, exact layers"), ("all", "file, all layers"),
                         ("stream", "upload body streamed, all layers")):
-        reader, busy = min((lanes(mode, st) for _ in range(args.repeat)),
-                           key=lambda r: max([r[0], *r[1]]))
+        reader, busy, kinds = min((lanes(mode, st) for _ in range(args.repeat)),
+                                  key=lambda r: max([r[0], *r[1]]))
         crit = max([reader, *busy])
         print(f"  {label:34} lanes {', '.join(f'{b:.2f}' for b in busy)}; reading thread "
               f"{reader:.2f}; busiest / openssl CPU: {crit / ref_cpu:.2f}x")
+        shown = sorted(((KINDS.get(k, k), v) for k, v in kinds.items() if v >= 0.005),
+                       key=lambda kv: -kv[1])
+        print(f"  {'':34} of which {', '.join(f'{k} {v:.2f}' for k, v in shown)}")
 
     tiny = args.workdir / "tiny.safetensors"
     save_file({"w": np.zeros((4, 4), dtype=np.float16)}, str(tiny))

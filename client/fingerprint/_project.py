@@ -200,6 +200,10 @@ class Projection:
     def _side(self, tag: bytes, j0: int, j1: int) -> F32:
         t0, t1 = j0 // TILE, (j1 - 1) // TILE
         axis = 1 if tag == b"rows" else 0
+        if t0 == t1:  # the usual case, once per row block: one slice of one tile
+            tile = _TILES.get(tag, self.m, self.n, t0)
+            lo, hi = j0 - t0 * TILE, j1 - t0 * TILE
+            return tile[:, lo:hi] if axis == 1 else tile[lo:hi]
         pieces = []
         for t in range(t0, t1 + 1):
             tile = _TILES.get(tag, self.m, self.n, t)
@@ -384,6 +388,17 @@ class SketchJob:
         """Bytes of one row block."""
         return self.block_rows * self.shape[1] // self.decoder.block * self.decoder.size
 
+    @property
+    def share(self) -> int:
+        """Bytes of the tensor this job is fed: all of them, or its stripe's blocks."""
+        if self.stripes == 1:
+            return self.length
+        bb = self.block_bytes
+        full, rest = divmod(self.length, bb)
+        count = (full - self.stripe + self.stripes - 1) // self.stripes if full > self.stripe else 0
+        last = rest if rest and full % self.stripes == self.stripe else 0
+        return count * bb + last
+
     def _segment(self) -> int:
         """Elements from ``pos`` to the next cut: the end of the row block, or for a
         row longer than :data:`TILE`, the end of the current tile of the row."""
@@ -397,6 +412,12 @@ class SketchJob:
     def feed(self, piece: memoryview, at: int | None = None) -> None:
         """Take bytes of the tensor starting at byte ``at`` of it (default: where the
         last piece ended); fold every complete quantisation block into the sketch."""
+        # Hostile or corrupt bytes may decode to inf/NaN; merged() rejects those.
+        with np.errstate(all="ignore"):
+            self._feed(piece, at)
+
+    def _feed(self, piece: memoryview, at: int | None = None) -> None:
+        """:meth:`feed`, with numpy's floating-point warnings already off."""
         size, block = self.decoder.size, self.decoder.block
         if at is not None and not self.carry:
             self.pos = at // size * block
@@ -427,28 +448,28 @@ class SketchJob:
         if self.acc is None or self.row is None:
             self.acc, self.row = np.zeros((K, K)), np.zeros(K, dtype=np.float32)
         p = self._proj
-        # Hostile or corrupt bytes may decode to inf/NaN; merged() rejects those.
-        with np.errstate(all="ignore"):
-            x = self.decoder.fn(np.frombuffer(raw, dtype=np.uint8))
-            total = len(x)
-            r, c = divmod(self.pos, n)
-            at = 0
-            if c or total < n:
-                k = min(total, n - c)
-                self.row += self._scaled(x[None, :k], r, 1, c)[0] @ p.cols(c, c + k)
-                at = k
-                if c + k == n:
-                    self.acc += np.outer(self._a(r, r + 1)[:, 0], self.row)
-                    self.row[:] = 0
-                    r += 1
-            rows = (total - at) // n
-            if rows:
-                block = self._scaled(x[at : at + rows * n].reshape(rows, n), r, rows)
-                self.acc += self._a(r, r + rows) @ (block @ p.cols(0, n))
-                at += rows * n
-                r += rows
-            if at < total:
-                self.row += self._scaled(x[None, at:], r, 1)[0] @ p.cols(0, total - at)
+        x = self.decoder.fn(np.frombuffer(raw, dtype=np.uint8))
+        total = len(x)
+        r, c = divmod(self.pos, n)
+        at = 0
+        if c or total < n:
+            k = min(total, n - c)
+            self.row += self._scaled(x[None, :k], r, 1, c)[0] @ p.cols(c, c + k)
+            at = k
+            if c + k == n:
+                self.acc += np.outer(self._a(r, r + 1)[:, 0], self.row)
+                self.row[:] = 0
+                r += 1
+        rows = (total - at) // n
+        if rows:
+            block = x[at : at + rows * n].reshape(rows, n)
+            if self.scale is not None:
+                block = self._scaled(block, r, rows)
+            self.acc += self._a(r, r + rows) @ (block @ p.cols(0, n))
+            at += rows * n
+            r += rows
+        if at < total:
+            self.row += self._scaled(x[None, at:], r, 1)[0] @ p.cols(0, total - at)
         self.pos += total
         self.done += total
         if self.pos >= self.stored_rows * n:
@@ -495,6 +516,11 @@ class SketchWork:
     def __call__(self, off: int, view: memoryview) -> None:
         if self._before is not None:
             self._before(off, view)
+        # Hostile or corrupt bytes may decode to inf/NaN; merged() rejects those.
+        with np.errstate(all="ignore"):
+            self._call(off, view)
+
+    def _call(self, off: int, view: memoryview) -> None:
         end = off + len(view)
         while self._next < len(self._order) and self._order[self._next].start < end:
             self._active.append(self._order[self._next])
@@ -505,7 +531,7 @@ class SketchWork:
             lo, hi = max(job.start, off), min(stop, end)
             if hi > lo:
                 if job.stripes == 1:
-                    job.feed(view[lo - off : hi - off])
+                    job._feed(view[lo - off : hi - off])
                 else:
                     _feed_stripe(job, view, off, lo, hi)
             if stop > end:
@@ -514,7 +540,7 @@ class SketchWork:
 
     def cost(self, size: int) -> float:
         """Relative CPU cost of this work per byte of a file of ``size`` bytes."""
-        return sum(j.length * j.decoder.cost / j.stripes for j in self.jobs) / max(1, size)
+        return sum(j.share * j.decoder.cost for j in self.jobs) / max(1, size)
 
 
 def _feed_stripe(job: SketchJob, view: memoryview, off: int, lo: int, hi: int) -> None:
@@ -528,7 +554,7 @@ def _feed_stripe(job: SketchJob, view: memoryview, off: int, lo: int, hi: int) -
         if s >= hi:
             return
         if e > s:
-            job.feed(view[s - off : e - off], at=s - job.start)
+            job._feed(view[s - off : e - off], at=s - job.start)
         b += job.stripes
 
 

@@ -151,6 +151,7 @@ class Sketcher:
             return [one] if one is not None else []
         stripes = max(1, min(MAX_STRIPES, os.cpu_count() or 1))
         jobs: list[list[SketchJob]] = [[] for _ in range(stripes)]
+        loads = [0.0] * stripes
         by_name = dict(zip(names, pf.tensors, strict=True))
         named = scale_names(by_name)
         scales = self._budgeted(named, by_name)
@@ -192,8 +193,15 @@ class Sketcher:
                     for s in range(stripes)
                 ]
                 self._jobs.append((p.key, parts))
-                for s, job in enumerate(parts):
-                    jobs[s].append(job)
+                # Stripe 0 takes the most blocks (a tensor of one block: all of it), so
+                # the stripes go to the works with the least work so far, the largest
+                # first: with many small tensors the lanes would otherwise differ by a
+                # tensor's share each. ``parts`` keeps stripe order, so merged() adds
+                # the stripes in the same order whichever work computed each.
+                least = sorted(range(stripes), key=lambda i: loads[i])
+                for job, i in zip(parts, least, strict=True):
+                    jobs[i].append(job)
+                    loads[i] += job.share * decoder.cost
         before = kept if kept.spans else None
         works = [SketchWork(js, before) for js in jobs if js]
         out = [Work(w, w.cost(pf.size)) for w in works]

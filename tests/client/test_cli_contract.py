@@ -167,3 +167,39 @@ def test_keys_create_refuses_a_missing_database_and_says_where(tmp_path: Path) -
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert str(db) in out.stderr
+
+
+BLAS_PROBE = """
+import os, sys
+from modelhash._cli._app import single_threaded_blas
+single_threaded_blas(sys.argv[1:])
+import numpy
+from threadpoolctl import threadpool_info
+blas = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+print(os.environ.get("OPENBLAS_NUM_THREADS"), blas[0] if blas else None)
+"""
+
+
+@pytest.mark.parametrize(
+    ("argv", "preset", "want"),
+    [
+        (["fingerprint", "--layers", "all", "m.safetensors"], None, "1"),
+        (["check", "m.safetensors"], None, "1"),
+        (["serve", "--port", "8000"], None, "None"),
+        (["db", "upgrade"], None, "None"),
+        (["fingerprint", "m.safetensors"], "3", "3"),
+    ],
+)
+def test_client_commands_load_blas_single_threaded_unless_told(
+    argv: list[str], preset: str | None, want: str
+) -> None:
+    env = clean_env()
+    env.pop("OPENBLAS_NUM_THREADS", None)
+    if preset is not None:
+        env["OPENBLAS_NUM_THREADS"] = preset
+    out = subprocess.run([sys.executable, "-c", BLAS_PROBE, *argv], env=env,
+                         capture_output=True, text=True, check=True)
+    value, threads = out.stdout.split()
+    assert value == want
+    if want == "1" and threads != "None":  # OpenBLAS really started with one thread
+        assert threads == "1"

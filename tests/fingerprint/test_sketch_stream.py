@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.numpy import save_file
 
+from modelhash.fingerprint import _sketcher
 from modelhash.fingerprint._dequant import DECODERS
+from modelhash.fingerprint._formats import parse_file
+from modelhash.fingerprint._pass import run_pass
 from modelhash.fingerprint._project import (
     BLOCK_ELEMENTS,
     TILE,
@@ -22,6 +27,7 @@ from modelhash.fingerprint._project import (
     merged,
     project,
 )
+from modelhash.fingerprint._sketcher import Sketcher
 
 SHAPES = [(64, 48), (300, 7), (100, 20000), (3, BLOCK_ELEMENTS + 4321), (TILE + 3, 2),
           (2, 2 * TILE + 5)]
@@ -91,3 +97,43 @@ def test_striped_file_sketch_equals_the_unstriped(stripes: int, tmp_path: object
     one = _stream(w, "F32", 1, [12345, 99999], 3)
     many = _stream(w, "F32", stripes, [777, 200000], 3)
     np.testing.assert_allclose(one, many, rtol=1e-5, atol=1e-5)
+
+
+def _small_model_sketch(
+    path: Path, cores: int, monkeypatch: pytest.MonkeyPatch
+) -> tuple[list[int], dict[str, np.ndarray]]:
+    """Bytes each sketch work of ``path``'s pass is fed, and the sketches it gives."""
+    monkeypatch.setattr(_sketcher.os, "cpu_count", lambda: cores)
+    pf = parse_file(path)
+    sk = Sketcher("model", dict(pf.metadata))
+    works = sk.work(pf, [t.name for t in pf.tensors], "", path.parent)
+    shares = [sum(j.share for j in w.fn.jobs) for w in works if isinstance(w.fn, SketchWork)]
+    run_pass(path, pf.size, works, chunk=4096, threads=cores)
+    sk.after_pass(pf)
+    return shares, {k: t.values for k, t in sk.finish().tensors.items()}
+
+
+def test_small_tensors_spread_over_the_stripes_and_sketch_as_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One row block each: stripe 0 of each tensor takes all its bytes, so giving
+    # stripe s of every tensor to work s would load one lane with all of them.
+    rng = np.random.default_rng(3)
+    sd = {f"layers.{i}.weight": rng.standard_normal((64, 64 + 8 * i)).astype(np.float16)
+          for i in range(9)}
+    sd["big.weight"] = rng.standard_normal((BLOCK_ELEMENTS // 256 * 3, 256)).astype(np.float16)
+    path = tmp_path / "small.safetensors"
+    save_file(sd, str(path))
+    # The works may differ by one row block at most (the big tensor has 3 blocks).
+    most = max(BLOCK_ELEMENTS * 2, *(v.nbytes for v in sd.values() if v.nbytes < BLOCK_ELEMENTS))
+    for cores in (2, 3):
+        shares, sketches = _small_model_sketch(path, cores, monkeypatch)
+        assert sum(shares) == sum(v.nbytes for v in sd.values())
+        assert max(shares) - min(shares) <= most
+        _, one = _small_model_sketch(path, 1, monkeypatch)
+        assert sketches.keys() == one.keys() and len(one) == len(sd)
+        for key, values in one.items():  # a tensor of one block: the same sum, exactly
+            if key.startswith("layers."):
+                np.testing.assert_array_equal(sketches[key], values)
+            else:
+                np.testing.assert_allclose(sketches[key], values, rtol=1e-6, atol=1e-9)
