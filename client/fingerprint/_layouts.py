@@ -47,6 +47,7 @@ __all__ = [
     "RENAMES",
     "ROW_ORDERS",
     "SPLITS",
+    "TRANSPOSES",
     "Piece",
     "embedding_view",
     "pieces",
@@ -220,8 +221,8 @@ def _open_clip(component: str) -> list[Rename]:
     transformers' CLIPTextModel(WithProjection). Its paths arrive tagged
     ``open_clip_`` (see :data:`modelhash.fingerprint._keys.PREFIX_CONVENTIONS`);
     ``in_proj_weight`` is q, k and v stacked, split by :data:`SPLITS`.
-    ``text_projection`` is stored transposed (x @ P against a Linear's P^T) and keeps
-    a name of its own, unpaired, rather than meet its transpose under one key."""
+    ``text_projection`` is stored transposed (x @ P against a Linear's P^T): it is
+    renamed to a transposed name that :data:`TRANSPOSES` turns into the Linear's."""
     return [
         *_family(component, _OPEN_CLIP, [
             (f"{_RES}_attn_in_proj_weight", r"encoder_layers_N_self_attn_qkv"),
@@ -462,6 +463,25 @@ ROW_ORDERS: list[RowOrderRule] = [
 """Canonical paths stored with permuted rows, and how to put the rows back."""
 
 
+@dataclass(frozen=True)
+class Transpose:
+    """A canonical path stored as the transpose of its canonical module."""
+
+    pattern: re.Pattern[str]
+    canonical: str
+    source: str
+
+
+TRANSPOSES: list[Transpose] = [
+    # OpenCLIP keeps the text projection as a parameter P used as x @ P; transformers'
+    # CLIPTextModelWithProjection has a Linear whose weight is P^T.
+    Transpose(re.compile(r"(.*)text_projection_transposed"), r"\1text_projection", _OPEN_CLIP),
+]
+"""Stored matrices that are the transpose of their canonical module: the sketch
+projects them with the two sides' signs swapped (see
+:class:`modelhash.fingerprint._project.SketchJob`), so they sketch as the module."""
+
+
 def _first_word(pattern: str) -> str | None:
     """The first ``_``-separated word of every path ``pattern`` can match, if its
     literal start fixes one (it runs up to a ``_`` or is the whole pattern), else None."""
@@ -530,6 +550,9 @@ class Piece:
     count: int
     at: int = 0
     order: npt.NDArray[np.intp] | None = None
+    transposed: bool = False
+    """The stored matrix is the canonical module's transpose (``rows`` is then the
+    canonical row count, the stored matrix's column count); always a whole matrix."""
 
     def targets(self) -> npt.NDArray[np.intp]:
         """Canonical row of each stored row of this piece."""
@@ -559,6 +582,9 @@ def pieces(key: str, m: int, n: int, hints: Mapping[str, str] | None = None) -> 
     is also kept whole under its fused name, never mis-split.
     """
     component, _, path = key.partition(":")
+    for tr in TRANSPOSES:
+        if mt := tr.pattern.fullmatch(path):
+            return [Piece(f"{component}:{mt.expand(tr.canonical)}", n, 0, m, transposed=True)]
     for rule in ROW_ORDERS:
         if mr := rule.pattern.fullmatch(path):
             canonical = f"{component}:{mr.expand(rule.canonical)}"
@@ -622,6 +648,12 @@ def split_adapter(
     m = up.shape[0]
     n = int(np.prod(down.shape[1:]))
     found = pieces(key, m, n, hints)
+    if len(found) == 1 and found[0].transposed:
+        # (up · down)ᵀ = downᵀ · upᵀ: the same rank, its factors swapped.
+        if down.ndim != 2:
+            return [(key, dict(arrays))]
+        return [(found[0].key, {**arrays, "up": np.ascontiguousarray(down.T),
+                                "down": np.ascontiguousarray(up.reshape(m, -1).T)})]
     if len(found) == 1 and found[0].key == key and found[0].order is None:
         return [(key, dict(arrays))]
     up2 = up.reshape(m, -1)

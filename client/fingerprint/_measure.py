@@ -50,6 +50,14 @@ class _Part:
     piece: Piece
 
 
+def _candidates(
+    plans: list[tuple[str, TensorRecord, tuple[int, int], list[Piece]]],
+) -> list[Candidate]:
+    """The canonical modules of planned matrices, with their canonical shapes."""
+    return [Candidate(p.key, p.rows, mn[0] if p.transposed else mn[1])
+            for _, _, mn, ps in plans for p in ps]
+
+
 class Measurer:
     """Accumulates the invariant layer of one model (a file or a folder read as one)."""
 
@@ -75,7 +83,7 @@ class Measurer:
         elements = 0
         for pf, names, prefix, skip in files:
             plans, n = self._plans(pf, names, prefix, skip)
-            candidates += [Candidate(p.key, p.rows, mn[1]) for _, _, mn, ps in plans for p in ps]
+            candidates += _candidates(plans)
             elements += n
         self._chosen = select(candidates, elements)
 
@@ -120,9 +128,7 @@ class Measurer:
         plans, elements = self._plans(pf, names, prefix, skip)
         chosen = self._chosen
         if chosen is None:  # no plan for the whole model: this file alone decides
-            chosen = select(
-                (Candidate(p.key, p.rows, mn[1]) for _, _, mn, ps in plans for p in ps), elements
-            )
+            chosen = select(_candidates(plans), elements)
         for full, t, mn, ps in plans:
             mine = [p for p in ps if p.key in chosen]
             if not mine:
@@ -188,7 +194,9 @@ class Measurer:
                 if part.tensor not in cache:
                     cache = {part.tensor: self._values(part.tensor)}
                 w = cache[part.tensor]
-                if w is not None:
+                if w is not None and part.piece.transposed:
+                    blocks.append(w.T)  # always the whole stored matrix
+                elif w is not None:
                     blocks.append(w[part.piece.start : part.piece.start + part.piece.count])
             if sum(len(b) for b in blocks) != self._rows[key]:
                 self.skipped["incomplete fused pieces"] += 1

@@ -353,6 +353,10 @@ class SketchJob:
     scale: Callable[[int, int], F32] | None = None
     """Factor for this job's stored rows ``i:i+count``, broadcastable to (count, n)
     (scaled fp8), or None."""
+    transposed: bool = False
+    """The stored matrix is the transpose of the module it sketches (``shape`` is
+    the stored one): stored rows take B's signs and stored columns A's, and the
+    result is transposed back, so S is the module's own, S(Wᵀᵀ) = A W Bᵀ."""
     _proj: Projection | None = None
 
     @property
@@ -360,9 +364,22 @@ class SketchJob:
         """Rows of the matrix whose bytes this job (all its stripes) takes."""
         return self.shape[0] if self.targets is None else len(self.targets)
 
+    @property
+    def canonical_shape(self) -> tuple[int, int]:
+        """The shape of the module sketched (the stored shape, or its transpose)."""
+        m, n = self.shape
+        return (n, m) if self.transposed else (m, n)
+
+    def _b(self, c0: int, c1: int) -> F32:
+        """The rows of Bᵀ for stored columns ``c0:c1``."""
+        assert self._proj is not None
+        return self._proj.rows(c0, c1).T if self.transposed else self._proj.cols(c0, c1)
+
     def _a(self, r0: int, r1: int) -> F32:
         """The columns of A for stored rows ``r0:r1``."""
         assert self._proj is not None
+        if self.transposed:
+            return self._proj.cols(r0, r1).T
         if self.targets is None:
             return self._proj.rows(r0, r1)
         return self._proj.take(self.targets[r0:r1])
@@ -442,19 +459,18 @@ class SketchJob:
 
     def _elements(self, raw: memoryview) -> None:
         """Fold decoded elements lying within one segment (see :meth:`_segment`)."""
-        m, n = self.shape
+        n = self.shape[1]
         if self._proj is None:
-            self._proj = Projection(m, n)
+            self._proj = Projection(*self.canonical_shape)
         if self.acc is None or self.row is None:
             self.acc, self.row = np.zeros((K, K)), np.zeros(K, dtype=np.float32)
-        p = self._proj
         x = self.decoder.fn(np.frombuffer(raw, dtype=np.uint8))
         total = len(x)
         r, c = divmod(self.pos, n)
         at = 0
         if c or total < n:
             k = min(total, n - c)
-            self.row += self._scaled(x[None, :k], r, 1, c)[0] @ p.cols(c, c + k)
+            self.row += self._scaled(x[None, :k], r, 1, c)[0] @ self._b(c, c + k)
             at = k
             if c + k == n:
                 self.acc += np.outer(self._a(r, r + 1)[:, 0], self.row)
@@ -465,11 +481,11 @@ class SketchJob:
             block = x[at : at + rows * n].reshape(rows, n)
             if self.scale is not None:
                 block = self._scaled(block, r, rows)
-            self.acc += self._a(r, r + rows) @ (block @ p.cols(0, n))
+            self.acc += self._a(r, r + rows) @ (block @ self._b(0, n))
             at += rows * n
             r += rows
         if at < total:
-            self.row += self._scaled(x[None, at:], r, 1)[0] @ p.cols(0, total - at)
+            self.row += self._scaled(x[None, at:], r, 1)[0] @ self._b(0, total - at)
         self.pos += total
         self.done += total
         if self.pos >= self.stored_rows * n:
@@ -493,7 +509,7 @@ def merged(parts: Sequence[SketchJob]) -> F64 | None:
     if not np.all(np.isfinite(acc)):
         return None
     out: F64 = acc / math.sqrt(m * n)
-    return out
+    return np.ascontiguousarray(out.T) if parts[0].transposed else out
 
 
 class SketchWork:

@@ -178,18 +178,19 @@ class Sketcher:
             scale = self._scale(scales.get(name), by_name, pf, kept, t, m, n)
             for p in pieces(key, m, n, self.metadata):
                 whole = p.rows == m and p.count == m and p.at == 0 and p.order is None
-                targets = None if whole else p.targets()
+                targets = None if whole or p.transposed else p.targets()
                 self._expected[p.key] = p.rows
                 start, length = p.start * row_bytes, p.count * row_bytes
-                shape = (p.rows, n)
+                shape = (m, n) if p.transposed else (p.rows, n)
                 if t.span is None:
                     job = SketchJob(0, start, length, decoder, shape, targets=targets,
-                                    scale=_rows_of(scale, p.start, n))
+                                    scale=_rows_of(scale, p.start, n), transposed=p.transposed)
                     self._later.append((p.key, t, job))
                     continue
                 parts = [
                     SketchJob(len(self._jobs), t.span[0] + start, length, decoder, shape,
-                              s, stripes, targets=targets, scale=_rows_of(scale, p.start, n))
+                              s, stripes, targets=targets, scale=_rows_of(scale, p.start, n),
+                              transposed=p.transposed)
                     for s in range(stripes)
                 ]
                 self._jobs.append((p.key, parts))
@@ -279,22 +280,23 @@ class Sketcher:
         module add up to its sketch."""
         values = merged(parts)
         job = parts[0]
-        rows = job.stored_rows
+        shape = job.canonical_shape
+        rows = shape[0] if job.transposed else job.stored_rows
         if values is None:
             self.skipped["non-finite values"] += 1
             return
         have = self._rows.get(key, 0)
-        if key in self.tensors and have >= self._expected.get(key, job.shape[0]):
+        if key in self.tensors and have >= self._expected.get(key, shape[0]):
             self.skipped["duplicate module keys"] += 1
         elif key in self.tensors:
             old = self.tensors[key]
-            if old.shape != job.shape:
+            if old.shape != shape:
                 self.skipped["duplicate module keys"] += 1
                 return
-            self.tensors[key] = TensorSketch(key, job.shape, old.values + values)
+            self.tensors[key] = TensorSketch(key, shape, old.values + values)
             self._rows[key] = have + rows
         else:
-            self.tensors[key] = TensorSketch(key, job.shape, values)
+            self.tensors[key] = TensorSketch(key, shape, values)
             self._rows[key] = rows
 
     def _adapter_work(

@@ -21,8 +21,9 @@ from modelhash.fingerprint._sketch import Sketch
 
 SD = Path(__file__).resolve().parents[1] / "fixtures" / "sd"
 KINDS = ["sd15", "sdxl"]
-TRANSPOSED = {"te2:text_projection": "te2:text_projection_transposed"}
-"""OpenCLIP stores its projection transposed: it keeps its own key, never paired."""
+TRANSPOSED = {"te2:text_projection"}
+"""OpenCLIP stores its projection transposed: it is sketched with the two sides'
+signs swapped, so it equals the Linear's sketch up to float32 summation order."""
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +40,12 @@ def sketches() -> dict[str, Sketch]:
 @pytest.mark.parametrize("kind", KINDS)
 def test_diffusers_and_original_files_sketch_the_same(sketches: dict[str, Sketch], kind: str) -> None:
     ours, original = sketches[f"{kind}/diffusers"], sketches[f"{kind}/original"]
-    expected = {TRANSPOSED.get(k, k) for k in ours.tensors}
-    assert set(original.tensors) == expected
+    assert set(original.tensors) == set(ours.tensors)
     for k, t in ours.tensors.items():
+        assert original.tensors[k].shape == t.shape, k
         if k in TRANSPOSED:
+            scale = float(np.abs(t.values).max())
+            np.testing.assert_allclose(original.tensors[k].values, t.values, atol=1e-5 * scale)
             continue
         np.testing.assert_allclose(original.tensors[k].values, t.values, rtol=1e-9, atol=1e-9)
     components = {k.partition(":")[0] for k in ours.tensors}
@@ -108,3 +111,34 @@ def test_sgm_named_lora_baked_into_an_original_checkpoint_is_found(
 )
 def test_original_sd_names_map_to_diffusers(name: str, key: str) -> None:
     assert module_key(name) == key
+
+
+def test_a_transposed_projection_sketches_as_its_linear_whatever_its_shape(tmp_path: Path) -> None:
+    """OpenCLIP's ``text_projection`` P (width x projection) is the Linear weight Pᵀ of
+    transformers' CLIPTextModelWithProjection: non-square here, so the two sides'
+    signs must really be swapped; a LoRA on it (ΔP = up · down) is ΔPᵀ = downᵀ · upᵀ."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(8)
+    p = rng.standard_normal((48, 20)).astype(np.float32)
+    save_file({"conditioner.embedders.1.model.text_projection": p}, str(tmp_path / "o.safetensors"))
+    save_file({"text_encoder_2.text_projection.weight": np.ascontiguousarray(p.T)},
+              str(tmp_path / "d.safetensors"))
+    a = fingerprint_file(tmp_path / "o.safetensors").sketch
+    b = fingerprint_file(tmp_path / "d.safetensors").sketch
+    assert a is not None and b is not None
+    assert set(a.tensors) == set(b.tensors) == {"te2:text_projection"}
+    ta, tb = a.tensors["te2:text_projection"], b.tensors["te2:text_projection"]
+    assert ta.shape == tb.shape == (20, 48)
+    np.testing.assert_allclose(ta.values, tb.values, atol=1e-5 * float(np.abs(tb.values).max()))
+    assert a.invariant is not None and b.invariant is not None
+    np.testing.assert_allclose(a.invariant.items["te2:text_projection"].values,
+                               b.invariant.items["te2:text_projection"].values, rtol=1e-9)
+    # An adapter on it: the factors swap, so ΔW = ΔPᵀ under the Linear's key.
+    from modelhash.fingerprint._layouts import split_adapter
+
+    up, down = rng.standard_normal((48, 4)), rng.standard_normal((4, 20))
+    key = module_key("conditioner.embedders.1.model.text_projection")
+    ((k, f),) = split_adapter(key, {"up": up, "down": down})
+    assert k == "te2:text_projection"
+    np.testing.assert_allclose(f["up"] @ f["down"], (up @ down).T)
