@@ -4,7 +4,7 @@ Fixtures under tests/fixtures/llama_k/ were written by
 tests/fixtures/make_llama_kquants.py: a one-layer Llama (hidden size 256, 4 heads of
 32, 2 key/value heads, intermediate size 80) saved by transformers, converted by
 llama.cpp's own convert_hf_to_gguf.py to f16 and quantised by llama-quantize to
-Q4_K_M and Q6_K. Most matrices take the K-quant type; the attention output (rows of
+Q4_K_M, Q6_K and IQ4_XS. Most matrices take the K-quant type; the attention output (rows of
 128 values) and the MLP down projection (rows of 80) cannot, and llama-quantize
 writes them in its fallback types instead.
 """
@@ -23,7 +23,7 @@ from modelhash.fingerprint._similarity import compare, match
 from modelhash.fingerprint._sketch import Sketch
 
 LLAMA_K = Path(__file__).resolve().parents[1] / "fixtures" / "llama_k"
-QUANTS = ["Q4_K_M", "Q6_K"]
+QUANTS = ["Q4_K_M", "Q6_K", "IQ4_XS"]
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,8 @@ def types(path: Path) -> dict[str, str]:
         # (the down projection).
         ("Q4_K_M", {"Q4_K", "Q6_K", "Q5_0", "F16"}),
         ("Q6_K", {"Q6_K", "Q8_0", "F16"}),
+        # IQ4_XS (no importance matrix needed) falls back to IQ4_NL, its 32-block twin.
+        ("IQ4_XS", {"IQ4_XS", "IQ4_NL", "Q6_K", "F16"}),
     ],
 )
 def test_the_files_hold_k_quants_and_their_fallbacks(qtype: str, expected: set[str]) -> None:
@@ -68,7 +70,7 @@ def test_every_tensor_decodes_as_gguf_py_dequantises_it(qtype: str) -> None:
         np.testing.assert_array_equal(decode(t.tensor_type.name, raw), ref, err_msg=t.name)
 
 
-@pytest.mark.parametrize(("name", "qtype"), [("base", "Q4_K_M"), ("tune", "Q4_K_M"), ("tune", "Q6_K")])
+@pytest.mark.parametrize(("name", "qtype"), [("base", "Q4_K_M"), *(("tune", q) for q in QUANTS)])
 def test_every_weight_matrix_pairs_with_the_hugging_face_original(
     llama: dict[str, Sketch], name: str, qtype: str
 ) -> None:
