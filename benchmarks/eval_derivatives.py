@@ -720,6 +720,10 @@ def main() -> None:
                 cases.append(Case(fam, f"{fam}{rep}:flagged F vs replicate {other}'s F",
                                   flagged[f"{fam}{rep}:F"], f"{fam}{other}:F", None,
                                   "another replicate's flagged fine-tune"))
+                if f"{fam}{rep}:QK" in flagged:  # the llm family with --llama-cpp
+                    cases.append(Case(fam, f"{fam}{rep}:flagged QK vs replicate {other}'s QK",
+                                      flagged[f"{fam}{rep}:QK"], f"{fam}{other}:QK", None,
+                                      "another replicate's flagged q/k-only fine-tune"))
         # Each family's references alternate: fine-tune, adapter, fine-tune, ...
         refs = {fam: v[: 2 * max(0, min(args.references, N_REFS))] for fam, v in refs.items()}
         # Unrelated models: the other family's uploads against each flagged item.
@@ -867,8 +871,17 @@ def registry_pass(work: Path, bases: dict[str, Path], refs: dict[str, list[Path]
         own = [o for o in others if flagged_files.get(o[0].path) == o[1]]
         if own:
             print(f"  ({len(own)} of them: the upload is itself the flagged file of that flag)")
+        # A file scored as a negative against one flag may be a positive case of another
+        # (F's conversions, scored against the q/k-only flag QK, are F's re-uploads).
+        positive_of: dict[Path, set[str]] = defaultdict(set)
+        for c in cases:
+            if c.expect is not None:
+                positive_of[c.path].add(c.flagged)
+        also = [o for o in others if o[1] in positive_of[o[0].path] and o not in own]
+        if also:
+            print(f"  ({len(also)} of them: the upload is a positive case of that flag elsewhere)")
         for c, flag, kind in others:
-            if (c, flag, kind) not in same and (c, flag, kind) not in own:
+            if (c, flag, kind) not in same and (c, flag, kind) not in own and (c, flag, kind) not in also:
                 print(f"  {c.name} (case flag {c.flagged}) -> {flag} ({kind})")
     finally:
         engine.dispose()
