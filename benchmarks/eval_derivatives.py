@@ -17,10 +17,14 @@ Two families:
   CLIPTextModel) pretrained briefly into a base, then fine-tuned and LoRA-trained
   (peft LoRA, LoHa, LoKr) on other data;
 - **llm**: a tiny LlamaForCausalLM, base, fine-tunes, a peft LoRA, GGUF quantisations;
+  with ``--llama-cpp DIR`` (and ``--llama-quantize BIN``) also every model saved by
+  ``save_pretrained`` and converted by llama.cpp's own tools (benchmarks/llama_cpp_gguf.py);
 - **flux**: a tiny FluxTransformer2DModel in every layout the BFL / ComfyUI / kohya
   world writes (see benchmarks/flux_family.py).
 
     python benchmarks/eval_derivatives.py [--replicates 5] [--steps 40] [--families flux]
+    python benchmarks/eval_derivatives.py --families llm --llama-cpp LLAMA_CPP \
+        --llama-quantize LLAMA_CPP/build/bin/llama-quantize
 
 ``--invariant`` then runs ``benchmarks/eval_invariant.py``: permuted, rotated and
 rescaled re-uploads of the sd and llm families, which the invariant layer catches.
@@ -516,17 +520,19 @@ def build_sd(work: Path, rep: int, steps: int, base_sd: SD, cases: list[Case], f
 
 
 def build_llm(work: Path, rep: int, steps: int, base: SD, cases: list[Case], flagged: dict[str, Path],
-              refs: list[Path]) -> None:
+              refs: list[Path], llama_cpp: Path | None = None, quantizer: Path | None = None) -> None:
     from peft import LoraConfig, get_peft_model
 
     d = work / f"llm{rep}"
     d.mkdir()
     seed = 200 + rep
 
-    def finetune(data: int, start: SD, n: int = steps) -> SD:
+    def finetune(data: int, start: SD, n: int = steps, only: tuple[str, ...] = ()) -> SD:
         m = llm_model(0)
         m.load_state_dict(start)
         loss = llm_step_fn(data)
+        for name, p in m.named_parameters():
+            p.requires_grad_(not only or any(w in name for w in only))
         train(list(m.parameters()), lambda: loss(m), n, 2e-4)
         return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
@@ -589,6 +595,59 @@ def build_llm(work: Path, rep: int, steps: int, base: SD, cases: list[Case], fla
     add("other LoRA L2 baked vs L", save_st(L2_baked, d / "L2_baked.safetensors", torch.bfloat16), "L", None, "other LoRA baked")
     pair = {k: base[k] + 0.5 * (L2_baked[k] - base[k]) + 0.5 * (L3_baked[k] - base[k]) if base[k].is_floating_point() else base[k] for k in L_baked}
     add("two other LoRAs baked at 0.5 each vs L", save_st(pair, d / "L2_L3_half.safetensors", torch.bfloat16), "L", None, "two other adapters baked at 0.5 each")
+    if llama_cpp is not None:
+        build_llm_llama_cpp(d, seed, {"F": F, "G": G, "base": base, "L": L_baked},
+                            lambda: finetune(seed * 10 + 6, base, only=("q_proj", "k_proj")),
+                            add, flagged, rep, llama_cpp, quantizer)
+
+
+LLAMA_CPP_OUTTYPES = ("f16", "bf16", "q8_0")
+LLAMA_QUANTIZE_TYPES = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q3_K_M", "IQ4_XS", "Q4_0", "Q5_0")
+
+
+def build_llm_llama_cpp(d: Path, seed: int, models: dict[str, SD], qk_finetune: Callable[[], SD],
+                        add: Callable[..., None], flagged: dict[str, Path], rep: int,
+                        llama_cpp: Path, quantizer: Path | None) -> None:
+    """The llm family through llama.cpp's own tools: each model saved by transformers'
+    ``save_pretrained``, converted by ``convert_hf_to_gguf.py`` (which renames every
+    tensor and permutes the rows of q and k per head) to f16, bf16 and q8_0, and the f16
+    file quantised by ``llama-quantize`` to K-quant mixes and legacy types.
+
+    Besides F and the baked LoRA L, a fine-tune QK of q and k only is flagged: its whole
+    delta sits in the permuted matrices, so it is found only if the permutation is undone.
+    """
+    from llama_cpp_gguf import convert, quantize
+
+    QK = qk_finetune()
+    flagged[f"llm{rep}:QK"] = save_st(QK, d / "QK.safetensors")
+    models = {**models, "QK": QK}
+    folders = {}
+    for name, sd in models.items():
+        m = llm_model(0)
+        m.load_state_dict(sd)
+        m.save_pretrained(d / f"hf_{name}")
+        folders[name] = d / f"hf_{name}"
+    files: dict[tuple[str, str], Path] = {}
+    jobs = []
+    for name, folder in folders.items():
+        for outtype in LLAMA_CPP_OUTTYPES:
+            files[name, outtype] = d / f"{name}_llama_{outtype}.gguf"
+            jobs.append((folder, files[name, outtype], outtype))
+    convert(llama_cpp, jobs)
+    if quantizer is not None:
+        for name in folders:
+            for qtype in LLAMA_QUANTIZE_TYPES:
+                files[name, qtype] = quantize(quantizer, files[name, "f16"], d / f"{name}_llama_{qtype}.gguf", qtype)
+    kinds = LLAMA_CPP_OUTTYPES + (LLAMA_QUANTIZE_TYPES if quantizer is not None else ())
+    tag = "[llm, llama.cpp]"
+    for kind in kinds:
+        add(f"F llama.cpp {kind}", files["F", kind], "F", "near-duplicate|derived", f"F llama.cpp {kind} {tag}")
+        add(f"QK llama.cpp {kind}", files["QK", kind], "QK", "near-duplicate|derived", f"QK (q/k-only fine-tune) llama.cpp {kind} {tag}")
+        add(f"L baked llama.cpp {kind}", files["L", kind], "L", "lora-baked", f"L baked llama.cpp {kind} {tag}")
+        for flag in ("F", "QK", "L"):
+            add(f"base llama.cpp {kind} vs {flag}", files["base", kind], flag, None, f"base llama.cpp {tag}")
+            add(f"sibling G llama.cpp {kind} vs {flag}", files["G", kind], flag, None, f"sibling fine-tune llama.cpp {tag}")
+        add(f"F llama.cpp {kind} vs QK", files["F", kind], "QK", None, f"F (not a q/k-only tune) llama.cpp vs QK {tag}")
 
 
 # ---------------------------------------------------------------- scoring and the table
@@ -606,6 +665,12 @@ def main() -> None:
                     help="skip the second pass through a registry (retrieval + verification)")
     ap.add_argument("--families", nargs="+", default=["sd", "llm", "flux"],
                     choices=["sd", "llm", "flux"], help="families to build (default: all)")
+    ap.add_argument("--llama-cpp", metavar="DIR", type=Path,
+                    help="a llama.cpp source tree: the llm family then also converts its models with its "
+                    "convert_hf_to_gguf.py (f16, bf16, q8_0)")
+    ap.add_argument("--llama-quantize", metavar="BIN", type=Path,
+                    help="a llama-quantize binary built from that tree: the f16 conversions are then also "
+                    f"quantised to {', '.join(LLAMA_QUANTIZE_TYPES)}")
     ap.add_argument("--keep", metavar="DIR", help="build the models in DIR (must not hold an earlier run) and keep them")
     ap.add_argument("--invariant", action="store_true",
                     help="then run benchmarks/eval_invariant.py (permutations, rotations and "
@@ -643,7 +708,8 @@ def main() -> None:
             if "sd" in fams:
                 build_sd(work, rep, args.steps, sd_base, cases, flagged, refs["sd"])
             if "llm" in fams:
-                build_llm(work, rep, args.steps, llm_base, cases, flagged, refs["llm"])
+                build_llm(work, rep, args.steps, llm_base, cases, flagged, refs["llm"],
+                          args.llama_cpp, args.llama_quantize)
             if "flux" in fams:
                 build_flux(work, rep, args.steps, fx_base, add_case, flagged, refs["flux"],
                            train, save_st, write_gguf)
@@ -655,6 +721,10 @@ def main() -> None:
                 cases.append(Case(fam, f"{fam}{rep}:flagged F vs replicate {other}'s F",
                                   flagged[f"{fam}{rep}:F"], f"{fam}{other}:F", None,
                                   "another replicate's flagged fine-tune"))
+                if f"{fam}{rep}:QK" in flagged:  # the llm family with --llama-cpp
+                    cases.append(Case(fam, f"{fam}{rep}:flagged QK vs replicate {other}'s QK",
+                                      flagged[f"{fam}{rep}:QK"], f"{fam}{other}:QK", None,
+                                      "another replicate's flagged q/k-only fine-tune"))
         # Each family's references alternate: fine-tune, adapter, fine-tune, ...
         refs = {fam: v[: 2 * max(0, min(args.references, N_REFS))] for fam, v in refs.items()}
         # Unrelated models: the other family's uploads against each flagged item.
@@ -815,8 +885,17 @@ def registry_pass(work: Path, bases: dict[str, Path], refs: dict[str, list[Path]
         own = [o for o in others if flagged_files.get(o[0].path) == o[1]]
         if own:
             print(f"  ({len(own)} of them: the upload is itself the flagged file of that flag)")
+        # A file scored as a negative against one flag may be a positive case of another
+        # (F's conversions, scored against the q/k-only flag QK, are F's re-uploads).
+        positive_of: dict[Path, set[str]] = defaultdict(set)
+        for c in cases:
+            if c.expect is not None:
+                positive_of[c.path].add(c.flagged)
+        also = [o for o in others if o[1] in positive_of[o[0].path] and o not in own]
+        if also:
+            print(f"  ({len(also)} of them: the upload is a positive case of that flag elsewhere)")
         for c, flag, kind in others:
-            if (c, flag, kind) not in same and (c, flag, kind) not in own:
+            if (c, flag, kind) not in same and (c, flag, kind) not in own and (c, flag, kind) not in also:
                 print(f"  {c.name} (case flag {c.flagged}) -> {flag} ({kind})")
     finally:
         engine.dispose()

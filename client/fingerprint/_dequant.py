@@ -1,7 +1,7 @@
 """Stored tensor bytes to float32 values, for every dtype the sketch layer reads.
 
 A :class:`Decoder` turns whole blocks of bytes into float32 values: one element per
-block for plain floats (F64/F32/F16/BF16 and the FP8 formats), 32 or 256 for GGUF's
+block for plain floats (F64/F32/F16/BF16 and the FP8 formats), 32, 64 or 256 for GGUF's
 quantised formats, dequantised the way ggml does (block layouts as in ggml's
 ``ggml-common.h``). Values that are not finite decode as they are; the sketch layer
 checks its own output instead of every element. :data:`DECODERS` is the table; a
@@ -225,6 +225,51 @@ def _q6_k(raw: U8) -> F32:
     return ((d * scales).reshape(n, 16, 1) * q.reshape(n, 16, 16)).reshape(-1)
 
 
+# ggml-common.h kvalues_iq4nl: the 16 non-linear levels of IQ4_NL and IQ4_XS.
+_IQ4NL_VALUES = np.array(
+    [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32
+)
+# ggml-common.h kvalues_fp4 (the E2M1 values doubled), and ggml-impl.h
+# ggml_e8m0_to_fp32_half (the E8M0 scale halved, 2^(e - 128)), which undoes the doubling.
+_FP4_VALUES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.float32)
+_E8M0_HALF = np.ldexp(1.0, np.arange(256) - 128).astype(np.float32)
+
+
+def _q2_0(raw: U8) -> F32:
+    """ggml-quants.c dequantize_row_q2_0: 64 two-bit codes, four per byte from the
+    lowest bits up, for -1, 0, 1, 2 times the scale."""
+    b = _blocks(raw, 18)
+    n = b.shape[0]
+    q = (b[:, 2:].reshape(n, 16, 1) >> np.array([0, 2, 4, 6], np.uint8)) & 3
+    return ((q.reshape(n, 64).astype(np.float32) - 1) * _half(b[:, :2])).reshape(-1)
+
+
+def _iq4_nl(raw: U8) -> F32:
+    b = _blocks(raw, 18)
+    q = _IQ4NL_VALUES[_nibbles(b[:, 2:])]
+    return (q * _half(b[:, :2])).reshape(-1)
+
+
+def _iq4_xs(raw: U8) -> F32:
+    """8 sub-blocks of 32 per 256, each with a 6-bit scale (low 4 bits in
+    ``scales_l``, high 2 in the little-endian u16 ``scales_h``), offset by 32."""
+    b = _blocks(raw, 136)
+    n = b.shape[0]
+    d = _half(b[:, :2])
+    scales_h = np.ascontiguousarray(b[:, 2:4]).view("<u2").astype(np.uint32)
+    high = (scales_h >> np.arange(0, 16, 2, dtype=np.uint32)) & 3
+    low = _shifted(b[:, 4:8], 1, 4, [0, 4], 0x0F).reshape(n, 2, 4).swapaxes(1, 2).reshape(n, 8)
+    scales = (low | (high << 4)).astype(np.float32) - 32
+    q = _IQ4NL_VALUES[_nibbles(b[:, 8:].reshape(n, 8, 16))]
+    return ((d * scales).reshape(n, 8, 1) * q).reshape(-1)
+
+
+def _mxfp4(raw: U8) -> F32:
+    b = _blocks(raw, 17)
+    q = _FP4_VALUES[_nibbles(b[:, 1:])]
+    return (q * _E8M0_HALF[b[:, 0]].reshape(-1, 1)).reshape(-1)
+
+
 DECODERS: dict[str, Decoder] = {
     "F32": Decoder(1, 4, _f32, 0.3),
     "F64": Decoder(1, 8, _view("<f8"), 0.3),
@@ -244,6 +289,10 @@ DECODERS: dict[str, Decoder] = {
     "Q4_K": Decoder(QK_K, 144, _q4_k, 6.0),
     "Q5_K": Decoder(QK_K, 176, _q5_k, 6.0),
     "Q6_K": Decoder(QK_K, 210, _q6_k, 6.0),
+    "Q2_0": Decoder(64, 18, _q2_0, 5.0),
+    "IQ4_NL": Decoder(32, 18, _iq4_nl, 5.0),
+    "IQ4_XS": Decoder(QK_K, 136, _iq4_xs, 6.0),
+    "MXFP4": Decoder(32, 17, _mxfp4, 5.0),
 }
 """Every dtype the sketch layer can read, by canonical (safetensors or GGML) name."""
 

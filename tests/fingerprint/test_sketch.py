@@ -177,7 +177,8 @@ def test_fp8_tables(dtype: str) -> None:
 def test_gguf_dequant_matches_reference() -> None:
     gguf = pytest.importorskip("gguf")
     rng = np.random.default_rng(0)
-    for name in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"):
+    for name in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+                 "IQ4_NL", "IQ4_XS", "MXFP4"):
         qtype = getattr(gguf.GGMLQuantizationType, name)
         dec = DECODERS[name]
         raw = rng.integers(0, 256, size=(3, dec.size), dtype=np.uint8)
@@ -187,6 +188,16 @@ def test_gguf_dequant_matches_reference() -> None:
         mask = np.isfinite(ref) & np.isfinite(ours)
         assert mask.mean() > 0.3
         np.testing.assert_allclose(ours[mask], ref[mask], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_q2_0_codes() -> None:
+    # ggml-quants.c dequantize_row_q2_0 (not in the reference package yet): codes
+    # 0..3 are -1, 0, 1, 2 times the scale, four per byte from the lowest bits.
+    block = np.float16(0.5).tobytes() + bytes([0b11100100, 0b00011011] + [0x55] * 14)
+    out = decode("Q2_0", block)
+    assert out.shape == (64,)
+    np.testing.assert_array_equal(out[:8], np.array([-1, 0, 1, 2, 2, 1, 0, -1]) * 0.5)
+    np.testing.assert_array_equal(out[8:], 0.0)
 
 
 def test_storage_round_trip_and_size() -> None:
