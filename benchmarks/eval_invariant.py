@@ -55,6 +55,8 @@ from modelhash.fingerprint import fingerprint_file
 from modelhash.fingerprint._robust import INVARIANT_THRESHOLDS, compare_invariant
 from modelhash.fingerprint._similarity import (
     THRESHOLDS,
+    Thresholds,
+    calibrated,
     compare,
     delta_sketch,
     match,
@@ -478,15 +480,19 @@ def run(replicates: int, steps: int, families: list[str], *, verbose: bool = Fal
         for with_refs in (False, True):
             shared = {fam: shared_direction([sk(p) for p in refs[fam]], base_sk[fam])
                       if with_refs else None for fam in bases}
+            # The thresholds the references calibrate, as the registry uses them.
+            cal = {fam: calibrated([sk(p) for p in refs[fam]], base_sk[fam])
+                   if with_refs else THRESHOLDS for fam in bases}
             print(f"\n== {'with' if with_refs else 'without'} references "
                   f"({N_REFS if with_refs else 0} known-innocent fine-tunes per family)")
-            score(cases, sk, base_sk, stored, shared, verbose)
+            score(cases, sk, base_sk, stored, shared, verbose, cal)
         print(f"\nbuilt in {built:.0f} s, scored in {time.perf_counter() - t0 - built:.0f} s "
               f"({len(cache)} files)")
 
 
 def score(cases: list[Case], sk: Callable[[Path], Sketch], base_sk: dict[str, Sketch],
-          stored: dict[str, Sketch], shared: dict[str, Sketch | None], verbose: bool) -> None:
+          stored: dict[str, Sketch], shared: dict[str, Sketch | None], verbose: bool,
+          cal: dict[str, Thresholds]) -> None:
     groups: dict[tuple[str, str], list[tuple[bool, str, float | None, float | None]]] = (
         defaultdict(list))
     inv_pos: list[float] = []
@@ -494,12 +500,14 @@ def score(cases: list[Case], sk: Callable[[Path], Sketch], base_sk: dict[str, Sk
     for c in cases:
         up, flag, base = sk(c.path), stored[c.flag], base_sk[c.family]
         sh = shared[c.family]
-        m = match(up, flag, base, base_name=f"{c.family}-base", shared=sh)
-        ordinary = compare(up, flag, base, shared=sh)
+        th = cal[c.family]
+        m = match(up, flag, base, base_name=f"{c.family}-base", shared=sh, thresholds=th)
+        ordinary = compare(up, flag, base, shared=sh, thresholds=th)
         assert up.invariant is not None and flag.invariant is not None
         assert base.invariant is not None
         ic = compare_invariant(up.invariant, flag.invariant, base.invariant,
-                               shared=sh.invariant if sh is not None else None)
+                               shared=sh.invariant if sh is not None else None,
+                               thresholds=th.invariant)
         layer = "-" if m is None else ("invariant" if m.evidence.get("invariant") else "sketch")
         groups[c.family, c.group].append((m is not None, layer, ic.cosine, ic.coefficient))
         if ic.cosine is not None and ic.coefficient is not None and ic.z is not None:

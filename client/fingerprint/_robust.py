@@ -89,6 +89,13 @@ class InvariantThresholds:
     than the spectra."""
     min_matrices: int = 2
     """Matrices both shifts must cover."""
+    distorted_distance: float = math.inf
+    """A fully aligned upload whose sketch is at least this far (relative) from the
+    base has a *distorted* sketch delta: only then may the merge rule overrule the
+    sketch layer; otherwise the sketch layer reads the delta and the invariant layer
+    reports copies alone. Calibration sets it from the references (see
+    :func:`modelhash.fingerprint._similarity.calibrated`); infinite without them,
+    when the merge rule does not apply anyway."""
 
 
 INVARIANT_THRESHOLDS = InvariantThresholds()

@@ -448,6 +448,10 @@ def shared_direction(
 
 CALIBRATION_SIGMAS = 3.0
 """How far above the mean of the references' pairwise scores a base's thresholds sit."""
+DISTORTED_FACTOR = 2.5
+"""An aligned upload's sketch delta is distorted (scales moved across a norm or
+between queries and keys) when it is this many times farther from the base than the
+farthest known-innocent fine-tune (see :attr:`InvariantThresholds.distorted_distance`)."""
 CALIBRATION_MIN_SAMPLES = 3
 """References a calibration needs (six ordered pairs)."""
 CALIBRATION_MAX_PAIRS = 120
@@ -506,6 +510,11 @@ def calibrated(
         spectra = [s.invariant for s, _u in units if s.kind == "model" and s.invariant is not None]
         t = replace(t, invariant=calibrated_invariant(
             spectra, base.invariant, CALIBRATION_SIGMAS, t.invariant, CALIBRATION_MAX_PAIRS))
+    farthest = [delta_sketch(s, base)[1] for s, _u in units if s.kind == "model"]
+    if farthest:
+        t = replace(t, invariant=replace(
+            t.invariant, distorted_distance=min(t.invariant.distorted_distance,
+                                                DISTORTED_FACTOR * max(farthest))))
     raw = level(False)
     if raw is not None:
         t = replace(t, cosine=max(t.cosine, raw[0]), min_coefficient=max(t.min_coefficient, raw[1]),
@@ -726,12 +735,14 @@ def _invariant_match(
     if (upload.kind != "model" or flagged.kind == "lora" or upload.invariant is None
             or flagged.invariant is None):
         return None
+    aligned = False
     if base is not None:
         if base.invariant is None:
             return None
         spectral = spectral_distance(upload.invariant, base.invariant)
         trusted = c.base_distance is not None and c.base_distance <= ti.sketch_ratio * spectral
-        if c.coverage >= ti.thin_coverage and trusted:
+        aligned = c.coverage >= ti.thin_coverage
+        if aligned and trusted:
             return None
     if base is None and c.raw_coverage >= thresholds.raw_coverage:
         # Without a base the raw sketches stand in for the delta: they are trusted
@@ -753,6 +764,14 @@ def _invariant_match(
     if got is None:
         return None
     kind, score, ic = got
+    if aligned and kind != "near-duplicate" and not (
+        c.base_distance is not None and c.base_distance >= ti.distorted_distance
+    ):
+        # The tensors lined up and their sketch delta is no farther from the base than
+        # known-innocent derivatives go: the sketch layer has read it, and what the
+        # spectra add is not enough to overrule it (fine-tunes of one kind, q/k-only
+        # say, shift the top singular values alike whatever their data).
+        return None
     evidence = {**ic.evidence(), "base": base_name,
                 "sketch": {"tensors_compared": c.tensors, "coverage": round(c.coverage, 3)}}
     return Match(kind, score, evidence)
