@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -313,7 +316,12 @@ def test_references_calibrate_the_thresholds_of_their_base() -> None:
 
 def test_calibration_never_lowers_a_threshold_and_needs_three_references() -> None:
     independent = [_plus(BASE, (1.0, _delta(900 + i, BASE, 0.01))) for i in range(6)]
-    assert calibrated(independent, BASE) == THRESHOLDS
+    cal = calibrated(independent, BASE)
+    # The references also say how far known-innocent fine-tunes go from the base:
+    # 2.5 times the farthest is where an aligned sketch delta counts as distorted.
+    farthest = max(delta_sketch(m, BASE)[1] for m in independent)
+    assert cal.invariant.distorted_distance == pytest.approx(2.5 * farthest)
+    assert replace(cal, invariant=replace(cal.invariant, distorted_distance=math.inf)) == THRESHOLDS
     refs, _ft = _task_family()
     assert calibrated(refs[:2], BASE) == THRESHOLDS
     # The base and a stranger are not samples of the base's derivatives.
@@ -324,3 +332,48 @@ def test_calibration_never_lowers_a_threshold_and_needs_three_references() -> No
         assert getattr(three, name) >= getattr(THRESHOLDS, name)
     # Three references give no shared direction: only the thresholds without it move.
     assert three.shared_cosine == THRESHOLDS.shared_cosine
+
+
+def test_spectra_overrule_an_aligned_sketch_only_where_it_is_distorted() -> None:
+    """Fine-tunes of one kind (q/k-only, say) shift the top singular values alike
+    whatever their data, while their sketch deltas are unrelated. Where the upload's
+    tensors line up and its sketch delta is no farther from the base than the
+    references go, the sketch layer has read it: the invariant layer's merge rule
+    must not overrule it. A sketch delta distorted far past that (scales moved across
+    a norm) is still left to the spectra."""
+    from modelhash.fingerprint._invariant import TOP, Spectra, Spectrum
+
+    rng = np.random.default_rng(40)
+    keys = list(BASE.tensors)[:12]
+    base_spec = {k: np.sort(rng.random(TOP))[::-1] * 10 + 1 for k in keys}
+    kind_shift = {k: 1e-3 * rng.standard_normal(TOP) for k in keys}
+
+    def model(seed: int, shift: float, size: float = 0.01, common: float = 0.0) -> Sketch:
+        r = np.random.default_rng(seed)
+        sk = _plus(BASE, (1.0, _delta(seed, BASE, size)))
+        sk.invariant = Spectra({k: Spectrum(k, BASE.tensors[k].shape, base_spec[k] * (
+            1 + shift * r.standard_normal(TOP) + common * kind_shift[k])) for k in keys})
+        return sk
+
+    base = _plus(BASE)
+    base.invariant = Spectra({k: Spectrum(k, BASE.tensors[k].shape, v) for k, v in base_spec.items()})
+    refs = [model(1000 + i, 1e-3) for i in range(6)]
+    shared, cal = shared_direction(refs, base), calibrated(refs, base)
+    assert math.isfinite(cal.invariant.distorted_distance)
+    f = model(1100, 1e-4, common=3.0)
+    flagged = delta_sketch(f, base)[0]
+    flagged.invariant = f.invariant
+    innocent = model(1101, 1e-4, common=3.0)  # same kind of fine-tune, other data
+    c = compare(innocent, flagged, base, shared=shared, thresholds=cal)
+    assert c.coverage > 0.99 and c.cosine is not None and abs(c.cosine) < 0.2
+    assert match(innocent, flagged, base, shared=shared, thresholds=cal) is None
+    # Without the gate the spectra alone would call it derived.
+    ungated = replace(cal, invariant=replace(cal.invariant, sketch_ratio=0.0))
+    ungated = replace(ungated, invariant=replace(ungated.invariant, distorted_distance=0.0))
+    m = match(innocent, flagged, base, shared=shared, thresholds=ungated)
+    assert m is not None and m.evidence.get("invariant") is True
+    # A distorted upload carrying the flagged spectra: the spectra decide.
+    distorted = _plus(BASE, (1.0, _delta(1102, BASE, 0.2)))
+    distorted.invariant = f.invariant
+    m = match(distorted, flagged, base, shared=shared, thresholds=cal)
+    assert m is not None and m.evidence.get("invariant") is True
