@@ -759,7 +759,10 @@ def main() -> None:
         }
         for (fam, kind), th in sorted(cal.items()):
             if th != THRESHOLDS:
-                raised = {k: round(v, 3) for k, v in vars(th).items() if v != getattr(THRESHOLDS, k)}
+                raised = {k: round(v, 3) for k, v in vars(th).items()
+                          if isinstance(v, float) and v != getattr(THRESHOLDS, k)}
+                raised.update({f"invariant.{k}": round(v, 3) for k, v in vars(th.invariant).items()
+                               if isinstance(v, float) and v != getattr(THRESHOLDS.invariant, k)})
                 print(f"thresholds calibrated on {fam}'s {kind} references: {raised}")
         stored: dict[str, Sketch] = {}
         for key, p in flagged.items():
