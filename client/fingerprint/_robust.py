@@ -191,7 +191,7 @@ def shared_shift(samples: list[Spectra], base: Spectra, min_samples: int,
 
 def calibrated_invariant(
     samples: list[Spectra], base: Spectra, sigmas: float,
-    thresholds: InvariantThresholds = INVARIANT_THRESHOLDS, max_pairs: int = 120,
+    thresholds: InvariantThresholds = INVARIANT_THRESHOLDS, max_pairs: int = 60,
 ) -> InvariantThresholds:
     """``thresholds`` with the merge rule's cosine and coefficient raised to at least
     the mean plus ``sigmas`` standard deviations of the references' pairwise scores,
@@ -203,16 +203,14 @@ def calibrated_invariant(
         return thresholds
     cosines: list[float] = []
     coefficients: list[float] = []
-    for i in range(len(kept)):
-        for j in range(len(kept)):
-            if i == j or len(cosines) >= max_pairs:
-                continue
-            others = [s for k, s in enumerate(kept) if k not in (i, j)]
-            shared = shared_shift(others, base, 2, thresholds)
-            c = compare_invariant(kept[i], kept[j], base, shared=shared, thresholds=thresholds)
-            if c.cosine is not None and c.coefficient is not None and c.shared_removed:
-                cosines.append(c.cosine)
-                coefficients.append(c.coefficient)
+    pairs = [(i, j) for i in range(len(kept)) for j in range(len(kept)) if i != j]
+    for i, j in pairs[:: -(-len(pairs) // max_pairs)]:  # spread over every reference
+        others = [s for k, s in enumerate(kept) if k not in (i, j)]
+        shared = shared_shift(others, base, 2, thresholds)
+        c = compare_invariant(kept[i], kept[j], base, shared=shared, thresholds=thresholds)
+        if c.cosine is not None and c.coefficient is not None and c.shared_removed:
+            cosines.append(c.cosine)
+            coefficients.append(c.coefficient)
     if len(cosines) < 2:
         return thresholds
     cos = float(np.mean(cosines) + sigmas * np.std(cosines, ddof=1))

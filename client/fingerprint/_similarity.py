@@ -454,9 +454,10 @@ between queries and keys) when it is this many times farther from the base than 
 farthest known-innocent fine-tune (see :attr:`InvariantThresholds.distorted_distance`)."""
 CALIBRATION_MIN_SAMPLES = 3
 """References a calibration needs (six ordered pairs)."""
-CALIBRATION_MAX_PAIRS = 120
-"""Most ordered reference pairs scored for one calibration (the first references'
-pairs, in registration order): enough to estimate a spread, bounded in cost."""
+CALIBRATION_MAX_PAIRS = 60
+"""Most ordered reference pairs scored for one calibration (evenly spaced over all
+of them): enough to estimate a spread, bounded in cost (about 2 s for an SD-sized
+base with 24 references, once per base and reference set)."""
 
 
 def calibrated(
@@ -485,7 +486,9 @@ def calibrated(
     if len(units) < CALIBRATION_MIN_SAMPLES:
         return thresholds
     pairs = [(i, j) for i in range(len(units)) for j in range(len(units)) if i != j]
-    pairs = pairs[:CALIBRATION_MAX_PAIRS]
+    pairs = pairs[:: -(-len(pairs) // CALIBRATION_MAX_PAIRS)]  # spread over every reference
+    # Each sample's delta once: compare() takes a delta as it is.
+    deltas = [delta_sketch(u, base)[0] if u.kind == "model" else u for u, _v in units]
 
     def level(removed: bool) -> tuple[float, float] | None:
         cosines: list[float] = []
@@ -494,7 +497,7 @@ def calibrated(
             shared = _mean_direction(
                 [u for k, (_s, u) in enumerate(units) if k not in (i, j)], base
             ) if removed else None
-            c = compare(units[i][0], units[j][0], base, thresholds=thresholds, shared=shared)
+            c = compare(deltas[i], deltas[j], base, thresholds=thresholds, shared=shared)
             if c.cosine is not None and c.coefficient is not None and c.tensors:
                 cosines.append(c.cosine)
                 coefficients.append(c.coefficient)
