@@ -46,7 +46,7 @@ import numpy.typing as npt
 from modelhash.fingerprint._invariant import Spectra
 from modelhash.fingerprint._project import K
 
-__all__ = ["SKETCH_ALGORITHM", "Sketch", "TensorSketch", "band_keys"]
+__all__ = ["SKETCH_ALGORITHM", "Sketch", "TensorSketch", "band_keys", "blob_body", "blob_spectra"]
 
 SKETCH_ALGORITHM = f"sketch-rademacher-k{K}-v1"
 MAGIC = b"MHSK"
@@ -67,6 +67,53 @@ _BAND_DOMAIN = b"modelhash/sketch/bands/v1\x00"
 MAX_BLOB = 256 * 1024 * 1024
 
 F64 = npt.NDArray[np.float64]
+
+
+def blob_body(blob: bytes, limit: int = MAX_BLOB) -> tuple[int, bytes]:
+    """The format version and the inflated body of a :meth:`Sketch.to_bytes` blob.
+
+    The one reader of the blob's header, for every parser of it; ValueError for
+    another format, an unsupported version, a corrupt or truncated body, or one
+    that inflates past ``limit`` bytes.
+    """
+    if blob[:4] != MAGIC or len(blob) < 6:
+        raise ValueError("not a modelhash sketch")
+    version, compressed = blob[4], blob[5]
+    if version not in VERSIONS:
+        raise ValueError(f"sketch format version {version} is not supported")
+    body = bytes(blob[6:])
+    if compressed:
+        d = zlib.decompressobj()
+        try:
+            body = d.decompress(body, limit)
+        except zlib.error as exc:
+            raise ValueError(f"corrupt sketch: {exc}") from None
+        if d.unconsumed_tail:
+            raise ValueError("sketch larger than the limit")
+        if not d.eof:
+            raise ValueError("truncated sketch")
+    return version, body
+
+
+def blob_spectra(blob: bytes) -> Spectra | None:
+    """The invariant layer of a stored sketch blob, None if it has none (before version
+    3), without building the per-tensor sketches; ValueError if malformed."""
+    version, body = blob_body(blob)
+    if version != VERSION_INVARIANT:
+        return None
+    try:
+        pos = 1 + body[0]
+        kind, count = struct.unpack_from("<BI", body, pos)
+        pos += 5
+        width = np.dtype(value_dtype(version, KINDS[kind])).itemsize * K * K
+        for _ in range(count):
+            (klen,) = struct.unpack_from("<H", body, pos)
+            pos += 2 + klen + 12 + width
+    except (IndexError, struct.error):
+        raise ValueError("truncated sketch") from None
+    if pos > len(body):
+        raise ValueError("truncated sketch")
+    return Spectra.from_section(memoryview(body)[pos:])
 
 
 @dataclass(frozen=True)
@@ -141,22 +188,7 @@ class Sketch:
     @classmethod
     def from_bytes(cls, blob: bytes) -> Sketch:
         """Parse :meth:`to_bytes` output; raise ValueError on anything malformed."""
-        if blob[:4] != MAGIC or len(blob) < 6:
-            raise ValueError("not a modelhash sketch")
-        version, compressed = blob[4], blob[5]
-        if version not in VERSIONS:
-            raise ValueError(f"sketch format version {version} is not supported")
-        body = blob[6:]
-        if compressed:
-            d = zlib.decompressobj()
-            try:
-                body = d.decompress(body, MAX_BLOB)
-            except zlib.error as exc:
-                raise ValueError(f"corrupt sketch: {exc}") from None
-            if d.unconsumed_tail:
-                raise ValueError("sketch larger than the limit")
-            if not d.eof:
-                raise ValueError("truncated sketch")
+        version, body = blob_body(blob)
         return cls._parse(memoryview(body), version)
 
     @classmethod

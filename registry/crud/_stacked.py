@@ -10,7 +10,6 @@ ValueError, like the full parser.
 from __future__ import annotations
 
 import struct
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +17,7 @@ import numpy.typing as npt
 
 from modelhash.fingerprint._project import K
 from modelhash.fingerprint._similarity import scored
-from modelhash.fingerprint._sketch import KINDS, MAGIC, VERSIONS, Sketch, value_dtype
+from modelhash.fingerprint._sketch import KINDS, VERSION_INVARIANT, Sketch, blob_body, value_dtype
 
 __all__ = ["Stacked", "orthogonal_rows", "pooled_cosine", "stack_blob", "stack_sketch"]
 
@@ -48,22 +47,12 @@ def stack_sketch(sketch: Sketch) -> Stacked:
 
 def stack_blob(blob: bytes) -> Stacked:
     """Read a ``Sketch.to_bytes()`` blob without building per-tensor objects."""
-    if blob[:4] != MAGIC or len(blob) < 6 or blob[4] not in VERSIONS:
-        raise ValueError("not a supported modelhash sketch")
-    body = blob[6:]
-    if blob[5]:
-        d = zlib.decompressobj()
-        try:
-            body = d.decompress(body, _MAX_BODY)
-        except zlib.error as exc:
-            raise ValueError(f"corrupt sketch: {exc}") from None
-        if d.unconsumed_tail or not d.eof:
-            raise ValueError("truncated or oversized sketch")
+    version, body = blob_body(blob, _MAX_BODY)
     try:
         pos = 1 + body[0]
         kind, count = struct.unpack_from("<BI", body, pos)
         pos += 5
-        dtype = np.dtype(value_dtype(blob[4], KINDS[kind]))
+        dtype = np.dtype(value_dtype(version, KINDS[kind]))
         width = dtype.itemsize * K * K
         rows: dict[str, int] = {}
         shapes: list[tuple[int, int]] = []
@@ -83,7 +72,7 @@ def stack_blob(blob: bytes) -> Stacked:
     except (IndexError, struct.error, UnicodeDecodeError):
         raise ValueError("truncated sketch") from None
     # A version 3 blob carries the invariant layer after the tensors.
-    if pos > len(body) or (pos != len(body) and blob[4] != 3):
+    if pos > len(body) or (pos != len(body) and version != VERSION_INVARIANT):
         raise ValueError("malformed sketch")
     raw = np.frombuffer(body, dtype=np.uint8)
     gathered = raw[offsets[:, None] + np.arange(width)].copy()

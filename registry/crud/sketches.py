@@ -64,10 +64,10 @@ import math
 import struct
 import threading
 import time
-import zlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import blake3
 import numpy as np
@@ -77,7 +77,6 @@ from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from modelhash.fingerprint._invariant import Spectra
-from modelhash.fingerprint._project import K
 from modelhash.fingerprint._robust import INVARIANT_THRESHOLDS
 from modelhash.fingerprint._robust import base_distance as spectral_distance
 from modelhash.fingerprint._similarity import (
@@ -93,12 +92,9 @@ from modelhash.fingerprint._similarity import (
 from modelhash.fingerprint._similarity import Match as Verdict
 from modelhash.fingerprint._similarity import match as verify
 from modelhash.fingerprint._sketch import (
-    KINDS,
-    MAGIC,
-    MAX_BLOB,
     Sketch,
     TensorSketch,
-    value_dtype,
+    blob_spectra,
 )
 from modelhash.registry.crud._stacked import Stacked, pooled_cosine, stack_blob, stack_sketch
 from modelhash.registry.errors import ReferenceBaseConflict
@@ -342,37 +338,6 @@ class BankView:
 
 RawKey = tuple[str, tuple[tuple[str, int, int, int], ...]]
 """(invariant algorithm, per measured matrix its key, rows, columns and values kept)."""
-
-
-def blob_spectra(blob: bytes) -> Spectra | None:
-    """The invariant layer of a stored sketch blob, None if it has none (before version
-    3), without building the per-tensor sketches; ValueError if malformed."""
-    if blob[:4] != MAGIC or len(blob) < 6:
-        raise ValueError("not a modelhash sketch")
-    if blob[4] != 3:
-        return None
-    body = blob[6:]
-    if blob[5]:
-        d = zlib.decompressobj()
-        try:
-            body = d.decompress(body, MAX_BLOB)
-        except zlib.error as exc:
-            raise ValueError(f"corrupt sketch: {exc}") from None
-        if d.unconsumed_tail or not d.eof:
-            raise ValueError("truncated or oversized sketch")
-    try:
-        pos = 1 + body[0]
-        kind, count = struct.unpack_from("<BI", body, pos)
-        pos += 5
-        width = np.dtype(value_dtype(3, KINDS[kind])).itemsize * K * K
-        for _ in range(count):
-            (klen,) = struct.unpack_from("<H", body, pos)
-            pos += 2 + klen + 12 + width
-    except (IndexError, struct.error):
-        raise ValueError("truncated sketch") from None
-    if pos > len(body):
-        raise ValueError("truncated sketch")
-    return Spectra.from_section(memoryview(body)[pos:])
 
 
 class RawSpectra:
@@ -1243,7 +1208,7 @@ def _invariant_scan(
     base_id = _invariant_base(upload, snap.bases)
     if base_id is None:
         return []
-    name, base = snap.bases[base_id]
+    base = snap.bases[base_id][1]
     if not _thin(upload, base, deltas, base_id):
         return []
     rows = session.execute(
@@ -1260,25 +1225,8 @@ def _invariant_scan(
         )
         .order_by(col(SketchRow.id))
     )
-    shared = snap.shared.get(base_id, "model")
-    thresholds = snap.shared.thresholds(base_id, "model")
-    out: dict[str, SketchHit] = {}
-    for sid, blob, flag_id, category, severity, status in rows:
-        if flag_id in skip or int(sid) in seen or blob[4:5] != b"\x03":
-            continue
-        try:
-            flagged = _DECODED.get(int(sid), blob)
-            verdict = verify(upload, flagged, base, base_name=name, shared=shared,
-                             thresholds=thresholds)
-        except Exception:
-            _log.exception("sketch %s of flag %s could not be compared; skipped", sid, flag_id)
-            continue
-        if verdict is None or not verdict.evidence.get("invariant"):
-            continue
-        prev = out.get(flag_id)
-        if prev is None or verdict.score > prev.verdict.score:
-            out[flag_id] = SketchHit(flag_id, category, severity, status, verdict)
-    return list(out.values())
+    kept = [r for r in rows if int(r[0]) not in seen and r[1][4:5] == b"\x03"]
+    return _invariant_hits(kept, upload, snap, base_id, skip)
 
 
 def _raw_invariant_scan(
@@ -1323,7 +1271,15 @@ def _raw_invariant_scan(
     # Relative to the base the upload's spectra are nearest to, as for delta flags,
     # so that a flag that barely moved from a registered base does not make the
     # base a copy of it; without one, the copy rule on raw spectra.
-    base_id = _invariant_base(upload, snap.bases)
+    return _invariant_hits(rows, upload, snap, _invariant_base(upload, snap.bases), skip)
+
+
+def _invariant_hits(
+    rows: Iterable[Any], upload: Sketch, snap: Snapshot, base_id: str | None, skip: set[str],
+) -> list[SketchHit]:
+    """Verify flag rows (sketch id, blob, flag id, category, severity, status) relative
+    to ``base_id`` (or none), keeping the matches the invariant layer decided: the
+    best one per flag. A row that cannot be compared is logged and skipped."""
     base = snap.bases.get(base_id) if base_id is not None else None
     shared = snap.shared.get(base_id, "model") if base_id is not None else None
     thresholds = snap.shared.thresholds(base_id, "model")
