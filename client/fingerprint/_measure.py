@@ -14,14 +14,12 @@ does not change its singular values.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from modelhash.errors import MalformedFileError
 from modelhash.fingerprint._dequant import DECODERS
 from modelhash.fingerprint._invariant import (
     MAX_KEPT_BYTES,
@@ -35,7 +33,7 @@ from modelhash.fingerprint._invariant import (
 )
 from modelhash.fingerprint._keys import module_key, tensor_module
 from modelhash.fingerprint._layouts import Piece, pieces
-from modelhash.fingerprint._model import ParsedFile, TensorRecord
+from modelhash.fingerprint._model import ParsedFile, TensorRecord, materialized
 from modelhash.fingerprint._pass import SpanCopier, Work
 from modelhash.fingerprint._project import matrix_shape
 
@@ -161,7 +159,7 @@ class Measurer:
             self._keep = None
         for full in self._later:
             t, _ = self._records[full]
-            self._bytes[full] = b"".join(_materialized(pf.path, t))
+            self._bytes[full] = b"".join(materialized(pf.path, t))
         self._later.clear()
 
     def _values(self, full: str) -> np.ndarray | None:
@@ -217,13 +215,3 @@ class Measurer:
             what = ", ".join(f"{n} ({why})" for why, n in sorted(self.skipped.items()))
             notes.append(f"invariant: matrices skipped: {what}")
         return out, notes
-
-
-def _materialized(path: Path, t: TensorRecord) -> Iterator[bytes]:
-    assert t.materialize is not None
-    n = 0
-    for piece in t.materialize():
-        n += len(piece)
-        yield piece
-    if n != t.nbytes:
-        raise MalformedFileError(path, f"tensor {t.name!r}: got {n} bytes, expected {t.nbytes}")

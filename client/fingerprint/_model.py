@@ -14,7 +14,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["DTYPE_SIZES", "ParsedFile", "TensorRecord", "numel"]
+from modelhash.errors import MalformedFileError
+
+__all__ = ["DTYPE_SIZES", "ParsedFile", "TensorRecord", "materialized", "numel"]
 
 # Canonical dtype names (safetensors spelling) and their element size in bytes.
 # Quantised GGUF types are named by their GGML name and sized per block instead.
@@ -89,3 +91,15 @@ class ParsedFile:
     metadata: dict[str, str] = field(default_factory=dict)
     autov3_offset: int | None = None
     notes: list[str] = field(default_factory=list)
+
+
+def materialized(path: Path, t: TensorRecord) -> Iterator[bytes]:
+    """The bytes of a tensor that has no span in its file (read through its
+    ``materialize``), checked to come to its size: MalformedFileError if not."""
+    assert t.materialize is not None
+    n = 0
+    for piece in t.materialize():
+        n += len(piece)
+        yield piece
+    if n != t.nbytes:
+        raise MalformedFileError(path, f"tensor {t.name!r}: got {n} bytes, expected {t.nbytes}")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,7 @@ from modelhash.fingerprint._lora import (
     sketch_group,
 )
 from modelhash.fingerprint._measure import Measurer
-from modelhash.fingerprint._model import ParsedFile, TensorRecord, numel
+from modelhash.fingerprint._model import ParsedFile, TensorRecord, materialized, numel
 from modelhash.fingerprint._pass import SpanCopier, Work
 from modelhash.fingerprint._project import F32, SketchJob, SketchWork, decoder_for, merged
 from modelhash.fingerprint._scaled import (
@@ -263,7 +263,7 @@ class Sketcher:
         for key, t, job in self._later:
             stop = job.start + job.length
             at = 0
-            for piece in _materialized(pf.path, t):
+            for piece in materialized(pf.path, t):
                 lo, hi = max(job.start, at), min(stop, at + len(piece))
                 if hi > lo:
                     job.feed(memoryview(piece)[lo - at : hi - at])
@@ -409,7 +409,7 @@ def _rows_of(
 def _tensor_bytes(path: Path, t: TensorRecord) -> bytes:
     """One factor's bytes: read back from its span, or from its materialize stream."""
     if t.span is None:
-        return b"".join(_materialized(path, t))
+        return b"".join(materialized(path, t))
     fh, _ = open_regular(path)
     with fh:
         fh.seek(t.span[0])
@@ -430,13 +430,3 @@ def _decode_values(t: TensorRecord, raw: bytes | bytearray) -> np.ndarray:
         return np.frombuffer(raw, dtype=kind).astype(np.float64).reshape(t.shape)
     values = DECODERS[t.dtype].fn(np.frombuffer(raw, dtype=np.uint8))
     return values.astype(np.float64).reshape(t.shape)
-
-
-def _materialized(path: Path, t: TensorRecord) -> Iterator[bytes]:
-    assert t.materialize is not None
-    n = 0
-    for piece in t.materialize():
-        n += len(piece)
-        yield piece
-    if n != t.nbytes:
-        raise MalformedFileError(path, f"tensor {t.name!r}: got {n} bytes, expected {t.nbytes}")
