@@ -40,6 +40,10 @@ from modelhash.fingerprint._project import matrix_shape
 __all__ = ["Measurer"]
 
 
+_Plan = tuple[str, TensorRecord, tuple[int, int], list[Piece]]
+"""A measurable matrix: its full name, record, matrix shape and canonical pieces."""
+
+
 @dataclass
 class _Part:
     """Rows ``piece.start : piece.start + piece.count`` of a kept tensor, for a module."""
@@ -49,7 +53,7 @@ class _Part:
 
 
 def _candidates(
-    plans: list[tuple[str, TensorRecord, tuple[int, int], list[Piece]]],
+    plans: list[_Plan],
 ) -> list[Candidate]:
     """The canonical modules of planned matrices, with their canonical shapes."""
     return [Candidate(p.key, p.rows, mn[0] if p.transposed else mn[1])
@@ -71,6 +75,8 @@ class Measurer:
         self._later: list[str] = []
         self._kept = 0
         self._chosen: set[str] | None = None
+        # Each file's plan, made by plan() and taken by work().
+        self._planned: dict[int, tuple[ParsedFile, list[_Plan], int]] = {}
 
     def plan(self, files: list[tuple[ParsedFile, list[str], str, set[str]]]) -> None:
         """Choose the measured matrices for the whole model before its first pass:
@@ -81,15 +87,16 @@ class Measurer:
         elements = 0
         for pf, names, prefix, skip in files:
             plans, n = self._plans(pf, names, prefix, skip)
+            self._planned[id(pf)] = (pf, plans, n)  # pf held: its id stays its own
             candidates += _candidates(plans)
             elements += n
         self._chosen = select(candidates, elements)
 
     def _plans(
         self, pf: ParsedFile, names: list[str], prefix: str, skip: set[str]
-    ) -> tuple[list[tuple[str, TensorRecord, tuple[int, int], list[Piece]]], int]:
+    ) -> tuple[list[_Plan], int]:
         """The measurable matrices of ``pf`` with their pieces, and their element count."""
-        plans: list[tuple[str, TensorRecord, tuple[int, int], list[Piece]]] = []
+        plans: list[_Plan] = []
         elements = 0
         for name, t in zip(names, pf.tensors, strict=True):
             dec = DECODERS.get(t.dtype)
@@ -123,7 +130,11 @@ class Measurer:
                 # Kept whichever file its matrices are in (a shard, a folder).
                 self._take(prefix + name, t, (t.shape[0], 1), spans)
                 self._norms[nk] = prefix + name
-        plans, elements = self._plans(pf, names, prefix, skip)
+        planned = self._planned.pop(id(pf), None)
+        plans, elements = (
+            planned[1:] if planned is not None and planned[0] is pf
+            else self._plans(pf, names, prefix, skip)
+        )
         chosen = self._chosen
         if chosen is None:  # no plan for the whole model: this file alone decides
             chosen = select(_candidates(plans), elements)
