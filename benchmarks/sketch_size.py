@@ -96,7 +96,7 @@ MODELS: dict[str, Callable[[], dict[str, tuple[int, ...]]]] = {
 
 def invariant_plan(name: str, shapes: dict[str, tuple[int, ...]]) -> None:
     """The invariant layer's selection for one architecture, as one file of it."""
-    from modelhash.fingerprint._invariant import TOP, Candidate, Spectra, Spectrum, cost, select
+    from modelhash.fingerprint._invariant import TOP, Candidate, Spectra, Spectrum, select
     from modelhash.fingerprint._keys import module_key, tensor_module
     from modelhash.fingerprint._layouts import pieces
     from modelhash.fingerprint._project import matrix_shape
@@ -111,13 +111,14 @@ def invariant_plan(name: str, shapes: dict[str, tuple[int, ...]]) -> None:
         for p in pieces(module_key(tensor_module(k)), *mn):
             cands.append(Candidate(p.key, p.rows, mn[1]))
     chosen = select(cands, elements)
-    kept = {c.key: c for c in cands if c.key in chosen}
     rng = np.random.default_rng(0)
-    spectra = Spectra({k: Spectrum(k, (c.rows, c.cols), np.sort(rng.random(min(TOP, c.rows, c.cols)))[::-1])
-                       for k, c in kept.items()})
-    macs = sum(cost(c.rows, c.cols) for c in kept.values())
+    spectra = Spectra({u.key: Spectrum(u.key, u.shape,
+                                       np.sort(rng.random(min(TOP, *u.shape)))[::-1])
+                       for u in chosen})
+    products = sum(1 for u in chosen if u.b is not None)
+    macs = sum(u.cost for u in chosen)
     section = spectra.to_section()
-    print(f"{name:12} {len(cands):6} matrices, {len(kept):4} measured, "
+    print(f"{name:12} {len(cands):6} matrices, {len(chosen):4} spectra ({products} products), "
           f"{len(section) / 1024:6.1f} KB ({len(zlib.compress(section, 6)) / 1024:5.1f} KB "
           "compressed) added to the sketch blob, "
           f"{macs / 1e9:6.2f} G multiply-adds")

@@ -44,16 +44,26 @@ __all__ = [
     "INVARIANT_ALGORITHM",
     "NORM_FOLDS",
     "TOP",
+    "PRODUCTS",
     "Candidate",
+    "Factor",
+    "ProductRule",
+    "Unit",
+    "comparable",
+    "measure",
     "Spectra",
     "Spectrum",
     "norm_key",
     "select",
     "spectrum",
+    "units",
 ]
 
 TOP = 32
-INVARIANT_ALGORITHM = f"invariant-svals-k{TOP}-v1"
+_FAMILY = f"invariant-svals-k{TOP}"
+INVARIANT_ALGORITHM = f"{_FAMILY}-v2"
+"""v2 measures :data:`PRODUCTS` in place of their factors; v1 measured every matrix
+alone. The two compare on the spectra they share (:func:`comparable`)."""
 MACS_PER_ELEMENT = 4
 MACS_BASE = 2e9
 MAX_ELEMENTS = 1 << 23
@@ -121,23 +131,136 @@ class Candidate:
     cols: int
 
 
-def select(candidates: Iterable[Candidate], elements: int) -> set[str]:
-    """The keys measured for a file of ``elements`` weight elements (see the module
+@dataclass(frozen=True)
+class Factor:
+    """A measured matrix as a unit uses it: rows ``part[0]`` of ``part[1]`` equal
+    parts of canonical matrix ``key`` (its norm folded in), transposed or not."""
+
+    key: str
+    transposed: bool = False
+    part: tuple[int, int] = (0, 1)
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One measured spectrum: of ``a`` itself, or of the product ``aᵀ b`` of two
+    matrices that a head or a feed-forward layer multiplies together."""
+
+    key: str
+    a: Factor
+    b: Factor | None
+    shape: tuple[int, int]
+    """The measured matrix's shape (for a product, a's columns by b's)."""
+    cost: float
+
+
+@dataclass(frozen=True)
+class ProductRule:
+    """Two matrices whose product a model computes with nothing non-linear between
+    them, so that the product, unlike either factor, does not move when a scale or
+    any invertible map is moved from one to the other (see the module docstring).
+
+    ``a`` matches the path of the first factor, A; ``b`` is the second's, B, from
+    ``a``'s groups. The product is ``Aᵀ B`` with A transposed first when
+    ``a_transposed`` (the output matrix of a head or a feed-forward layer, stored
+    as out x inner); B's rows are part ``b_part`` of its equal parts, and the rest
+    (``rest``), when given, is measured alone.
+    """
+
+    a: re.Pattern[str]
+    b: str
+    a_transposed: bool = False
+    b_part: tuple[int, int] = (0, 1)
+    rest: tuple[int, int] | None = None
+
+
+PRODUCTS: list[ProductRule] = [
+    # Queries and keys of an attention layer: each head's logits are x Q_hᵀ K_h y, and
+    # Qᵀ K = Σ_h Q_hᵀ K_h is what survives any invertible map between Q_h and K_h
+    # (q/k scaling among them) and any permutation of the heads.
+    ProductRule(re.compile(r"(.*self_attn_)q_proj"), r"\1k_proj"),
+    ProductRule(re.compile(r"(.*attn\d?_)to_q"), r"\1to_k"),
+    ProductRule(re.compile(r"(.*attn_)add_q_proj"), r"\1add_k_proj"),
+    # Values and outputs: O V = Σ_h O_h V_h.
+    ProductRule(re.compile(r"(.*self_attn_)(?:o_proj|out_proj)"), r"\1v_proj", True),
+    ProductRule(re.compile(r"(.*attn\d?_)to_out_0"), r"\1to_v", True),
+    ProductRule(re.compile(r"(.*attn_)to_add_out"), r"\1add_v_proj", True),
+    # Gated feed-forward layers: down (silu(gate x) * up x) is linear in the up
+    # projection's units, so any per-unit scale moves between up and down.
+    ProductRule(re.compile(r"(.*mlp_)down_proj"), r"\1up_proj", True),
+    # GEGLU (diffusers' ff.net.0.proj holds the linear half, then the gate): only
+    # when its rows are twice the output's columns (a GELU layer has no linear half).
+    ProductRule(re.compile(r"(.*ff(?:_context)?_)net_2"), r"\1net_0_proj", True, (0, 2), (1, 2)),
+]
+"""The products measured in place of their factors (see :class:`ProductRule`)."""
+
+
+def _part_rows(rows: int, part: tuple[int, int]) -> int | None:
+    i, n = part
+    return rows // n if rows % n == 0 else None
+
+
+def units(candidates: Iterable[Candidate]) -> list[Unit]:
+    """What is measured of ``candidates``: each :data:`PRODUCTS` pair whose inner
+    dimensions agree as one product, every other matrix alone. A pair whose shapes
+    do not fit (grouped-query attention's keys and values have fewer rows than its
+    queries) is measured as two matrices, as is every matrix of an unknown kind."""
+    by_key = {c.key: c for c in candidates}
+    out: list[Unit] = []
+    used: set[str] = set()
+    for c in by_key.values():
+        component, _, path = c.key.partition(":")
+        for rule in PRODUCTS:
+            m = rule.a.fullmatch(path)
+            if m is None:
+                continue
+            bk = f"{component}:{m.expand(rule.b)}"
+            b = by_key.get(bk)
+            if b is None or bk in used or c.key in used:
+                break
+            inner, outer = (c.cols, c.rows) if rule.a_transposed else (c.rows, c.cols)
+            b_rows = _part_rows(b.rows, rule.b_part)
+            if b_rows != inner:
+                break
+            fa = Factor(c.key, rule.a_transposed)
+            fb = Factor(bk, False, rule.b_part)
+            name = f"{c.key}*{m.expand(rule.b)}" + _suffix(rule.b_part)
+            out.append(Unit(name, fa, fb, (outer, b.cols),
+                            float(outer) * inner * b.cols + cost(outer, b.cols)))
+            if rule.rest is not None and (r := _part_rows(b.rows, rule.rest)) is not None:
+                out.append(Unit(bk + _suffix(rule.rest), Factor(bk, False, rule.rest), None,
+                                (r, b.cols), cost(r, b.cols)))
+            used |= {c.key, bk}
+            break
+    for c in by_key.values():
+        if c.key not in used:
+            out.append(Unit(c.key, Factor(c.key), None, (c.rows, c.cols), cost(c.rows, c.cols)))
+    return out
+
+
+def _suffix(part: tuple[int, int]) -> str:
+    return "" if part == (0, 1) else f"[{part[0]}/{part[1]}]"
+
+
+def select(candidates: Iterable[Candidate], elements: int) -> list[Unit]:
+    """The units measured for a file of ``elements`` weight elements (see the module
     docstring): cheapest first, ties by key hash, within the budget."""
+    candidates = list(candidates)
     budget = MACS_PER_ELEMENT * float(elements) + MACS_BASE
+    sizes = {c.key: c.rows * c.cols for c in candidates}
     ranked = sorted(
-        (c for c in candidates if c.rows * c.cols <= MAX_ELEMENTS),
-        key=lambda c: (cost(c.rows, c.cols), _order(c.key)),
+        (u for u in units(candidates)
+         if u.shape[0] * u.shape[1] <= MAX_ELEMENTS
+         and all(sizes[f.key] <= MAX_ELEMENTS for f in (u.a, u.b) if f is not None)),
+        key=lambda u: (u.cost, _order(u.key)),
     )
-    out: set[str] = set()
+    out: list[Unit] = []
     spent = 0.0
-    for c in ranked:
-        if c.key in out:
-            continue
-        spent += cost(c.rows, c.cols)
+    for u in ranked:
+        spent += u.cost
         if spent > budget or len(out) >= MAX_SPECTRA:
             break
-        out.add(c.key)
+        out.append(u)
     return out
 
 
@@ -231,6 +354,38 @@ class Spectra:
         if pos != len(body):
             raise ValueError("trailing bytes after the invariant section")
         return cls(items, algorithm=alg)
+
+
+def comparable(a: str, b: str) -> bool:
+    """Whether spectra stored under invariant algorithms ``a`` and ``b`` may be
+    compared (matrix by matrix, on the keys both measured): versions of one family."""
+    return a.rpartition("-v")[0] == b.rpartition("-v")[0] == _FAMILY
+
+
+def measure(unit: Unit, matrices: Mapping[str, npt.NDArray[np.floating]],
+            norms: Mapping[str, F64]) -> F64 | None:
+    """The spectrum of ``unit`` from its canonical matrices (None if one is missing)."""
+    if unit.b is None and unit.a.part == (0, 1):
+        w = matrices.get(unit.a.key)
+        return None if w is None else spectrum(w, fold(w, unit.a.key, norms))
+    xs = []
+    for f in (unit.a, unit.b):
+        if f is None:
+            continue
+        w = matrices.get(f.key)
+        if w is None:
+            return None
+        g = fold(w, f.key, norms)
+        x = np.asarray(w, dtype=np.float64)
+        if g is not None:
+            x = x * g.reshape(1, -1)
+        if f.part != (0, 1):
+            r = x.shape[0] // f.part[1]
+            x = x[f.part[0] * r : (f.part[0] + 1) * r]
+        xs.append(x.T if f.transposed else x)
+    if len(xs) == 1:
+        return spectrum(xs[0])
+    return spectrum(xs[0].T @ xs[1])
 
 
 def fold(

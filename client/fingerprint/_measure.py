@@ -26,10 +26,10 @@ from modelhash.fingerprint._invariant import (
     Candidate,
     Spectra,
     Spectrum,
-    fold,
+    Unit,
     is_norm,
+    measure,
     select,
-    spectrum,
 )
 from modelhash.fingerprint._keys import module_key, tensor_module
 from modelhash.fingerprint._layouts import Piece, pieces
@@ -74,7 +74,9 @@ class Measurer:
         self._keep: SpanCopier | None = None
         self._later: list[str] = []
         self._kept = 0
-        self._chosen: set[str] | None = None
+        self._chosen: list[Unit] | None = None
+        self._units: dict[str, Unit] = {}
+        self._decoded: dict[str, np.ndarray | None] = {}
         # Each file's plan, made by plan() and taken by work().
         self._planned: dict[int, tuple[ParsedFile, list[_Plan], int]] = {}
 
@@ -138,8 +140,11 @@ class Measurer:
         chosen = self._chosen
         if chosen is None:  # no plan for the whole model: this file alone decides
             chosen = select(_candidates(plans), elements)
+        for u in chosen:
+            self._units.setdefault(u.key, u)
+        needed = {f.key for u in chosen for f in (u.a, u.b) if f is not None}
         for full, t, mn, ps in plans:
-            mine = [p for p in ps if p.key in chosen]
+            mine = [p for p in ps if p.key in needed]
             if not mine:
                 continue
             if self._kept + t.nbytes > MAX_KEPT_BYTES:
@@ -182,6 +187,30 @@ class Measurer:
             x = DECODERS[t.dtype].fn(np.frombuffer(raw, dtype=np.uint8))
         return x.reshape(m, n) if x.size == m * n else None
 
+    def _matrix(self, key: str) -> np.ndarray | None:
+        """Canonical matrix ``key`` from its kept pieces (None, and a note, if a piece
+        is missing or a value is not finite)."""
+        parts = self._parts.get(key)
+        if not parts:
+            return None
+        blocks = []
+        for part in parts:
+            if part.tensor not in self._decoded:  # one stored tensor at a time
+                self._decoded = {part.tensor: self._values(part.tensor)}
+            w = self._decoded[part.tensor]
+            if w is not None and part.piece.transposed:
+                blocks.append(w.T)  # always the whole stored matrix
+            elif w is not None:
+                blocks.append(w[part.piece.start : part.piece.start + part.piece.count])
+        if sum(len(b) for b in blocks) != self._rows[key]:
+            self.skipped["incomplete fused pieces"] += 1
+            return None
+        w = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+        if not np.all(np.isfinite(w)):
+            self.skipped["non-finite values"] += 1
+            return None
+        return w
+
     def finish(self) -> tuple[Spectra, list[str]]:
         """The invariant layer, and a note for whatever was skipped."""
         # One BLAS thread: the matrices are small, and on a busy machine extra BLAS
@@ -196,31 +225,33 @@ class Measurer:
             if v is not None and np.all(np.isfinite(v)):
                 norms[nk] = v.reshape(-1).astype(np.float64)
         out = Spectra()
-        cache: dict[str, np.ndarray | None] = {}
-        for key, parts in sorted(self._parts.items()):
-            blocks = []
-            for part in parts:
-                if part.tensor not in cache:
-                    cache = {part.tensor: self._values(part.tensor)}
-                w = cache[part.tensor]
-                if w is not None and part.piece.transposed:
-                    blocks.append(w.T)  # always the whole stored matrix
-                elif w is not None:
-                    blocks.append(w[part.piece.start : part.piece.start + part.piece.count])
-            if sum(len(b) for b in blocks) != self._rows[key]:
-                self.skipped["incomplete fused pieces"] += 1
-                continue
-            w = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
-            if not np.all(np.isfinite(w)):
-                self.skipped["non-finite values"] += 1
-                continue
-            with np.errstate(all="ignore"):
-                vals = spectrum(w, fold(w, key, norms))
-            if not np.all(np.isfinite(vals)):
-                self.skipped["non-finite values"] += 1
-                continue
-            out.items[key] = Spectrum(key, (int(w.shape[0]), int(w.shape[1])), vals)
+        ordered = sorted(self._units.values(), key=lambda u: u.key)
+        last: dict[str, int] = {}
+        for i, u in enumerate(ordered):
+            for f in (u.a, u.b):
+                if f is not None:
+                    last[f.key] = i
+        matrices: dict[str, np.ndarray] = {}
+        built: set[str] = set()
+        for i, u in enumerate(ordered):
+            for f in (u.a, u.b):
+                if f is not None and f.key not in built:
+                    built.add(f.key)
+                    w = self._matrix(f.key)
+                    if w is not None:
+                        matrices[f.key] = w
+            if all(f.key in matrices for f in (u.a, u.b) if f is not None):
+                with np.errstate(all="ignore"):
+                    vals = measure(u, matrices, norms)
+                if vals is None or not np.all(np.isfinite(vals)):
+                    self.skipped["non-finite values"] += 1
+                else:
+                    out.items[u.key] = Spectrum(u.key, u.shape, vals)
+            for f in (u.a, u.b):
+                if f is not None and last[f.key] == i:
+                    matrices.pop(f.key, None)
         self._bytes.clear()
+        self._decoded.clear()
         notes = []
         if self.skipped:
             what = ", ".join(f"{n} ({why})" for why, n in sorted(self.skipped.items()))

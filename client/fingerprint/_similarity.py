@@ -50,6 +50,7 @@ import numpy as np
 import numpy.typing as npt
 
 from modelhash.fingerprint._blocks import BlockName, block_of
+from modelhash.fingerprint._invariant import comparable
 from modelhash.fingerprint._robust import (
     INVARIANT_THRESHOLDS,
     InvariantThresholds,
@@ -755,10 +756,10 @@ def _invariant_match(
         raw_spectral = spectral_distance(upload.invariant, flagged.invariant)
         if c.raw_distance is not None and c.raw_distance <= ti.sketch_ratio * raw_spectral:
             return None
-    algorithms = {upload.invariant.algorithm, flagged.invariant.algorithm}
+    algorithms = [upload.invariant.algorithm, flagged.invariant.algorithm]
     if base is not None and base.invariant is not None:
-        algorithms.add(base.invariant.algorithm)
-    if len(algorithms) != 1:
+        algorithms.append(base.invariant.algorithm)
+    if not all(comparable(algorithms[0], a) for a in algorithms):
         return None
     got = match_invariant(
         upload.invariant, flagged.invariant, base.invariant if base is not None else None,

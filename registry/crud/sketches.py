@@ -76,7 +76,7 @@ from sqlalchemy import Engine, func
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
-from modelhash.fingerprint._invariant import Spectra
+from modelhash.fingerprint._invariant import Spectra, comparable
 from modelhash.fingerprint._robust import INVARIANT_THRESHOLDS
 from modelhash.fingerprint._robust import base_distance as spectral_distance
 from modelhash.fingerprint._similarity import (
@@ -1167,7 +1167,8 @@ def _invariant_base(upload: Sketch, bases: dict[str, tuple[str, Sketch]]) -> str
         return None
     near: list[tuple[float, str]] = []
     for base_id, (_name, b) in bases.items():
-        if b.invariant is not None and b.invariant.algorithm == upload.invariant.algorithm:
+        if b.invariant is not None and comparable(b.invariant.algorithm,
+                                                  upload.invariant.algorithm):
             d = spectral_distance(upload.invariant, b.invariant)
             if d <= INVARIANT_THRESHOLDS.base_distance:
                 near.append((d, base_id))

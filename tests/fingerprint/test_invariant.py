@@ -20,9 +20,11 @@ from modelhash.fingerprint._invariant import (
     Candidate,
     Spectra,
     Spectrum,
+    measure,
     norm_key,
     select,
     spectrum,
+    units,
 )
 from modelhash.fingerprint._sketch import TensorSketch
 
@@ -88,13 +90,68 @@ def test_selection_is_cheapest_first_and_depends_on_shapes_only() -> None:
     got = select(cands, elements=0)
     assert select(list(reversed(cands)), elements=0) == got
     # Cheapest first: every kept matrix costs no more than every dropped one.
-    kept = [c for c in cands if c.key in got]
-    dropped = [c for c in cands if c.key not in got]
+    keys = {u.key for u in got}
+    kept = [c for c in cands if c.key in keys]
+    dropped = [c for c in cands if c.key not in keys]
     assert kept
     if dropped:
         assert max(c.rows for c in kept) <= min(c.rows for c in dropped)
     huge = [Candidate("x:big", 1 << 14, 1 << 14)]
-    assert select(huge, elements=1 << 28) == set()
+    assert select(huge, elements=1 << 28) == []
+
+
+def test_products_replace_their_factors_only_where_the_shapes_fit() -> None:
+    """Queries with keys, outputs with values, down with up (and a GEGLU's linear
+    half with its output) are measured as products; grouped-query keys and values
+    (fewer rows than the queries) and a plain GELU layer stay single matrices."""
+    d, f = 64, 256
+    mha = [Candidate(f":layers_0_self_attn_{n}_proj", d, d) for n in "qkvo"]
+    mha += [Candidate(":layers_0_mlp_gate_proj", f, d), Candidate(":layers_0_mlp_up_proj", f, d),
+            Candidate(":layers_0_mlp_down_proj", d, f)]
+    got = {u.key: u for u in units(mha)}
+    assert set(got) == {":layers_0_self_attn_q_proj*layers_0_self_attn_k_proj",
+                        ":layers_0_self_attn_o_proj*layers_0_self_attn_v_proj",
+                        ":layers_0_mlp_down_proj*layers_0_mlp_up_proj",
+                        ":layers_0_mlp_gate_proj"}
+    assert got[":layers_0_mlp_down_proj*layers_0_mlp_up_proj"].shape == (d, d)
+    gqa = [Candidate(":layers_0_self_attn_q_proj", d, d), Candidate(":layers_0_self_attn_k_proj",
+           d // 4, d), Candidate(":layers_0_self_attn_v_proj", d // 4, d),
+           Candidate(":layers_0_self_attn_o_proj", d, d)]
+    assert {u.key for u in units(gqa)} == {c.key for c in gqa}
+    ff = "u:blocks_0_ff_"
+    geglu = {u.key: u for u in units([Candidate(ff + "net_0_proj", 2 * f, d),
+                                      Candidate(ff + "net_2", d, f)])}
+    assert set(geglu) == {ff + "net_2*blocks_0_ff_net_0_proj[0/2]", ff + "net_0_proj[1/2]"}
+    gelu = units([Candidate(ff + "net_0_proj", f, d), Candidate(ff + "net_2", d, f)])
+    assert {u.key for u in gelu} == {ff + "net_0_proj", ff + "net_2"}
+
+
+def test_products_do_not_move_when_a_map_moves_between_their_factors() -> None:
+    """Any invertible map per head between queries and keys (or values and outputs),
+    and any per-unit scale between a gated layer's up and down projections, leave the
+    product's spectrum as it was; each factor's own spectrum moves."""
+    rng = np.random.default_rng(11)
+    d, f, heads = 48, 96, 4
+    hd = d // heads
+    w = {n: rng.standard_normal((d, d)) / np.sqrt(d) for n in "qkvo"}
+    w["up"], w["down"] = rng.standard_normal((f, d)), rng.standard_normal((d, f))
+    maps = [rng.standard_normal((hd, hd)) + 3 * np.eye(hd) for _ in range(heads)]
+    m = np.zeros((d, d))
+    for h, x in enumerate(maps):
+        m[h * hd:(h + 1) * hd, h * hd:(h + 1) * hd] = x
+    s = np.exp(rng.standard_normal(f))
+    moved = {"q": m @ w["q"], "k": np.linalg.inv(m).T @ w["k"], "v": m @ w["v"],
+             "o": w["o"] @ np.linalg.inv(m), "up": s[:, None] * w["up"], "down": w["down"] / s}
+    key = {n: f":layers_0_self_attn_{n}_proj" for n in "qkvo"}
+    key |= {"up": ":layers_0_mlp_up_proj", "down": ":layers_0_mlp_down_proj"}
+    cands = [Candidate(key[n], *x.shape) for n, x in w.items()]
+    for u in units(cands):
+        before = measure(u, {key[n]: x for n, x in w.items()}, {})
+        after = measure(u, {key[n]: x for n, x in moved.items()}, {})
+        assert before is not None and after is not None
+        np.testing.assert_allclose(after, before, rtol=1e-9, atol=1e-9)
+    for n in ("q", "up"):
+        assert not np.allclose(spectrum(moved[n]), spectrum(w[n]), rtol=1e-3)
 
 
 def _spectra(seed: int = 0) -> Spectra:
@@ -213,7 +270,7 @@ def test_pass_measures_the_same_spectra_for_a_permuted_model(tmp_path: Path) -> 
     c = fingerprint_file(tmp_path / "c.safetensors").sketch
     assert a is not None and b is not None and c is not None
     assert a.invariant is not None and b.invariant is not None and c.invariant is not None
-    assert len(a.invariant) == 14
+    assert len(a.invariant) == 8  # per layer: q*k, o*v, down*up and the gate
     assert set(a.invariant.items) == set(b.invariant.items) == set(c.invariant.items)
     for key, s in a.invariant.items.items():
         assert np.max(np.abs(b.invariant.items[key].values - s.values)) < 1e-5 * s.values[0]
@@ -229,17 +286,18 @@ def test_pass_measures_the_same_spectra_for_a_permuted_model(tmp_path: Path) -> 
 def test_norm_folding_uses_the_norm_stored_after_the_matrix(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     sd = _llama(rng, layers=1)
-    w = sd["model.layers.0.mlp.up_proj.weight"]
-    g = sd["model.layers.0.post_attention_layernorm.weight"]
+    w = sd["model.layers.0.mlp.gate_proj.weight"]
+    up = sd["model.layers.0.mlp.up_proj.weight"].astype(np.float64)
+    g = sd["model.layers.0.post_attention_layernorm.weight"].astype(np.float64)
     save_file(sd, str(tmp_path / "m.safetensors"))
     got = fingerprint_file(tmp_path / "m.safetensors").sketch
     assert got is not None and got.invariant is not None
-    want = spectrum(w.astype(np.float64), g.astype(np.float64))
-    assert np.allclose(got.invariant.items[":layers_0_mlp_up_proj"].values, want, rtol=1e-6)
-    # down_proj reads no norm: measured as stored.
+    want = spectrum(w.astype(np.float64), g)
+    assert np.allclose(got.invariant.items[":layers_0_mlp_gate_proj"].values, want, rtol=1e-6)
+    # down_proj reads no norm: its product with up_proj folds up_proj's norm alone.
     down = sd["model.layers.0.mlp.down_proj.weight"].astype(np.float64)
-    assert np.allclose(got.invariant.items[":layers_0_mlp_down_proj"].values, spectrum(down),
-                       rtol=1e-6)
+    product = got.invariant.items[":layers_0_mlp_down_proj*layers_0_mlp_up_proj"]
+    assert np.allclose(product.values, spectrum(down @ (up * g)), rtol=1e-6)
 
 
 def _sk(tmp_path: Path, name: str, sd: dict[str, np.ndarray]) -> Sketch:
@@ -345,11 +403,12 @@ def test_a_fused_matrix_is_measured_per_canonical_module(tmp_path: Path) -> None
     assert a is not None and b is not None and a.invariant is not None
     assert b.invariant is not None
     assert set(a.invariant.items) == set(b.invariant.items)
-    assert "unet:transformer_blocks_0_attn_to_k" in a.invariant.items
+    qk = "unet:transformer_blocks_0_attn_to_q*transformer_blocks_0_attn_to_k"
+    assert qk in a.invariant.items and "unet:transformer_blocks_0_attn_to_v" in a.invariant.items
     for key, s in b.invariant.items.items():
         assert np.allclose(a.invariant.items[key].values, s.values, rtol=1e-9)
-    assert np.allclose(a.invariant.items["unet:transformer_blocks_0_attn_to_k"].values,
-                       spectrum(k.astype(np.float64)), rtol=1e-9)
+    assert np.allclose(a.invariant.items[qk].values,
+                       spectrum(q.astype(np.float64).T @ k.astype(np.float64)), rtol=1e-9)
 
 
 def test_the_wire_carries_the_layer_and_refuses_a_bad_section_plainly() -> None:

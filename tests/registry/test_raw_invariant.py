@@ -20,6 +20,7 @@ from sqlalchemy import Engine
 from sqlmodel import select
 
 from modelhash.fingerprint import Sketch, fingerprint_path
+from modelhash.fingerprint._robust import INVARIANT_THRESHOLDS
 from modelhash.registry._db import session_scope
 from modelhash.registry.crud.sketches import RawSpectra, blob_spectra, index_for
 from modelhash.registry.models import SketchRow
@@ -146,7 +147,7 @@ def test_raw_flags_are_found_on_the_invariant_layer_then_through_their_base(
         kind, ev, verdict = got
         assert (kind, verdict) == ("near-duplicate", "match"), name
         assert ev["layer"] == "invariant" and ev["invariant"] is True, name
-        assert ev["base"] is None and ev["raw_distance"] <= 1e-4, name
+        assert ev["base"] is None and ev["raw_distance"] <= INVARIANT_THRESHOLDS.raw_distance, name
     for name in (*NEGATIVES, "stranger", "stranger-all"):
         assert found(name) is None, name
         assert found(name, h_id) is None, name
