@@ -43,16 +43,16 @@ import numpy.typing as npt
 __all__ = [
     "INVARIANT_ALGORITHM",
     "NORM_FOLDS",
-    "TOP",
     "PRODUCTS",
+    "TOP",
     "Candidate",
     "Factor",
     "ProductRule",
+    "Spectra",
+    "Spectrum",
     "Unit",
     "comparable",
     "measure",
-    "Spectra",
-    "Spectrum",
     "norm_key",
     "select",
     "spectrum",
@@ -181,10 +181,12 @@ PRODUCTS: list[ProductRule] = [
     ProductRule(re.compile(r"(.*self_attn_)q_proj"), r"\1k_proj"),
     ProductRule(re.compile(r"(.*attn\d?_)to_q"), r"\1to_k"),
     ProductRule(re.compile(r"(.*attn_)add_q_proj"), r"\1add_k_proj"),
+    ProductRule(re.compile(r"(.*attention_self_)query"), r"\1key"),  # BERT
     # Values and outputs: O V = Σ_h O_h V_h.
     ProductRule(re.compile(r"(.*self_attn_)(?:o_proj|out_proj)"), r"\1v_proj", True),
     ProductRule(re.compile(r"(.*attn\d?_)to_out_0"), r"\1to_v", True),
     ProductRule(re.compile(r"(.*attn_)to_add_out"), r"\1add_v_proj", True),
+    ProductRule(re.compile(r"(.*attention_)output_dense"), r"\1self_value", True),
     # Gated feed-forward layers: down (silu(gate x) * up x) is linear in the up
     # projection's units, so any per-unit scale moves between up and down.
     ProductRule(re.compile(r"(.*mlp_)down_proj"), r"\1up_proj", True),
@@ -196,7 +198,7 @@ PRODUCTS: list[ProductRule] = [
 
 
 def _part_rows(rows: int, part: tuple[int, int]) -> int | None:
-    i, n = part
+    _i, n = part
     return rows // n if rows % n == 0 else None
 
 

@@ -118,6 +118,11 @@ def test_products_replace_their_factors_only_where_the_shapes_fit() -> None:
            d // 4, d), Candidate(":layers_0_self_attn_v_proj", d // 4, d),
            Candidate(":layers_0_self_attn_o_proj", d, d)]
     assert {u.key for u in units(gqa)} == {c.key for c in gqa}
+    bert = [Candidate(f":encoder_layer_0_attention_{n}", d, d)
+            for n in ("self_query", "self_key", "self_value", "output_dense")]
+    assert {u.key for u in units(bert)} == {
+        ":encoder_layer_0_attention_self_query*encoder_layer_0_attention_self_key",
+        ":encoder_layer_0_attention_output_dense*encoder_layer_0_attention_self_value"}
     ff = "u:blocks_0_ff_"
     geglu = {u.key: u for u in units([Candidate(ff + "net_0_proj", 2 * f, d),
                                       Candidate(ff + "net_2", d, f)])}
