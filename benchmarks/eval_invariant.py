@@ -491,7 +491,8 @@ def run(replicates: int, steps: int, families: list[str], *, verbose: bool = Fal
             m = json.loads(manifest.read_text())
             cases = [Case(c[0], c[1], Path(c[2]), c[3], c[4]) for c in m["cases"]
                      if c[0] in families]
-            flagged = {k: Path(v) for k, v in m["flagged"].items()}
+            flagged = {k: Path(v) for k, v in m["flagged"].items()
+                       if k.split(":")[0].rstrip("0123456789") in families}
             bases = {k: Path(v) for k, v in m["bases"].items() if k in families}
             refs = {k: [Path(p) for p in v] for k, v in m["refs"].items()}
             print(f"reusing the models built in {work}")
