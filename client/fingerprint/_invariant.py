@@ -52,6 +52,7 @@ __all__ = [
     "Spectrum",
     "Unit",
     "comparable",
+    "exposed",
     "measure",
     "norm_key",
     "select",
@@ -234,10 +235,27 @@ def units(candidates: Iterable[Candidate]) -> list[Unit]:
                                 (r, b.cols), cost(r, b.cols)))
             used |= {c.key, bk}
             break
+    # Every matrix is also measured alone: a factor's spectrum is exposed to what moves
+    # between it and its partner (see exposed()), yet when it did not move it adds to
+    # what a fine-tune's shift is measured on.
     for c in by_key.values():
-        if c.key not in used:
-            out.append(Unit(c.key, Factor(c.key), None, (c.rows, c.cols), cost(c.rows, c.cols)))
+        out.append(Unit(c.key, Factor(c.key), None, (c.rows, c.cols), cost(c.rows, c.cols)))
     return out
+
+
+def exposed(keys: Iterable[str]) -> set[str]:
+    """The keys among ``keys`` that are factors of a product also among them: their
+    spectra move when a scale or map is moved between the factors, the product's
+    do not."""
+    keys = set(keys)
+    out: set[str] = set()
+    for k in keys:
+        component, _, path = k.partition(":")
+        if "*" not in path:
+            continue
+        a, _, b = path.partition("*")
+        out |= {f"{component}:{a}", f"{component}:{b.partition('[')[0]}"}
+    return out & keys
 
 
 def _suffix(part: tuple[int, int]) -> str:
