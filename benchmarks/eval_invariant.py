@@ -3,8 +3,9 @@
 A re-uploader can change every weight matrix without changing what the model
 computes: permute the feed-forward units, the attention heads or the residual
 stream's channels, rotate an RMSNorm model's residual stream, move scales between
-a norm and the matrices that read it, or between the queries and keys of a head.
-This builds the tiny LLM and SD models of ``eval_derivatives.py`` (a base, a flagged
+a norm and the matrices that read it, between the queries and keys or the values
+and outputs of a head, or between a gated feed-forward unit's linear input and its
+output. This builds the tiny LLM and SD models of ``eval_derivatives.py`` (a base, a flagged
 fine-tune F, an innocent sibling G, known-innocent reference fine-tunes), applies
 each transformation alone, after an fp16 cast and after a 50/50 merge of F with G,
 checks that the transformed model computes what the original did, and scores every
@@ -167,9 +168,27 @@ def llm_qk_scale(sd: SD, g: torch.Generator) -> SD:
     return out
 
 
+def llm_vo_ffn_scale(sd: SD, g: torch.Generator) -> SD:
+    """Values times c_h and output columns divided by c_h, per head; up projections
+    times s_u and down projection columns divided by s_u, per unit (SwiGLU is linear
+    in the up projection)."""
+    out = dict(sd)
+    for p in _layers(sd, r"(model\.layers\.\d+\.)self_attn\."):
+        d = sd[p + "self_attn.v_proj.weight"].shape[0]
+        c = torch.exp(0.7 * torch.randn(LLM_HEADS, generator=g)).repeat_interleave(d // LLM_HEADS)
+        out[p + "self_attn.v_proj.weight"] = sd[p + "self_attn.v_proj.weight"] * c[:, None]
+        out[p + "self_attn.o_proj.weight"] = sd[p + "self_attn.o_proj.weight"] / c
+        f = sd[p + "mlp.up_proj.weight"].shape[0]
+        s = torch.exp(0.7 * torch.randn(f, generator=g))
+        out[p + "mlp.up_proj.weight"] = sd[p + "mlp.up_proj.weight"] * s[:, None]
+        out[p + "mlp.down_proj.weight"] = sd[p + "mlp.down_proj.weight"] / s
+    return out
+
+
 def llm_all(sd: SD, g: torch.Generator) -> SD:
     """Every transformation above at once."""
-    for t in (llm_norm_rescale, llm_qk_scale, llm_ffn, llm_heads, llm_residual_rotation):
+    for t in (llm_norm_rescale, llm_qk_scale, llm_vo_ffn_scale, llm_ffn, llm_heads,
+              llm_residual_rotation):
         sd = t(sd, g)
     return sd
 
@@ -306,8 +325,38 @@ def sd_qk_scale(sd: SD, g: torch.Generator) -> SD:
     return out
 
 
+def sd_vo_ffn_scale(sd: SD, g: torch.Generator) -> SD:
+    """Values (and their bias) times c_h, output columns divided by c_h, per head, in
+    every attention; GEGLU's linear half times s_u, the output's columns divided."""
+    out = dict(sd)
+    for a in _layers(sd, _BLOCK):
+        for attn in ("attn1", "attn2"):
+            b = a + f"transformer_blocks.0.{attn}."
+            d = sd[b + "to_v.weight"].shape[0]
+            h = _heads(sd, a)
+            c = torch.exp(0.7 * torch.randn(h, generator=g)).repeat_interleave(d // h)
+            out[b + "to_v.weight"] = sd[b + "to_v.weight"] * c[:, None]
+            out[b + "to_out.0.weight"] = sd[b + "to_out.0.weight"] / c
+        b = a + "transformer_blocks.0.ff."
+        inner = sd[b + "net.2.weight"].shape[1]
+        s = torch.exp(0.7 * torch.randn(inner, generator=g))
+        both = torch.cat([s, torch.ones(inner)])  # the value half only, not the gate
+        out[b + "net.0.proj.weight"] = sd[b + "net.0.proj.weight"] * both[:, None]
+        out[b + "net.0.proj.bias"] = sd[b + "net.0.proj.bias"] * both
+        out[b + "net.2.weight"] = sd[b + "net.2.weight"] / s
+    for p in _layers(sd, _TE):
+        b = p + "self_attn."
+        d = sd[b + "v_proj.weight"].shape[0]
+        c = torch.exp(0.7 * torch.randn(4, generator=g)).repeat_interleave(d // 4)
+        out[b + "v_proj.weight"] = sd[b + "v_proj.weight"] * c[:, None]
+        out[b + "v_proj.bias"] = sd[b + "v_proj.bias"] * c
+        out[b + "out_proj.weight"] = sd[b + "out_proj.weight"] / c
+    return out
+
+
 def sd_all(sd: SD, g: torch.Generator) -> SD:
-    for t in (sd_norm_rescale, sd_qk_scale, sd_ffn, sd_heads, sd_residual_perm):
+    for t in (sd_norm_rescale, sd_qk_scale, sd_vo_ffn_scale, sd_ffn, sd_heads,
+              sd_residual_perm):
         sd = t(sd, g)
     return sd
 
@@ -339,10 +388,11 @@ class Case:
 TRANSFORMS: dict[str, dict[str, Transform]] = {
     "llm": {"FFN units": llm_ffn, "heads": llm_heads, "residual permutation": llm_residual_perm,
             "residual rotation": llm_residual_rotation, "norm rescale": llm_norm_rescale,
-            "q/k rescale per head": llm_qk_scale, "all at once": llm_all},
+            "q/k rescale per head": llm_qk_scale,
+            "v/o per head, up/down per unit rescaled": llm_vo_ffn_scale, "all at once": llm_all},
     "sd": {"FFN units": sd_ffn, "heads": sd_heads, "residual permutation": sd_residual_perm,
            "norm rescale": sd_norm_rescale, "q/k rescale per head": sd_qk_scale,
-           "all at once": sd_all},
+           "v/o per head, GEGLU per unit rescaled": sd_vo_ffn_scale, "all at once": sd_all},
 }
 
 

@@ -4,7 +4,7 @@ For each replicate: a tiny Llama-shaped base B (numpy, ``tests/utils/invariant_m
 a flagged fine-tune F and an innocent sibling G (random dense deltas of relative
 size 0.02). Each function-preserving change (units and heads permuted with the
 residual stream, residual stream rotated, norm scales moved, per-head q/k
-scaling, all at once) is applied to F, alone and then cast to float16, and the
+scaling, per-head v/o and per-unit up/down scaling, all at once) is applied to F, alone and then cast to float16, and the
 result is matched against F as the registry stores it: raw (no base registered:
 ``match(upload, F)``) and as a delta from B (``match(upload, F - B, B)``).
 Negatives: G and B changed the same way and cast to float16.
@@ -30,11 +30,13 @@ from tests.utils.invariant_models import (
     rescale_norms,
     rotate,
     scale_qk,
+    scale_vo_ffn,
 )
 from tests.utils.sketch_models import cast, plus, random_delta, sketch_of, write
 
 CHANGES = {"permuted": permute, "rotated": rotate, "norms rescaled": rescale_norms,
-           "q/k scaled": scale_qk, "all at once": everything}
+           "q/k scaled": scale_qk, "v/o, up/down scaled": scale_vo_ffn,
+           "all at once": everything}
 
 
 def main() -> None:
@@ -74,10 +76,10 @@ def main() -> None:
                         got = verdict(cast(change(who, seed)[0]), with_base)
                         fps[c, with_base] += got is not None
     print(f"{reps} replicates; found / replicates, false positives / negatives")
-    print(f"{'change':16} {'no base':>8} {'+ fp16':>8} {'FP':>6} | {'base':>6} {'+ fp16':>8} "
+    print(f"{'change':20} {'no base':>8} {'+ fp16':>8} {'FP':>6} | {'base':>6} {'+ fp16':>8} "
           f"{'FP':>6}  layers")
     for c in CHANGES:
-        print(f"{c:16} {hits[c, 0, 0]:>5}/{reps} {hits[c, 1, 0]:>5}/{reps} "
+        print(f"{c:20} {hits[c, 0, 0]:>5}/{reps} {hits[c, 1, 0]:>5}/{reps} "
               f"{fps[c, 0]:>3}/{2 * reps} | {hits[c, 0, 1]:>3}/{reps} {hits[c, 1, 1]:>5}/{reps} "
               f"{fps[c, 1]:>3}/{2 * reps}  {','.join(sorted(layers[c]))}")
 

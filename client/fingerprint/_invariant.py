@@ -43,16 +43,17 @@ import numpy.typing as npt
 __all__ = [
     "INVARIANT_ALGORITHM",
     "NORM_FOLDS",
-    "TOP",
     "PRODUCTS",
+    "TOP",
     "Candidate",
     "Factor",
     "ProductRule",
-    "Unit",
-    "comparable",
-    "measure",
     "Spectra",
     "Spectrum",
+    "Unit",
+    "comparable",
+    "exposed",
+    "measure",
     "norm_key",
     "select",
     "spectrum",
@@ -181,10 +182,12 @@ PRODUCTS: list[ProductRule] = [
     ProductRule(re.compile(r"(.*self_attn_)q_proj"), r"\1k_proj"),
     ProductRule(re.compile(r"(.*attn\d?_)to_q"), r"\1to_k"),
     ProductRule(re.compile(r"(.*attn_)add_q_proj"), r"\1add_k_proj"),
+    ProductRule(re.compile(r"(.*attention_self_)query"), r"\1key"),  # BERT
     # Values and outputs: O V = Σ_h O_h V_h.
     ProductRule(re.compile(r"(.*self_attn_)(?:o_proj|out_proj)"), r"\1v_proj", True),
     ProductRule(re.compile(r"(.*attn\d?_)to_out_0"), r"\1to_v", True),
     ProductRule(re.compile(r"(.*attn_)to_add_out"), r"\1add_v_proj", True),
+    ProductRule(re.compile(r"(.*attention_)output_dense"), r"\1self_value", True),
     # Gated feed-forward layers: down (silu(gate x) * up x) is linear in the up
     # projection's units, so any per-unit scale moves between up and down.
     ProductRule(re.compile(r"(.*mlp_)down_proj"), r"\1up_proj", True),
@@ -196,7 +199,7 @@ PRODUCTS: list[ProductRule] = [
 
 
 def _part_rows(rows: int, part: tuple[int, int]) -> int | None:
-    i, n = part
+    _i, n = part
     return rows // n if rows % n == 0 else None
 
 
@@ -232,10 +235,27 @@ def units(candidates: Iterable[Candidate]) -> list[Unit]:
                                 (r, b.cols), cost(r, b.cols)))
             used |= {c.key, bk}
             break
+    # Every matrix is also measured alone: a factor's spectrum is exposed to what moves
+    # between it and its partner (see exposed()), yet when it did not move it adds to
+    # what a fine-tune's shift is measured on.
     for c in by_key.values():
-        if c.key not in used:
-            out.append(Unit(c.key, Factor(c.key), None, (c.rows, c.cols), cost(c.rows, c.cols)))
+        out.append(Unit(c.key, Factor(c.key), None, (c.rows, c.cols), cost(c.rows, c.cols)))
     return out
+
+
+def exposed(keys: Iterable[str]) -> set[str]:
+    """The keys among ``keys`` that are factors of a product also among them: their
+    spectra move when a scale or map is moved between the factors, the product's
+    do not."""
+    keys = set(keys)
+    out: set[str] = set()
+    for k in keys:
+        component, _, path = k.partition(":")
+        if "*" not in path:
+            continue
+        a, _, b = path.partition("*")
+        out |= {f"{component}:{a}", f"{component}:{b.partition('[')[0]}"}
+    return out & keys
 
 
 def _suffix(part: tuple[int, int]) -> str:

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from modelhash.fingerprint._invariant import INVARIANT_ALGORITHM, Spectra, Spectrum
+from modelhash.fingerprint._invariant import INVARIANT_ALGORITHM, Spectra, Spectrum, exposed
 
 __all__ = [
     "INVARIANT_THRESHOLDS",
@@ -48,6 +48,7 @@ __all__ = [
     "match_invariant",
     "pair",
     "shared_shift",
+    "trusted",
 ]
 
 F64 = npt.NDArray[np.float64]
@@ -142,10 +143,27 @@ def pair(x: Spectra, ref: Spectra, max_distance: float = INVARIANT_THRESHOLDS.pa
     return out
 
 
+EXPOSED_RATIO = 3.0
+"""A factor's spectrum (see :func:`~modelhash.fingerprint._invariant.exposed`) joins a
+shift only if it moved from the base by at most this multiple of what the products
+and other invariant matrices moved (pooled, relative): a fine-tune moves both alike,
+a scale moved between the factors moves the factor by far more."""
+
+
+def trusted(x: Spectra) -> Spectra:
+    """``x`` without the factors its products stand for: what no function-preserving
+    change moves."""
+    ex = exposed(x.items)
+    if not ex:
+        return x
+    return Spectra({k: v for k, v in x.items.items() if k not in ex}, algorithm=x.algorithm)
+
+
 def base_distance(x: Spectra, base: Spectra,
                   max_distance: float = INVARIANT_THRESHOLDS.pair_distance) -> float:
-    """Pooled relative distance ‖s(x) - s(base)‖ / ‖s(base)‖ over paired matrices
-    (infinity when none pair)."""
+    """Pooled relative distance ‖s(x) - s(base)‖ / ‖s(base)‖ over paired matrices that
+    no function-preserving change moves (infinity when none pair)."""
+    x, base = trusted(x), trusted(base)
     pairs = pair(x, base, max_distance)
     num = den = 0.0
     for bk, xk in pairs.items():
@@ -155,9 +173,23 @@ def base_distance(x: Spectra, base: Spectra,
 
 
 def shifts(x: Spectra, base: Spectra) -> dict[str, F64]:
-    """``x``'s shift from ``base`` per base key, each orthogonal to the base spectrum."""
+    """``x``'s shift from ``base`` per base key, each orthogonal to the base spectrum;
+    a factor of a product only where it moved about as much as the rest
+    (:data:`EXPOSED_RATIO`)."""
     out: dict[str, F64] = {}
-    for bk, xk in pair(x, base).items():
+    pairs = pair(x, base)
+    ex = exposed(base.items)
+    num = den = 0.0
+    for bk, xk in pairs.items():
+        if bk not in ex:
+            dd, bb = _rel(x.items[xk].values, base.items[bk].values)
+            num, den = num + dd, den + bb
+    limit = EXPOSED_RATIO**2 * num / den if den > 0 else 0.0
+    for bk, xk in pairs.items():
+        if bk in ex:
+            dd, bb = _rel(x.items[xk].values, base.items[bk].values)
+            if dd > limit * bb:
+                continue
         b = base.items[bk].values
         k = min(len(b), len(x.items[xk].values))
         b = b[:k]
@@ -258,8 +290,9 @@ def compare_invariant(
 ) -> InvariantComparison:
     """Every score of ``upload``'s spectra against ``flagged``'s, relative to ``base``."""
     raw = base_distance(upload, flagged, thresholds.pair_distance)
-    covered = len(pair(upload, flagged, thresholds.pair_distance))
-    enough = covered >= max(thresholds.min_matrices, 0.5 * len(flagged))
+    kept = trusted(flagged)
+    covered = len(pair(trusted(upload), kept, thresholds.pair_distance))
+    enough = covered >= max(thresholds.min_matrices, 0.5 * len(kept))
     raw_d = raw if math.isfinite(raw) and enough else None
     if base is None:
         return InvariantComparison(raw_distance=raw_d)

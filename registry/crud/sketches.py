@@ -77,7 +77,7 @@ from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
 from modelhash.fingerprint._invariant import Spectra, comparable
-from modelhash.fingerprint._robust import INVARIANT_THRESHOLDS
+from modelhash.fingerprint._robust import INVARIANT_THRESHOLDS, trusted
 from modelhash.fingerprint._robust import base_distance as spectral_distance
 from modelhash.fingerprint._similarity import (
     THRESHOLDS,
@@ -340,6 +340,14 @@ RawKey = tuple[str, tuple[tuple[str, int, int, int], ...]]
 """(invariant algorithm, per measured matrix its key, rows, columns and values kept)."""
 
 
+def raw_layout(spectra: Spectra) -> tuple[tuple[str, int, int, int], ...]:
+    """The matrices a raw flag's spectra are indexed by: all but the factors of its
+    products (:func:`~modelhash.fingerprint._robust.trusted`), as the copy rule
+    compares them."""
+    return tuple(sorted((k, *sp.shape, len(sp.values))
+                        for k, sp in trusted(spectra).items.items()))
+
+
 class RawSpectra:
     """The invariant layers of raw model flags that measure the same matrices.
 
@@ -576,8 +584,7 @@ class SketchIndex:
                     continue
                 if spectra is None or not len(spectra):
                     continue
-                layout = tuple(sorted((k, *sp.shape, len(sp.values))
-                                      for k, sp in spectra.items.items()))
+                layout = raw_layout(spectra)
                 key: RawKey = (spectra.algorithm, layout)
                 self.raw.setdefault(key, RawSpectra(layout)).add(int(sid), owner, spectra)
                 self.raw_flags.setdefault(owner, set()).add(key)

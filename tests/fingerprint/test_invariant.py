@@ -20,6 +20,7 @@ from modelhash.fingerprint._invariant import (
     Candidate,
     Spectra,
     Spectrum,
+    exposed,
     measure,
     norm_key,
     select,
@@ -100,28 +101,37 @@ def test_selection_is_cheapest_first_and_depends_on_shapes_only() -> None:
     assert select(huge, elements=1 << 28) == []
 
 
-def test_products_replace_their_factors_only_where_the_shapes_fit() -> None:
+def test_products_join_their_factors_only_where_the_shapes_fit() -> None:
     """Queries with keys, outputs with values, down with up (and a GEGLU's linear
-    half with its output) are measured as products; grouped-query keys and values
-    (fewer rows than the queries) and a plain GELU layer stay single matrices."""
+    half with its output) are measured as products beside every matrix alone;
+    grouped-query keys and values (fewer rows than the queries) and a plain GELU
+    layer give no product."""
     d, f = 64, 256
     mha = [Candidate(f":layers_0_self_attn_{n}_proj", d, d) for n in "qkvo"]
     mha += [Candidate(":layers_0_mlp_gate_proj", f, d), Candidate(":layers_0_mlp_up_proj", f, d),
             Candidate(":layers_0_mlp_down_proj", d, f)]
     got = {u.key: u for u in units(mha)}
-    assert set(got) == {":layers_0_self_attn_q_proj*layers_0_self_attn_k_proj",
-                        ":layers_0_self_attn_o_proj*layers_0_self_attn_v_proj",
-                        ":layers_0_mlp_down_proj*layers_0_mlp_up_proj",
-                        ":layers_0_mlp_gate_proj"}
+    products = {":layers_0_self_attn_q_proj*layers_0_self_attn_k_proj",
+                ":layers_0_self_attn_o_proj*layers_0_self_attn_v_proj",
+                ":layers_0_mlp_down_proj*layers_0_mlp_up_proj"}
+    assert set(got) == products | {c.key for c in mha}
     assert got[":layers_0_mlp_down_proj*layers_0_mlp_up_proj"].shape == (d, d)
+    assert exposed(got) == {c.key for c in mha} - {":layers_0_mlp_gate_proj"}
     gqa = [Candidate(":layers_0_self_attn_q_proj", d, d), Candidate(":layers_0_self_attn_k_proj",
            d // 4, d), Candidate(":layers_0_self_attn_v_proj", d // 4, d),
            Candidate(":layers_0_self_attn_o_proj", d, d)]
     assert {u.key for u in units(gqa)} == {c.key for c in gqa}
+    bert = [Candidate(f":encoder_layer_0_attention_{n}", d, d)
+            for n in ("self_query", "self_key", "self_value", "output_dense")]
+    assert {u.key for u in units(bert)} - {c.key for c in bert} == {
+        ":encoder_layer_0_attention_self_query*encoder_layer_0_attention_self_key",
+        ":encoder_layer_0_attention_output_dense*encoder_layer_0_attention_self_value"}
     ff = "u:blocks_0_ff_"
     geglu = {u.key: u for u in units([Candidate(ff + "net_0_proj", 2 * f, d),
                                       Candidate(ff + "net_2", d, f)])}
-    assert set(geglu) == {ff + "net_2*blocks_0_ff_net_0_proj[0/2]", ff + "net_0_proj[1/2]"}
+    assert set(geglu) == {ff + "net_2*blocks_0_ff_net_0_proj[0/2]", ff + "net_0_proj[1/2]",
+                          ff + "net_0_proj", ff + "net_2"}
+    assert exposed(geglu) == {ff + "net_0_proj", ff + "net_2"}
     gelu = units([Candidate(ff + "net_0_proj", f, d), Candidate(ff + "net_2", d, f)])
     assert {u.key for u in gelu} == {ff + "net_0_proj", ff + "net_2"}
 
@@ -145,7 +155,11 @@ def test_products_do_not_move_when_a_map_moves_between_their_factors() -> None:
     key = {n: f":layers_0_self_attn_{n}_proj" for n in "qkvo"}
     key |= {"up": ":layers_0_mlp_up_proj", "down": ":layers_0_mlp_down_proj"}
     cands = [Candidate(key[n], *x.shape) for n, x in w.items()]
-    for u in units(cands):
+    every = units(cands)
+    assert sum(1 for u in every if u.b is not None) == 3
+    for u in every:
+        if u.key in exposed(u.key for u in every):
+            continue
         before = measure(u, {key[n]: x for n, x in w.items()}, {})
         after = measure(u, {key[n]: x for n, x in moved.items()}, {})
         assert before is not None and after is not None
@@ -270,7 +284,7 @@ def test_pass_measures_the_same_spectra_for_a_permuted_model(tmp_path: Path) -> 
     c = fingerprint_file(tmp_path / "c.safetensors").sketch
     assert a is not None and b is not None and c is not None
     assert a.invariant is not None and b.invariant is not None and c.invariant is not None
-    assert len(a.invariant) == 8  # per layer: q*k, o*v, down*up and the gate
+    assert len(a.invariant) == 20  # per layer: q*k, o*v, down*up and the 7 matrices
     assert set(a.invariant.items) == set(b.invariant.items) == set(c.invariant.items)
     for key, s in a.invariant.items.items():
         assert np.max(np.abs(b.invariant.items[key].values - s.values)) < 1e-5 * s.values[0]

@@ -22,7 +22,7 @@ from sqlmodel import select
 from modelhash.fingerprint import Sketch, fingerprint_path
 from modelhash.fingerprint._robust import INVARIANT_THRESHOLDS
 from modelhash.registry._db import session_scope
-from modelhash.registry.crud.sketches import RawSpectra, blob_spectra, index_for
+from modelhash.registry.crud.sketches import RawSpectra, blob_spectra, index_for, raw_layout
 from modelhash.registry.models import SketchRow
 from modelhash.wire import CheckResponse, encode_sketch
 from tests.utils.invariant_models import (
@@ -204,8 +204,7 @@ def test_the_spectra_index_pairs_by_key_and_needs_half_the_matrices(
         return inv
 
     f = spectra("f")
-    layout = tuple(sorted((k, *s.shape, len(s.values)) for k, s in f.items.items()))
-    group = RawSpectra(layout)
+    group = RawSpectra(raw_layout(f))
     for i, name in enumerate(("g-all", "f", "stranger", "base-all")):
         group.add(i, name, spectra(name))
     view = group.view()
@@ -219,7 +218,8 @@ def test_the_spectra_index_pairs_by_key_and_needs_half_the_matrices(
     assert view.near(spectra("f-permuted"), radius=1.0, top_k=3)[:1] == [1]
     assert set(view.near(spectra("f-permuted"), radius=0.01)) == {0, 1, 3}
     # Fewer than half the matrices present: nothing is retrieved.
-    few = type(f)({k: s for k, s in list(f.items.items())[: len(f) // 2 - 1]}, f.algorithm)
+    indexed = [k for k, *_ in raw_layout(f)]
+    few = type(f)({k: f.items[k] for k in indexed[: len(indexed) // 2 - 1]}, f.algorithm)
     assert view.near(few, radius=1.0) == []
     # Renamed matrices do not pair by key.
     renamed = type(f)({"x" + k: s for k, s in f.items.items()}, f.algorithm)

@@ -3,7 +3,8 @@
 Written with numpy only: a base with norms; :func:`disguise`, the same weights with
 the feed-forward units and the residual stream permuted and the norm scales moved
 into the matrices that read them; and each such change on its own (:func:`permute`,
-:func:`rotate`, :func:`rescale_norms`, :func:`scale_qk`, :func:`everything`), with a
+:func:`rotate`, :func:`rescale_norms`, :func:`scale_qk`, :func:`scale_vo_ffn`,
+:func:`everything`), with a
 forward pass (:func:`forward`) to check that they keep the function. Fine-tunes and
 merges of them use :mod:`tests.utils.sketch_models` (``random_delta``, ``plus``).
 """
@@ -171,11 +172,29 @@ def scale_qk(sd: StateDict, seed: int, spread: float = 0.7) -> tuple[StateDict, 
     return out, np.eye(d)
 
 
+def scale_vo_ffn(sd: StateDict, seed: int, spread: float = 0.7) -> tuple[StateDict, np.ndarray]:
+    """Each head's values multiplied by a random factor and its output columns divided
+    by it, and each feed-forward unit's up projection multiplied and its down
+    projection's column divided (SwiGLU is linear in the up projection)."""
+    rng = np.random.default_rng(seed)
+    d, f = _dims(sd)
+    out = dict(sd)
+    for i in _layers(sd):
+        p = f"model.layers.{i}."
+        c = np.repeat(np.exp(spread * rng.standard_normal(HEADS)), d // HEADS)
+        out[p + "self_attn.v_proj.weight"] = _f32(sd[p + "self_attn.v_proj.weight"] * c[:, None])
+        out[p + "self_attn.o_proj.weight"] = _f32(sd[p + "self_attn.o_proj.weight"] / c)
+        u = np.exp(spread * rng.standard_normal(f))
+        out[p + "mlp.up_proj.weight"] = _f32(sd[p + "mlp.up_proj.weight"] * u[:, None])
+        out[p + "mlp.down_proj.weight"] = _f32(sd[p + "mlp.down_proj.weight"] / u)
+    return out, np.eye(d)
+
+
 def everything(sd: StateDict, seed: int) -> tuple[StateDict, np.ndarray]:
     """Every change above at once (as ``llm_all`` applies them)."""
     d, _ = _dims(sd)
     total = np.eye(d)
-    for i, change in enumerate((rescale_norms, scale_qk, permute, rotate)):
+    for i, change in enumerate((rescale_norms, scale_qk, scale_vo_ffn, permute, rotate)):
         sd, q = change(sd, seed * 10 + i)
         total = q @ total
     return sd, total
