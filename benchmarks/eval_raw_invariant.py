@@ -9,7 +9,7 @@ result is matched against F as the registry stores it: raw (no base registered:
 ``match(upload, F)``) and as a delta from B (``match(upload, F - B, B)``).
 Negatives: G and B changed the same way and cast to float16.
 
-    python benchmarks/eval_raw_invariant.py [--replicates 20]
+    python benchmarks/eval_raw_invariant.py [--replicates 20] [--kv-heads 4]
 """
 
 from __future__ import annotations
@@ -42,14 +42,18 @@ CHANGES = {"permuted": permute, "rotated": rotate, "norms rescaled": rescale_nor
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--replicates", type=int, default=20)
-    reps = ap.parse_args().replicates
+    ap.add_argument("--kv-heads", type=int, default=4, choices=[1, 2, 4],
+                    help="key/value heads of the 4 query heads (below 4: grouped-query "
+                    "attention, where no query-key or value-output product is formed)")
+    args = ap.parse_args()
+    reps, kv = args.replicates, args.kv_heads
     hits = dict.fromkeys(((c, h, b) for c in CHANGES for h in (0, 1) for b in (0, 1)), 0)
     fps = dict.fromkeys(((c, b) for c in CHANGES for b in (0, 1)), 0)
     layers: dict[str, set[str]] = {c: set() for c in CHANGES}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for r in range(reps):
-            b = llama(3000 + r)
+            b = llama(3000 + r, kv_heads=kv)
             f = plus(b, (1, random_delta(b, 4000 + r)))
             g = plus(b, (1, random_delta(b, 5000 + r)))
             base = sketch_of(write(folder, "b", b))
@@ -75,7 +79,8 @@ def main() -> None:
                     for who in (g, b):
                         got = verdict(cast(change(who, seed)[0]), with_base)
                         fps[c, with_base] += got is not None
-    print(f"{reps} replicates; found / replicates, false positives / negatives")
+    print(f"{reps} replicates, {kv} key/value heads; found / replicates, false positives / "
+          "negatives")
     print(f"{'change':20} {'no base':>8} {'+ fp16':>8} {'FP':>6} | {'base':>6} {'+ fp16':>8} "
           f"{'FP':>6}  layers")
     for c in CHANGES:

@@ -161,41 +161,55 @@ class ProductRule:
     them, so that the product, unlike either factor, does not move when a scale or
     any invertible map is moved from one to the other (see the module docstring).
 
-    ``a`` matches the path of the first factor, A; ``b`` is the second's, B, from
-    ``a``'s groups. The product is ``Aᵀ B`` with A transposed first when
-    ``a_transposed`` (the output matrix of a head or a feed-forward layer, stored
-    as out x inner); B's rows are part ``b_part`` of its equal parts, and the rest
-    (``rest``), when given, is measured alone.
+    The first factor, A, is ``prefix + a`` and the second, B, the same prefix (its
+    one group) followed by ``b``. The product is ``Aᵀ B`` with A transposed first
+    when ``a_transposed`` (the output matrix of a head or a feed-forward layer,
+    stored as out x inner); B's rows are part ``b_part`` of its equal parts, and the
+    rest (``rest``), when given, is measured alone.
     """
 
-    a: re.Pattern[str]
+    prefix: str
+    a: str
     b: str
     a_transposed: bool = False
     b_part: tuple[int, int] = (0, 1)
     rest: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_a", re.compile(self.prefix + self.a))
+        object.__setattr__(self, "_factor", re.compile(f"{self.prefix}(?:{self.a}|{self.b})"))
+
+    def match_a(self, path: str) -> re.Match[str] | None:
+        """A's match (group 1: the prefix), or None."""
+        m: re.Match[str] | None = self._a.fullmatch(path)  # type: ignore[attr-defined]
+        return m
+
+    def is_factor(self, path: str) -> bool:
+        """Whether ``path`` is A or B of this rule (whether or not a product formed)."""
+        return self._factor.fullmatch(path) is not None  # type: ignore[attr-defined]
 
 
 PRODUCTS: list[ProductRule] = [
     # Queries and keys of an attention layer: each head's logits are x Q_hᵀ K_h y, and
     # Qᵀ K = Σ_h Q_hᵀ K_h is what survives any invertible map between Q_h and K_h
     # (q/k scaling among them) and any permutation of the heads.
-    ProductRule(re.compile(r"(.*self_attn_)q_proj"), r"\1k_proj"),
-    ProductRule(re.compile(r"(.*attn\d?_)to_q"), r"\1to_k"),
-    ProductRule(re.compile(r"(.*attn_)add_q_proj"), r"\1add_k_proj"),
-    ProductRule(re.compile(r"(.*attention_self_)query"), r"\1key"),  # BERT
+    ProductRule(r"(.*self_attn_)", "q_proj", "k_proj"),
+    ProductRule(r"(.*attn\d?_)", "to_q", "to_k"),
+    ProductRule(r"(.*attn_)", "add_q_proj", "add_k_proj"),
+    ProductRule(r"(.*attention_self_)", "query", "key"),  # BERT
     # Values and outputs: O V = Σ_h O_h V_h.
-    ProductRule(re.compile(r"(.*self_attn_)(?:o_proj|out_proj)"), r"\1v_proj", True),
-    ProductRule(re.compile(r"(.*attn\d?_)to_out_0"), r"\1to_v", True),
-    ProductRule(re.compile(r"(.*attn_)to_add_out"), r"\1add_v_proj", True),
-    ProductRule(re.compile(r"(.*attention_)output_dense"), r"\1self_value", True),
+    ProductRule(r"(.*self_attn_)", "(?:o_proj|out_proj)", "v_proj", True),
+    ProductRule(r"(.*attn\d?_)", "to_out_0", "to_v", True),
+    ProductRule(r"(.*attn_)", "to_add_out", "add_v_proj", True),
+    ProductRule(r"(.*attention_)", "output_dense", "self_value", True),
     # Gated feed-forward layers: down (silu(gate x) * up x) is linear in the up
     # projection's units, so any per-unit scale moves between up and down.
-    ProductRule(re.compile(r"(.*mlp_)down_proj"), r"\1up_proj", True),
+    ProductRule(r"(.*mlp_)", "down_proj", "up_proj", True),
     # GEGLU (diffusers' ff.net.0.proj holds the linear half, then the gate): only
     # when its rows are twice the output's columns (a GELU layer has no linear half).
-    ProductRule(re.compile(r"(.*ff(?:_context)?_)net_2"), r"\1net_0_proj", True, (0, 2), (1, 2)),
+    ProductRule(r"(.*ff(?:_context)?_)", "net_2", "net_0_proj", True, (0, 2), (1, 2)),
 ]
-"""The products measured in place of their factors (see :class:`ProductRule`)."""
+"""The products measured beside their factors (see :class:`ProductRule`)."""
 
 
 def _part_rows(rows: int, part: tuple[int, int]) -> int | None:
@@ -205,19 +219,20 @@ def _part_rows(rows: int, part: tuple[int, int]) -> int | None:
 
 def units(candidates: Iterable[Candidate]) -> list[Unit]:
     """What is measured of ``candidates``: each :data:`PRODUCTS` pair whose inner
-    dimensions agree as one product, every other matrix alone. A pair whose shapes
-    do not fit (grouped-query attention's keys and values have fewer rows than its
-    queries) is measured as two matrices, as is every matrix of an unknown kind."""
+    dimensions agree as one product, and every matrix alone. A pair whose shapes do
+    not fit (grouped-query attention's keys and values have fewer rows than its
+    queries) gives no product."""
     by_key = {c.key: c for c in candidates}
     out: list[Unit] = []
     used: set[str] = set()
     for c in by_key.values():
         component, _, path = c.key.partition(":")
         for rule in PRODUCTS:
-            m = rule.a.fullmatch(path)
+            m = rule.match_a(path)
             if m is None:
                 continue
-            bk = f"{component}:{m.expand(rule.b)}"
+            b_path = m.group(1) + rule.b
+            bk = f"{component}:{b_path}"
             b = by_key.get(bk)
             if b is None or bk in used or c.key in used:
                 break
@@ -227,7 +242,7 @@ def units(candidates: Iterable[Candidate]) -> list[Unit]:
                 break
             fa = Factor(c.key, rule.a_transposed)
             fb = Factor(bk, False, rule.b_part)
-            name = f"{c.key}*{m.expand(rule.b)}" + _suffix(rule.b_part)
+            name = f"{c.key}*{b_path}" + _suffix(rule.b_part)
             out.append(Unit(name, fa, fb, (outer, b.cols),
                             float(outer) * inner * b.cols + cost(outer, b.cols)))
             if rule.rest is not None and (r := _part_rows(b.rows, rule.rest)) is not None:
@@ -244,18 +259,15 @@ def units(candidates: Iterable[Candidate]) -> list[Unit]:
 
 
 def exposed(keys: Iterable[str]) -> set[str]:
-    """The keys among ``keys`` that are factors of a product also among them: their
-    spectra move when a scale or map is moved between the factors, the product's
-    do not."""
-    keys = set(keys)
+    """The keys among ``keys`` that name a factor of a :data:`PRODUCTS` rule, whether
+    or not its product was formed: their spectra move when a scale or map is moved
+    between the factors (a product's do not)."""
     out: set[str] = set()
     for k in keys:
-        component, _, path = k.partition(":")
-        if "*" not in path:
-            continue
-        a, _, b = path.partition("*")
-        out |= {f"{component}:{a}", f"{component}:{b.partition('[')[0]}"}
-    return out & keys
+        path = k.partition(":")[2]
+        if "*" not in path and any(rule.is_factor(path) for rule in PRODUCTS):
+            out.add(k)
+    return out
 
 
 def _suffix(part: tuple[int, int]) -> str:

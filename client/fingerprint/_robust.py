@@ -151,12 +151,18 @@ a scale moved between the factors moves the factor by far more."""
 
 
 def trusted(x: Spectra) -> Spectra:
-    """``x`` without the factors its products stand for: what no function-preserving
-    change moves."""
+    """``x`` without the factors of products (:func:`~modelhash.fingerprint._invariant.
+    exposed`): what no function-preserving change moves. Where fewer than
+    :attr:`InvariantThresholds.min_matrices` others were measured (a large model with
+    grouped-query attention may be measured on its keys and values alone), ``x``
+    whole: the factors are then all there is to compare."""
     ex = exposed(x.items)
     if not ex:
         return x
-    return Spectra({k: v for k, v in x.items.items() if k not in ex}, algorithm=x.algorithm)
+    kept = {k: v for k, v in x.items.items() if k not in ex}
+    if len(kept) < INVARIANT_THRESHOLDS.min_matrices:
+        return x
+    return Spectra(kept, algorithm=x.algorithm)
 
 
 def base_distance(x: Spectra, base: Spectra,
@@ -184,7 +190,8 @@ def shifts(x: Spectra, base: Spectra) -> dict[str, F64]:
         if bk not in ex:
             dd, bb = _rel(x.items[xk].values, base.items[bk].values)
             num, den = num + dd, den + bb
-    limit = EXPOSED_RATIO**2 * num / den if den > 0 else 0.0
+    # With nothing but factors measured, there is nothing to hold them against.
+    limit = EXPOSED_RATIO**2 * num / den if den > 0 else math.inf
     for bk, xk in pairs.items():
         if bk in ex:
             dd, bb = _rel(x.items[xk].values, base.items[bk].values)

@@ -15,7 +15,7 @@ import numpy as np
 
 StateDict = dict[str, np.ndarray]
 
-_MATRICES = (("self_attn.q_proj", "dd"), ("self_attn.k_proj", "dd"), ("self_attn.v_proj", "dd"),
+_MATRICES = (("self_attn.q_proj", "dd"), ("self_attn.k_proj", "kd"), ("self_attn.v_proj", "kd"),
              ("self_attn.o_proj", "dd"), ("mlp.gate_proj", "fd"), ("mlp.up_proj", "fd"),
              ("mlp.down_proj", "df"))
 _READS = {"self_attn.q_proj": "input_layernorm", "self_attn.k_proj": "input_layernorm",
@@ -23,10 +23,12 @@ _READS = {"self_attn.q_proj": "input_layernorm", "self_attn.k_proj": "input_laye
           "mlp.up_proj": "post_attention_layernorm"}
 
 
-def llama(seed: int, d: int = 48, f: int = 128, layers: int = 2) -> StateDict:
-    """A tiny Llama-shaped state dict (float32), norms not all ones."""
+def llama(seed: int, d: int = 48, f: int = 128, layers: int = 2, kv_heads: int = 4
+          ) -> StateDict:
+    """A tiny Llama-shaped state dict (float32), norms not all ones; with ``kv_heads``
+    below :data:`HEADS`, grouped-query attention (keys and values have fewer rows)."""
     rng = np.random.default_rng(seed)
-    dims = {"d": d, "f": f}
+    dims = {"d": d, "f": f, "k": d // HEADS * kv_heads}
     sd: StateDict = {}
     for i in range(layers):
         p = f"model.layers.{i}."
@@ -91,6 +93,17 @@ def _dims(sd: StateDict) -> tuple[int, int]:
     return up.shape[1], up.shape[0]
 
 
+def _groups(sd: StateDict) -> int:
+    """Query heads per key/value head (1 without grouped-query attention)."""
+    d, _ = _dims(sd)
+    return d // sd["model.layers.0.self_attn.k_proj.weight"].shape[0]
+
+
+def _rows(heads: np.ndarray, hd: int) -> np.ndarray:
+    out: np.ndarray = (heads[:, None] * hd + np.arange(hd)).reshape(-1)
+    return out
+
+
 def _f32(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w, dtype=np.float32)
 
@@ -101,17 +114,23 @@ def permute(sd: StateDict, seed: int) -> tuple[StateDict, np.ndarray]:
     rng = np.random.default_rng(seed)
     d, f = _dims(sd)
     hd = d // HEADS
+    r = _groups(sd)
     out = dict(sd)
     for i in _layers(sd):
         p = f"model.layers.{i}."
         unit = rng.permutation(f)
-        heads = (rng.permutation(HEADS)[:, None] * hd + np.arange(hd)).reshape(-1)
+        # Key/value heads are permuted, each with its group of query heads (whose
+        # order within the group is free).
+        kv = rng.permutation(HEADS // r)
+        q = np.concatenate([g * r + rng.permutation(r) for g in kv])
         for name in ("mlp.gate_proj", "mlp.up_proj"):
             out[p + name + ".weight"] = _f32(sd[p + name + ".weight"][unit])
         out[p + "mlp.down_proj.weight"] = _f32(sd[p + "mlp.down_proj.weight"][:, unit])
-        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
-            out[p + name + ".weight"] = _f32(sd[p + name + ".weight"][heads])
-        out[p + "self_attn.o_proj.weight"] = _f32(sd[p + "self_attn.o_proj.weight"][:, heads])
+        out[p + "self_attn.q_proj.weight"] = _f32(sd[p + "self_attn.q_proj.weight"][_rows(q, hd)])
+        for name in ("self_attn.k_proj", "self_attn.v_proj"):
+            out[p + name + ".weight"] = _f32(sd[p + name + ".weight"][_rows(kv, hd)])
+        out[p + "self_attn.o_proj.weight"] = _f32(
+            sd[p + "self_attn.o_proj.weight"][:, _rows(q, hd)])
     q = np.eye(d)[rng.permutation(d)]
     return _residual(out, q, fold=False), q
 
@@ -159,31 +178,37 @@ def rescale_norms(sd: StateDict, seed: int) -> tuple[StateDict, np.ndarray]:
 
 
 def scale_qk(sd: StateDict, seed: int, spread: float = 0.7) -> tuple[StateDict, np.ndarray]:
-    """Each head's queries multiplied by a random factor exp(spread N(0, 1)) and its
-    keys divided by it (the attention logits do not change)."""
+    """Each key head's keys divided by a random factor exp(spread N(0, 1)) and the
+    queries of its query heads multiplied by it (the attention logits do not change)."""
     rng = np.random.default_rng(seed)
     d, _ = _dims(sd)
+    r, hd = _groups(sd), d // HEADS
     out = dict(sd)
     for i in _layers(sd):
         p = f"model.layers.{i}."
-        c = np.repeat(np.exp(spread * rng.standard_normal(HEADS)), d // HEADS)[:, None]
-        out[p + "self_attn.q_proj.weight"] = _f32(sd[p + "self_attn.q_proj.weight"] * c)
-        out[p + "self_attn.k_proj.weight"] = _f32(sd[p + "self_attn.k_proj.weight"] / c)
+        c = np.exp(spread * rng.standard_normal(HEADS // r))
+        cq, ck = np.repeat(c, r * hd)[:, None], np.repeat(c, hd)[:, None]
+        out[p + "self_attn.q_proj.weight"] = _f32(sd[p + "self_attn.q_proj.weight"] * cq)
+        out[p + "self_attn.k_proj.weight"] = _f32(sd[p + "self_attn.k_proj.weight"] / ck)
     return out, np.eye(d)
 
 
 def scale_vo_ffn(sd: StateDict, seed: int, spread: float = 0.7) -> tuple[StateDict, np.ndarray]:
-    """Each head's values multiplied by a random factor and its output columns divided
-    by it, and each feed-forward unit's up projection multiplied and its down
-    projection's column divided (SwiGLU is linear in the up projection)."""
+    """Each value head's values multiplied by a random factor and the output columns of
+    its query heads divided by it, and each feed-forward unit's up projection
+    multiplied and its down projection's column divided (SwiGLU is linear in the up
+    projection)."""
     rng = np.random.default_rng(seed)
     d, f = _dims(sd)
+    r, hd = _groups(sd), d // HEADS
     out = dict(sd)
     for i in _layers(sd):
         p = f"model.layers.{i}."
-        c = np.repeat(np.exp(spread * rng.standard_normal(HEADS)), d // HEADS)
-        out[p + "self_attn.v_proj.weight"] = _f32(sd[p + "self_attn.v_proj.weight"] * c[:, None])
-        out[p + "self_attn.o_proj.weight"] = _f32(sd[p + "self_attn.o_proj.weight"] / c)
+        c = np.exp(spread * rng.standard_normal(HEADS // r))
+        out[p + "self_attn.v_proj.weight"] = _f32(
+            sd[p + "self_attn.v_proj.weight"] * np.repeat(c, hd)[:, None])
+        out[p + "self_attn.o_proj.weight"] = _f32(
+            sd[p + "self_attn.o_proj.weight"] / np.repeat(c, r * hd))
         u = np.exp(spread * rng.standard_normal(f))
         out[p + "mlp.up_proj.weight"] = _f32(sd[p + "mlp.up_proj.weight"] * u[:, None])
         out[p + "mlp.down_proj.weight"] = _f32(sd[p + "mlp.down_proj.weight"] / u)
@@ -206,6 +231,7 @@ def forward(sd: StateDict, x: np.ndarray) -> np.ndarray:
     t = x.shape[0]
     d, _ = _dims(sd)
     hd = d // HEADS
+    r = _groups(sd)
     mask = np.triu(np.full((t, t), -np.inf), 1)
 
     def w(name: str) -> np.ndarray:
@@ -221,10 +247,10 @@ def forward(sd: StateDict, x: np.ndarray) -> np.ndarray:
         q, k, v = (a @ w(p + f"self_attn.{n}_proj.weight").T for n in "qkv")
         heads = []
         for j in range(HEADS):
-            sl = slice(j * hd, (j + 1) * hd)
-            logits = q[:, sl] @ k[:, sl].T / np.sqrt(hd) + mask
+            sl, kv = slice(j * hd, (j + 1) * hd), slice(j // r * hd, (j // r + 1) * hd)
+            logits = q[:, sl] @ k[:, kv].T / np.sqrt(hd) + mask
             e = np.exp(logits - logits.max(axis=1, keepdims=True))
-            heads.append((e / e.sum(axis=1, keepdims=True)) @ v[:, sl])
+            heads.append((e / e.sum(axis=1, keepdims=True)) @ v[:, kv])
         h = h + np.concatenate(heads, axis=1) @ w(p + "self_attn.o_proj.weight").T
         m = norm(h, w(p + "post_attention_layernorm.weight"))
         gate = m @ w(p + "mlp.gate_proj.weight").T
