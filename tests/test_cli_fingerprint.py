@@ -63,3 +63,18 @@ def test_usage_error_exits_two() -> None:
     out = run("fingerprint", "--layers", "bogus", "x")
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
+
+
+def test_the_invariant_layer_reports_its_products(tmp_path: Path) -> None:
+    from tests.utils.invariant_models import llama
+
+    p = tmp_path / "llama.safetensors"
+    save_file(llama(1), str(p))
+    out = run("fingerprint", "--json", str(p))
+    assert out.returncode == 0, out.stderr
+    (r,) = json.loads(out.stdout)["results"]
+    # Per layer: q*k, o*v and down*up, beside the seven matrices alone.
+    assert r["sketch"]["invariant"] == {"algorithm": "invariant-svals-k32-v2", "matrices": 20,
+                                        "products": 6}
+    human = run("fingerprint", str(p)).stdout
+    assert "invariant-svals-k32-v2, 20 spectra (6 of products of two matrices)" in human

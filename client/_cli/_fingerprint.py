@@ -75,7 +75,9 @@ def _print_human(o: Outcome) -> None:
         click.echo(f"  sketch        {sk.algorithm}, {sk.kind}, {len(sk)} tensors, "
                    f"{len(sk.to_bytes()):,} bytes")
         if sk.invariant is not None:
-            click.echo(f"  invariant     {sk.invariant.algorithm}, {len(sk.invariant)} matrices")
+            products = sk.invariant.products()
+            click.echo(f"  invariant     {sk.invariant.algorithm}, {len(sk.invariant)} spectra"
+                       + (f" ({products} of products of two matrices)" if products else ""))
     for note in fp.notes:
         click.echo(f"  note          {safe_text(note)}")
 

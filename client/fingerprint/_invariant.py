@@ -337,6 +337,10 @@ class Spectra:
     def __iter__(self) -> Iterator[Spectrum]:
         return iter(self.items.values())
 
+    def products(self) -> int:
+        """How many of the spectra are of products of two matrices (:data:`PRODUCTS`)."""
+        return sum(1 for k in self.items if "*" in k)
+
     def to_section(self) -> bytes:
         """The stored form: algorithm, count, then per matrix its key, shape and
         values (float32; float16 would round away a fine-tune's shifts)."""

@@ -172,6 +172,7 @@ def sketch_json(sketch: Sketch) -> dict[str, Any]:
         "blob": base64.b64encode(blob).decode("ascii"),
         "bands": [f"{k:08x}" for k in sketch.band_keys()],
         **({"invariant": {"algorithm": sketch.invariant.algorithm,
-                          "matrices": len(sketch.invariant)}}
+                          "matrices": len(sketch.invariant),
+                          "products": sketch.invariant.products()}}
            if sketch.invariant is not None else {}),
     }
