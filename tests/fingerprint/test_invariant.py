@@ -572,3 +572,29 @@ def test_without_a_base_copies_are_found_on_the_invariant_layer_whatever_changed
             assert raw <= INVARIANT_THRESHOLDS.raw_distance, name
             assert match(sk(g, "g"), flagged) is None, name
             assert match(sk(b, "b"), flagged) is None, name
+
+
+def test_a_factor_joins_the_shift_only_where_it_moved_with_the_rest() -> None:
+    """The shift from the base keeps a product's factor when it moved about as much as
+    the products did (a fine-tune), and leaves it out when it moved far more (a scale
+    moved between it and its partner); the copy distance never counts it."""
+    from modelhash.fingerprint._robust import EXPOSED_RATIO, base_distance, shifts, trusted
+
+    rng = np.random.default_rng(12)
+    keys = [":layers_0_self_attn_q_proj", ":layers_0_self_attn_k_proj",
+            ":layers_0_self_attn_q_proj*layers_0_self_attn_k_proj", ":layers_0_mlp_gate_proj"]
+    base = Spectra({k: Spectrum(k, (48, 48), np.sort(rng.random(TOP))[::-1] + 1) for k in keys})
+
+    def moved(by: dict[str, float]) -> Spectra:
+        return Spectra({k: Spectrum(k, s.shape, s.values * (1 + by.get(k, 1e-3)
+                                                            * rng.standard_normal(TOP)))
+                        for k, s in base.items.items()})
+
+    assert set(trusted(base).items) == set(keys[2:])
+    fine_tune = moved({})
+    assert set(shifts(fine_tune, base)) == set(keys)
+    scaled = moved({keys[0]: 0.03, keys[1]: 1e-3 * EXPOSED_RATIO * 0.5})
+    assert set(shifts(scaled, base)) == set(keys[1:])
+    # The copy distance compares the products and the other matrices only.
+    assert base_distance(scaled, base) == base_distance(trusted(scaled), trusted(base))
+    assert base_distance(scaled, base) < 3e-3
