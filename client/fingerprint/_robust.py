@@ -264,6 +264,16 @@ def calibrated_invariant(
 
 
 @dataclass(frozen=True)
+class Scores:
+    """Pooled scores of an upload's shift against a flagged model's over some matrices."""
+
+    cosine: float
+    coefficient: float
+    z: float
+    matrices: int
+
+
+@dataclass(frozen=True)
 class InvariantComparison:
     """Scores of an upload's invariant shift against a flagged model's (None if none)."""
 
@@ -274,6 +284,10 @@ class InvariantComparison:
     base_distance: float | None = None
     raw_distance: float | None = None
     shared_removed: bool = False
+    strict: Scores | None = None
+    """The same scores over the products and other matrices alone, leaving out the
+    factors (see :func:`trusted`): the copy rule's, since a factor that moved
+    less than :data:`EXPOSED_RATIO` times the rest may still carry a mild scale."""
 
     def evidence(self) -> dict[str, Any]:
         """The evidence a verdict on this comparison carries."""
@@ -320,6 +334,25 @@ def compare_invariant(
             us = {k: us[k] - pu * s[k] if k in s else us[k] for k in keys}
             fs = {k: fs[k] - pf * s[k] if k in s else fs[k] for k in keys}
             removed = True
+    everything = _scores(us, fs, keys)
+    if everything is None:
+        return InvariantComparison(base_distance=up_dist, raw_distance=raw_d)
+    safe = trusted(base).items
+    strict = [k for k in keys if k in safe]
+    return InvariantComparison(
+        cosine=everything.cosine,
+        coefficient=everything.coefficient,
+        z=everything.z,
+        matrices=everything.matrices,
+        base_distance=up_dist,
+        raw_distance=raw_d,
+        shared_removed=removed,
+        strict=everything if len(strict) == len(keys) else _scores(us, fs, strict),
+    )
+
+
+def _scores(us: dict[str, F64], fs: dict[str, F64], keys: list[str]) -> Scores | None:
+    """Pooled cosine, coefficient and z of shifts ``us`` against ``fs`` over ``keys``."""
     dot = uu = ff = zsum = wsum = 0.0
     n = 0
     for k in keys:
@@ -334,16 +367,8 @@ def compare_invariant(
         wsum += nf * nf
         n += 1
     if n == 0:
-        return InvariantComparison(base_distance=up_dist, raw_distance=raw_d)
-    return InvariantComparison(
-        cosine=dot / math.sqrt(uu * ff) if uu > 0 else 0.0,
-        coefficient=dot / ff,
-        z=zsum / math.sqrt(wsum),
-        matrices=n,
-        base_distance=up_dist,
-        raw_distance=raw_d,
-        shared_removed=removed,
-    )
+        return None
+    return Scores(dot / math.sqrt(uu * ff) if uu > 0 else 0.0, dot / ff, zsum / math.sqrt(wsum), n)
 
 
 def match_invariant(
@@ -354,14 +379,21 @@ def match_invariant(
     t = thresholds
     c = compare_invariant(upload, flagged, base, shared=shared, thresholds=t)
     lo, hi = t.copy_coefficient
+    s = c.strict
+    if (s is not None and s.matrices >= t.min_matrices and s.z >= t.z
+            and s.cosine >= t.copy_cosine and lo <= s.coefficient <= hi):
+        # A copy, on the spectra nothing function-preserving moves.
+        near = s.cosine >= t.near_cosine
+        c = replace(c, cosine=s.cosine, coefficient=s.coefficient, z=s.z, matrices=s.matrices)
+        return ("near-duplicate" if near else "derived"), s.cosine, c
+    # A merge, with the references' shared shift removed, on every matrix that moved
+    # with the rest (the products and other matrices alone are fewer: scored on them
+    # too, merges would need a higher calibrated bar, and more were missed than found).
     if (c.cosine is not None and c.coefficient is not None and c.z is not None
-            and c.matrices >= t.min_matrices and c.z >= t.z):
-        copy = c.cosine >= t.copy_cosine and lo <= c.coefficient <= hi
-        merged = (c.shared_removed and c.cosine >= t.shared_cosine
-                  and c.coefficient >= t.shared_min_coefficient)
-        if copy or merged:
-            near = c.cosine >= t.near_cosine and lo <= c.coefficient <= hi
-            return ("near-duplicate" if near else "derived"), c.cosine, c
+            and c.matrices >= t.min_matrices and c.z >= t.z and c.shared_removed
+            and c.cosine >= t.shared_cosine and c.coefficient >= t.shared_min_coefficient):
+        near = c.cosine >= t.near_cosine and lo <= c.coefficient <= hi
+        return ("near-duplicate" if near else "derived"), c.cosine, c
     if base is None and c.raw_distance is not None and c.raw_distance <= t.raw_distance:
         return "near-duplicate", 1.0 - c.raw_distance, c
     return None

@@ -598,3 +598,31 @@ def test_a_factor_joins_the_shift_only_where_it_moved_with_the_rest() -> None:
     # The copy distance compares the products and the other matrices only.
     assert base_distance(scaled, base) == base_distance(trusted(scaled), trusted(base))
     assert base_distance(scaled, base) < 3e-3
+
+
+def test_a_copy_is_judged_on_the_spectra_no_scale_can_move() -> None:
+    """A copy whose factor carries a mild scale (it moved less than EXPOSED_RATIO times
+    the rest, so it stays in the shift and pulls the pooled cosine down) is still a
+    copy: the copy rule scores the products and other matrices alone."""
+    from modelhash.fingerprint._robust import compare_invariant, match_invariant
+
+    rng = np.random.default_rng(13)
+    keys = [":layers_0_self_attn_q_proj", ":layers_0_self_attn_k_proj",
+            ":layers_0_self_attn_q_proj*layers_0_self_attn_k_proj", ":layers_0_mlp_gate_proj",
+            ":layers_0_mlp_down_proj*layers_0_mlp_up_proj", ":layers_1_mlp_gate_proj"]
+    base = Spectra({k: Spectrum(k, (48, 48), np.sort(rng.random(TOP))[::-1] + 1) for k in keys})
+
+    def moved(x: Spectra, by: dict[str, float], default: float) -> Spectra:
+        return Spectra({k: Spectrum(k, s.shape, s.values * (1 + by.get(k, default)
+                                                            * rng.standard_normal(TOP)))
+                        for k, s in x.items.items()})
+
+    flagged = moved(base, {}, 1e-3)
+    upload = moved(flagged, {keys[0]: 2e-3, keys[1]: 2e-3}, 1e-7)
+    c = compare_invariant(upload, flagged, base)
+    assert c.strict is not None and c.cosine is not None
+    assert c.matrices == len(keys) and c.strict.matrices == len(keys) - 2
+    assert c.cosine < 0.95 < c.strict.cosine  # the factors' scale spoils the pooled cosine
+    got = match_invariant(upload, flagged, base)
+    assert got is not None and got[0] == "near-duplicate"
+    assert got[2].matrices == len(keys) - 2
