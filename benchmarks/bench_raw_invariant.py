@@ -208,7 +208,7 @@ def run(n: int, targets: int, repeats: int, load_repeats: int = 3) -> None:
             assert old_rows == rows, (old_rows, rows)
             print(f"  load from sketch_spectra {load:.3f}s ({1000 * load / max(rows, 1):.3f}s "
                   f"per 1,000 flags); from the blobs {old:.2f}s "
-                  f"({1000 * old / max(rows, 1):.2f}s per 1,000): {old / load:.0f}x faster "
+                  f"({1000 * old / max(rows, 1):.2f}s per 1,000): {old / load:.1f}x faster "
                   f"(medians of {load_repeats})", flush=True)
             used = sum(g.n * (g.values[0].nbytes + g.norms[0].nbytes + 8)
                        for g in index.raw.values() if g.n)

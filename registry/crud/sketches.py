@@ -44,7 +44,8 @@ Retrieval, two paths, then verification:
   (:func:`_invariant_scan`, linear in that base's flags). Raw model flags (filed
   with no base near them, and not re-based since) are in no bank, and a disguised
   copy shares no band with them: the index keeps their spectra, grouped by the
-  matrices they measure (:class:`RawSpectra`, about 11 KB per SD-sized model), and
+  matrices they measure (:class:`RawSpectra`, about 11 KB per SD-sized model, read
+  from ``sketch_spectra``, where each is stored beside its blob), and
   a model upload carrying the layer is compared with all of them at once (float32,
   3-7 ms per 1000 SD-sized flags); the few within
   :data:`RAW_SPECTRAL_MARGIN` times the copy rule's distance are verified
