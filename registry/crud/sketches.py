@@ -111,6 +111,7 @@ from modelhash.registry.models import (
 __all__ = [
     "CARRIED_WINDOW",
     "FLOOR",
+    "RAW_MODEL_FLAG",
     "RAW_SPECTRAL_MARGIN",
     "SIG_BITS",
     "SIG_BYTES",
@@ -127,6 +128,7 @@ __all__ = [
     "estimate",
     "find_matches",
     "index_for",
+    "is_raw_model_flag",
     "keys_digest",
     "lora_keys",
     "prepare_flag_sketch",
@@ -134,6 +136,7 @@ __all__ = [
     "rebase_flag_sketches",
     "retrieve",
     "signature",
+    "spectra_fields",
     "store_base_sketch",
     "store_flag_sketch",
 ]
