@@ -5,12 +5,16 @@ its invariant layer (its spectra) in memory per matrix layout, so a check can fi
 a permuted, rotated or rescaled copy of it (``_raw_invariant_scan`` in
 ``registry/crud/sketches.py``). This makes a fresh database, flags ``--targets``
 models through the normal flag path (no base registered, so they are stored raw),
-bulk inserts the rest (``--sizes``) as raw flag rows with their band rows, all
+bulk inserts the rest (``--sizes``) as raw flag rows with their band and spectra rows, all
 measuring one SD-sized matrix set (87 matrices, 32 singular values each, as an SD
 1.5 checkpoint measures), then times, in this process:
 
-- ``load``: building the index from scratch (every raw blob read and its
-  invariant section parsed);
+- ``load``: building the index from scratch, as a process's first check does (every
+  raw flag's ``sketch_spectra`` section read and parsed), the median of
+  ``--load-repeats``; and, for comparison, the same index built the way it was
+  before that table existed (every raw blob read in batches of 32 and inflated
+  whole by ``blob_spectra`` for the section at its end), per 1,000 flags and as a
+  ratio;
 - ``find_matches`` on four uploads, each a 200-tensor sketch whose tensors line up
   with no flag (so every path runs and the bands find nothing):
   ``copy``: a target's spectra moved by 3e-5 (float16 rounding on a small
@@ -26,6 +30,7 @@ Filler flags share the spectra of an SD-like family: a common spectrum per matri
 moved by 3e-3 relative per flag, as fine-tunes of one base are.
 
     python benchmarks/bench_raw_invariant.py [--sizes 1000,10000] [--repeats 15]
+        [--load-repeats 3]
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 from sqlalchemy import func, insert, select
+from sqlmodel import Session
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -54,11 +60,16 @@ from modelhash.registry.crud.flags import create_flag
 from modelhash.registry.crud.keys import CLI
 from modelhash.registry.crud.sketches import (
     RAW_SPECTRAL_MARGIN,
+    RawKey,
+    RawSpectra,
     SketchIndex,
+    blob_spectra,
     find_matches,
     index_for,
+    raw_layout,
+    raw_model_flag,
 )
-from modelhash.registry.models import Fingerprint, Flag, SketchBand, SketchRow
+from modelhash.registry.models import Fingerprint, Flag, SketchBand, SketchRow, SketchSpectra
 from modelhash.wire import FlagCreate, encode_sketch
 
 SHAPES = [(320, 320), (320, 768), (640, 640), (640, 768), (1280, 1280), (320, 1280)]
@@ -108,12 +119,13 @@ def seed(url: str, n: int, targets: int) -> tuple[list[Spectra], list[np.ndarray
         ).scalar_one()
     pool = [_sketch(rng, _layer(rng, common, 3e-3)) for _ in range(min(64, n))]
     blobs = [s.to_bytes() for s in pool]
+    sections = [s.invariant.to_section() for s in pool if s.invariant is not None]
     bands = [s.band_keys() for s in pool]
     now = datetime.now(UTC)
     filler = n - targets
     for start in range(0, filler, 1000):
         m = min(1000, filler - start)
-        flags, hashes, rows, band_rows = [], [], [], []
+        flags, hashes, rows, band_rows, spectra_rows = [], [], [], [], []
         for i in range(m):
             fid, sid, j = str(uuid.uuid4()), next_id + i, (start + i) % len(pool)
             flags.append({"id": fid, "category": "other", "severity": "high",
@@ -125,12 +137,15 @@ def seed(url: str, n: int, targets: int) -> tuple[list[Spectra], list[np.ndarray
                          "algorithm": pool[j].algorithm, "kind": "model", "base_id": None,
                          "tensors": TENSORS, "blob": blobs[j], "created_at": now})
             band_rows.extend({"band": b, "sketch_id": sid} for b in set(bands[j]))
+            spectra_rows.append({"sketch_id": sid, "algorithm": pool[j].invariant.algorithm,
+                                 "section": sections[j], "created_at": now})
         next_id += m
         with engine.begin() as conn:
             conn.execute(insert(Flag.__table__), flags)  # type: ignore[attr-defined]
             conn.execute(insert(Fingerprint.__table__), hashes)  # type: ignore[attr-defined]
             conn.execute(insert(SketchRow.__table__), rows)  # type: ignore[attr-defined]
             conn.execute(insert(SketchBand.__table__), band_rows)  # type: ignore[attr-defined]
+            conn.execute(insert(SketchSpectra.__table__), spectra_rows)  # type: ignore[attr-defined]
     engine.dispose()
     return kept, common
 
@@ -144,7 +159,29 @@ def _ms(fn: object, repeats: int) -> tuple[float, float]:
     return statistics.median(out), max(out)
 
 
-def run(n: int, targets: int, repeats: int) -> None:
+def load_from_blobs(session: Session) -> int:
+    """The raw flags' spectra index built as it was before ``sketch_spectra``: every raw
+    model flag's blob read (32 at a time) and inflated whole for its invariant section."""
+    groups: dict[RawKey, RawSpectra] = {}
+    ids = session.execute(
+        select(SketchRow.id).where(*raw_model_flag()).order_by(SketchRow.id)  # type: ignore[arg-type]
+    ).scalars().all()
+    for lo in range(0, len(ids), 32):
+        rows = session.execute(
+            select(SketchRow.id, SketchRow.owner_id, SketchRow.blob)  # type: ignore[call-overload]
+            .where(SketchRow.id.in_(ids[lo : lo + 32]))  # type: ignore[union-attr]
+        )
+        for sid, owner, blob in rows:
+            spectra = blob_spectra(blob)
+            if spectra is None or not len(spectra):
+                continue
+            layout = raw_layout(spectra)
+            groups.setdefault((spectra.algorithm, layout), RawSpectra(layout)).add(
+                int(sid), owner, spectra)
+    return sum(g.n for g in groups.values())
+
+
+def run(n: int, targets: int, repeats: int, load_repeats: int = 3) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{Path(tmp) / 'registry.db'}"
         t0 = time.perf_counter()
@@ -153,16 +190,31 @@ def run(n: int, targets: int, repeats: int) -> None:
         engine = make_engine(url)
         rng = np.random.default_rng(1)
         with session_scope(engine) as session:
-            t0 = time.perf_counter()
-            SketchIndex().refresh(session)
-            load = time.perf_counter() - t0
+            loads = []
+            for _ in range(load_repeats):
+                fresh = SketchIndex()
+                t0 = time.perf_counter()
+                fresh.refresh(session)
+                loads.append(time.perf_counter() - t0)
+            load = statistics.median(loads)
+            before = []
+            for _ in range(load_repeats):
+                t0 = time.perf_counter()
+                old_rows = load_from_blobs(session)
+                before.append(time.perf_counter() - t0)
+            old = statistics.median(before)
             index = index_for(session)
             rows = sum(g.n for g in index.raw.values())
+            assert old_rows == rows, (old_rows, rows)
+            print(f"  load from sketch_spectra {load:.3f}s ({1000 * load / max(rows, 1):.3f}s "
+                  f"per 1,000 flags); from the blobs {old:.2f}s "
+                  f"({1000 * old / max(rows, 1):.2f}s per 1,000): {old / load:.1f}x faster "
+                  f"(medians of {load_repeats})", flush=True)
             used = sum(g.n * (g.values[0].nbytes + g.norms[0].nbytes + 8)
                        for g in index.raw.values() if g.n)
             held = sum(g.values.nbytes + g.norms.nbytes + g.ids.nbytes
                        for g in index.raw.values())
-            print(f"  load {load:.2f}s for {rows:,} rows with spectra, "
+            print(f"  {rows:,} rows with spectra, "
                   f"{used / max(rows, 1) / 1024:.1f} KiB each in memory "
                   f"({held / 2**20:.0f} MiB allocated)", flush=True)
             target = kept[0]
@@ -199,9 +251,10 @@ def main() -> None:
     ap.add_argument("--sizes", default="1000,10000")
     ap.add_argument("--targets", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--load-repeats", type=int, default=3)
     args = ap.parse_args()
     for n in (int(x) for x in args.sizes.split(",")):
-        run(n, args.targets, args.repeats)
+        run(n, args.targets, args.repeats, args.load_repeats)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ __all__ = [
     "SketchBand",
     "SketchRow",
     "SketchSignature",
+    "SketchSpectra",
     "UTCDateTime",
     "UiSession",
     "WeakHash",
@@ -298,8 +299,9 @@ class SketchRow(SQLModel, table=True):
     stored form: ``model`` (raw weights: a base, or a flag with no base near it),
     ``delta`` (the flag minus reference base ``base_id``) or ``lora`` (an adapter's
     effective delta; ``base_id`` is the base whose modules it covers, if any). A
-    flag sketch with a base also has a :class:`SketchSignature`. The migration makes
-    the table append-only, like the audit log.
+    flag sketch with a base also has a :class:`SketchSignature`, and a raw model flag
+    whose sketch carries the invariant layer a :class:`SketchSpectra`. The migration
+    makes the table append-only, like the audit log.
     """
 
     __tablename__ = "sketch"
@@ -344,6 +346,27 @@ class SketchSignature(SQLModel, table=True):
     signature: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
     norm: float = Field(sa_column=Column(Float, nullable=False))
     modules: str | None = Field(default=None, sa_column=Column(String(32), nullable=True))
+
+
+class SketchSpectra(SQLModel, table=True):
+    """The invariant layer of a raw model flag's sketch, apart from its blob. Immutable.
+
+    ``section`` holds exactly the bytes that end the blob's zlib stream
+    (:meth:`~modelhash.fingerprint._invariant.Spectra.to_section`), ``algorithm`` the
+    invariant algorithm it was measured with. A table of its own, so the index of raw
+    flags' spectra reads about 11 KB per SD-sized flag and never inflates the blobs.
+    Written with the sketch row (and backfilled by the migration that made it) for
+    every raw model flag row whose blob carries the layer.
+    """
+
+    __tablename__ = "sketch_spectra"
+
+    sketch_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("sketch.id"), primary_key=True, autoincrement=False)
+    )
+    algorithm: str = Field(sa_column=Column(String(64), nullable=False))
+    section: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
+    created_at: datetime = _now_column()
 
 
 class SketchBand(SQLModel, table=True):

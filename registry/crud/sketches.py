@@ -44,7 +44,8 @@ Retrieval, two paths, then verification:
   (:func:`_invariant_scan`, linear in that base's flags). Raw model flags (filed
   with no base near them, and not re-based since) are in no bank, and a disguised
   copy shares no band with them: the index keeps their spectra, grouped by the
-  matrices they measure (:class:`RawSpectra`, about 11 KB per SD-sized model), and
+  matrices they measure (:class:`RawSpectra`, about 11 KB per SD-sized model, read
+  from ``sketch_spectra``, where each is stored beside its blob), and
   a model upload carrying the layer is compared with all of them at once (float32,
   3-7 ms per 1000 SD-sized flags); the few within
   :data:`RAW_SPECTRAL_MARGIN` times the copy rule's distance are verified
@@ -67,12 +68,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import blake3
 import numpy as np
 import numpy.typing as npt
-from sqlalchemy import Engine, func
+from sqlalchemy import ColumnElement, Engine, func
 from sqlalchemy import select as sa_select
 from sqlmodel import Session, col, select
 
@@ -98,11 +99,19 @@ from modelhash.fingerprint._sketch import (
 )
 from modelhash.registry.crud._stacked import Stacked, pooled_cosine, stack_blob, stack_sketch
 from modelhash.registry.errors import ReferenceBaseConflict
-from modelhash.registry.models import Flag, ReferenceBase, SketchBand, SketchRow, SketchSignature
+from modelhash.registry.models import (
+    Flag,
+    ReferenceBase,
+    SketchBand,
+    SketchRow,
+    SketchSignature,
+    SketchSpectra,
+)
 
 __all__ = [
     "CARRIED_WINDOW",
     "FLOOR",
+    "RAW_MODEL_FLAG",
     "RAW_SPECTRAL_MARGIN",
     "SIG_BITS",
     "SIG_BYTES",
@@ -119,12 +128,15 @@ __all__ = [
     "estimate",
     "find_matches",
     "index_for",
+    "is_raw_model_flag",
     "keys_digest",
     "lora_keys",
     "prepare_flag_sketch",
+    "raw_model_flag",
     "rebase_flag_sketches",
     "retrieve",
     "signature",
+    "spectra_fields",
     "store_base_sketch",
     "store_flag_sketch",
 ]
@@ -165,7 +177,7 @@ within a shape (those whose keys did not pair), which move its pooled distance."
 
 _SIG_DOMAIN = b"modelhash/registry/signature/v2\x00"
 _SCAN_ROWS = 4096
-_RAW_BATCH = 32
+_RAW_BATCH = 512
 F32 = npt.NDArray[np.float32]
 U64 = npt.NDArray[np.uint64]
 
@@ -346,6 +358,46 @@ def raw_layout(spectra: Spectra) -> tuple[tuple[str, int, int, int], ...]:
     compares them."""
     return tuple(sorted((k, *sp.shape, len(sp.values))
                         for k, sp in trusted(spectra).items.items()))
+
+
+RAW_MODEL_FLAG: Final = (("owner_type", "flag"), ("kind", "model"), ("base_id", None))
+"""What makes a sketch row a raw model flag: a flag's model sketch stored with no base
+(filed with no base near it), whose spectra the index keeps (:class:`RawSpectra`).
+The one definition: the index selects such rows with :func:`raw_model_flag`,
+:func:`store_flag_sketch` writes their ``sketch_spectra`` row when
+:func:`is_raw_model_flag`, and the migration that made that table backfilled it with
+the same clauses."""
+SPECTRA_ALGORITHM_CHARS = 64
+"""Longest invariant algorithm name ``sketch_spectra`` holds (its column's width)."""
+
+
+def raw_model_flag(columns: Any = None) -> list[ColumnElement[bool]]:
+    """SQL conditions selecting the raw model flag rows (:data:`RAW_MODEL_FLAG`) of
+    ``columns``: the ``sketch`` table's columns by name, those of :class:`SketchRow`
+    by default (a migration passes its own view of the table)."""
+    c = columns if columns is not None else {
+        name: col(getattr(SketchRow, name)) for name, _ in RAW_MODEL_FLAG
+    }
+    return [c[name].is_(None) if value is None else c[name] == value
+            for name, value in RAW_MODEL_FLAG]
+
+
+def is_raw_model_flag(row: SketchRow) -> bool:
+    """Whether a sketch row is a raw model flag (:data:`RAW_MODEL_FLAG`)."""
+    return all(getattr(row, name) == value for name, value in RAW_MODEL_FLAG)
+
+
+def spectra_fields(spectra: Spectra) -> dict[str, Any] | None:
+    """The ``algorithm`` and ``section`` of a ``sketch_spectra`` row holding ``spectra``:
+    the section is byte for byte the one that ends the sketch's blob. None (logged)
+    when the algorithm name is longer than the column holds: the client writes no
+    such name, and the verifier compares no spectra under one
+    (:func:`~modelhash.fingerprint._invariant.comparable`)."""
+    if len(spectra.algorithm) > SPECTRA_ALGORITHM_CHARS:
+        _log.warning("invariant algorithm %r is too long to store; its spectra are "
+                     "not indexed", spectra.algorithm[:80])
+        return None
+    return {"algorithm": spectra.algorithm, "section": spectra.to_section()}
 
 
 class RawSpectra:
@@ -560,29 +612,37 @@ class SketchIndex:
 
     def _load_raw_spectra(self, session: Session, *, after: int, upto: int) -> None:
         """Add the spectra of raw model flags stored in (after, upto]; drop the flags
-        re-based since (a base registered after them: the delta row takes over)."""
+        re-based since (a base registered after them: the delta row takes over).
+
+        The spectra are read from ``sketch_spectra`` (a few KB per flag), never from
+        the blobs, which would have to be inflated whole for the section at their end.
+        """
         raw_ids = session.execute(
-            sa_select(col(SketchRow.id)).where(
-                col(SketchRow.owner_type) == "flag", col(SketchRow.kind) == "model",
-                col(SketchRow.base_id).is_(None), col(SketchRow.id) > after,
-                col(SketchRow.id) <= upto,
-            ).order_by(col(SketchRow.id))
+            sa_select(col(SketchSpectra.sketch_id))
+            .join(SketchRow, col(SketchRow.id) == col(SketchSpectra.sketch_id))
+            .where(*raw_model_flag(), col(SketchRow.id) > after, col(SketchRow.id) <= upto)
+            .order_by(col(SketchSpectra.sketch_id))
         ).scalars().all()
-        # Blobs in small batches: a full reload never holds many at once.
+        # Sections in batches: a full reload never holds many at once.
         for lo in range(0, len(raw_ids), _RAW_BATCH):
             batch = raw_ids[lo : lo + _RAW_BATCH]
             rows = session.execute(
-                sa_select(col(SketchRow.id), col(SketchRow.owner_id), col(SketchRow.blob))
-                .where(col(SketchRow.id).in_(batch)).order_by(col(SketchRow.id))
+                sa_select(col(SketchSpectra.sketch_id), col(SketchRow.owner_id),
+                          col(SketchSpectra.algorithm), col(SketchSpectra.section))
+                .join(SketchRow, col(SketchRow.id) == col(SketchSpectra.sketch_id))
+                .where(col(SketchSpectra.sketch_id).in_(batch))
+                .order_by(col(SketchSpectra.sketch_id))
             )
-            for sid, owner, blob in rows:
+            for sid, owner, algorithm, section in rows:
                 try:
-                    spectra = blob_spectra(blob)
-                except ValueError:
-                    _log.warning("sketch %s of flag %s has an unreadable blob; skipped",
-                                 sid, owner)
+                    spectra = Spectra.from_section(memoryview(bytes(section)))
+                    if spectra.algorithm != algorithm:
+                        raise ValueError(f"section of algorithm {spectra.algorithm!r}")
+                except (ValueError, TypeError) as exc:
+                    _log.warning("sketch %s of flag %s has unreadable spectra (%s); skipped",
+                                 sid, owner, exc)
                     continue
-                if spectra is None or not len(spectra):
+                if not len(spectra):
                     continue
                 layout = raw_layout(spectra)
                 key: RawKey = (spectra.algorithm, layout)
@@ -741,6 +801,8 @@ class PreparedSketch:
     modules: str | None = None
     near_base: tuple[str, str] | None = None
     base_distance: float | None = None
+    invariant: Spectra | None = None
+    """The invariant layer the blob carries, if any."""
 
 
 def prepare_flag_sketch(session: Session, sketch: Sketch) -> PreparedSketch:
@@ -771,6 +833,7 @@ def prepare_flag_sketch(session: Session, sketch: Sketch) -> PreparedSketch:
             bands=sketch.band_keys(),
             modules=modules if sig is not None else None,
             near_base=near_adapter,
+            invariant=sketch.invariant,
         )
     near: tuple[str, str] | None = None
     nearest: tuple[tuple[int, float], str, Sketch, float] | None = None
@@ -796,6 +859,7 @@ def prepare_flag_sketch(session: Session, sketch: Sketch) -> PreparedSketch:
                 bands=[],
                 near_base=near,
                 base_distance=dist,
+                invariant=sketch.invariant,
             )
     return PreparedSketch(
         kind="model",
@@ -805,6 +869,7 @@ def prepare_flag_sketch(session: Session, sketch: Sketch) -> PreparedSketch:
         signature=None,
         bands=sketch.band_keys(),
         near_base=near,
+        invariant=sketch.invariant,
     )
 
 
@@ -837,7 +902,10 @@ def refuse_near_base(prepared: PreparedSketch | None, *, force: bool) -> None:
 
 def store_flag_sketch(session: Session, *, flag_id: str, prepared: PreparedSketch,
                       algorithm: str) -> SketchRow:
-    """Insert a flag's sketch row and its band rows (in the caller's transaction)."""
+    """Insert a flag's sketch row, its signature, band and spectra rows (in the
+    caller's transaction). A raw model flag (:func:`is_raw_model_flag`) whose sketch
+    carries the invariant layer gets its ``sketch_spectra`` row, which the index of
+    raw flags' spectra reads."""
     row = SketchRow(
         owner_type="flag",
         owner_id=flag_id,
@@ -857,6 +925,10 @@ def store_flag_sketch(session: Session, *, flag_id: str, prepared: PreparedSketc
         ))
     for band in sorted(set(prepared.bands)):
         session.add(SketchBand(band=band, sketch_id=row.id))
+    if is_raw_model_flag(row) and prepared.invariant is not None:
+        fields = spectra_fields(prepared.invariant)
+        if fields is not None:
+            session.add(SketchSpectra(sketch_id=row.id, **fields))
     session.flush()
     return row
 
@@ -909,7 +981,8 @@ def rebase_flag_sketches(session: Session, *, base_id: str, base: Sketch) -> int
             if dist <= THRESHOLDS.base_distance and sig:
                 prepared = PreparedSketch(kind="delta", base_id=base_id,
                                           blob=delta.to_bytes(), tensors=len(delta),
-                                          signature=sig, bands=[], base_distance=dist)
+                                          signature=sig, bands=[], base_distance=dist,
+                                          invariant=sketch.invariant)
         if prepared is not None:
             store_flag_sketch(session, flag_id=flag_id, prepared=prepared, algorithm=algorithm)
             done.add(flag_id)

@@ -156,3 +156,84 @@ def test_signatures_are_recomputed_when_upgrading_to_v2(fresh_url):
             conn.execute(text("DELETE FROM sketch_signature"))
     finally:
         engine.dispose()
+
+
+def test_raw_flag_spectra_are_backfilled_when_upgrading_to_0005(fresh_url, caplog):
+    """Revision 0005 copies the invariant section of every raw model flag's blob into
+    ``sketch_spectra``, skips what it cannot read, and the index then finds them."""
+    import logging
+    from datetime import UTC, datetime
+
+    import numpy as np
+
+    from modelhash.fingerprint import Sketch, TensorSketch
+    from modelhash.fingerprint._invariant import Spectra, Spectrum
+    from modelhash.fingerprint._project import K
+    from modelhash.registry.crud.sketches import SketchIndex, blob_spectra
+
+    rng = np.random.default_rng(4)
+
+    def sketch(kind: str, layer: bool) -> Sketch:
+        s = Sketch(kind, {
+            f"unet:b{i}": TensorSketch(f"unet:b{i}", (320, 320), rng.standard_normal((K, K)))
+            for i in range(6)
+        })
+        if layer:
+            s.invariant = Spectra({f"unet:m{i}": Spectrum(
+                f"unet:m{i}", (320, 320), np.sort(rng.uniform(1, 9, 32))[::-1]) for i in range(4)})
+        return s
+
+    raw = sketch("model", True).to_bytes()
+    rows = [
+        (1, "base", "b1", "model", None, sketch("model", True).to_bytes()),
+        (2, "flag", "f-raw", "model", None, raw),
+        (3, "flag", "f-v2", "model", None, sketch("model", False).to_bytes()),
+        (4, "flag", "f-delta", "delta", "b1", sketch("delta", True).to_bytes()),
+        (5, "flag", "f-lora", "lora", None, sketch("lora", True).to_bytes()),
+        (6, "flag", "f-corrupt", "model", None, raw[:6] + b"\x00" * 40),
+        (7, "flag", "f-truncated", "model", None, raw[:-9]),
+        (8, "flag", "f-junk", "model", None, b"not a sketch"),
+        (9, "flag", "f-raw2", "model", None, raw),
+    ]
+    upgrade(fresh_url, "0004")
+    engine = make_engine(fresh_url)
+    now = datetime.now(UTC)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO reference_base (id, name, created_by, created_at) "
+                "VALUES ('b1', 'base', 'test', :now)"), {"now": now})
+            for sid, owner_type, owner, kind, base_id, blob in rows:
+                conn.execute(text(
+                    "INSERT INTO sketch (id, owner_type, owner_id, algorithm, kind, base_id, "
+                    "tensors, blob, created_at) VALUES (:id, :ot, :o, 'a', :k, :b, 6, :blob, :now)"
+                ), {"id": sid, "ot": owner_type, "o": owner, "k": kind, "b": base_id,
+                    "blob": blob, "now": now})
+        with caplog.at_level(logging.WARNING, "modelhash.registry"):
+            assert upgrade(fresh_url) == head_revision() == "0005"
+        warned = " ".join(r.getMessage() for r in caplog.records)
+        for sid, owner in ((6, "f-corrupt"), (7, "f-truncated"), (8, "f-junk")):
+            assert f"sketch {sid} of flag {owner} has an unreadable blob" in warned
+        with engine.connect() as conn:
+            got = {r[0]: r[1:] for r in conn.execute(text(
+                "SELECT sketch_id, algorithm, section, created_at FROM sketch_spectra"))}
+        assert set(got) == {2, 9}
+        layer = blob_spectra(raw)
+        assert layer is not None
+        assert got[2][:2] == (layer.algorithm, layer.to_section()) == got[9][:2]
+        assert got[2][1] == Sketch.from_bytes(raw).invariant.to_section()  # type: ignore[union-attr]
+        assert got[2][2] is not None
+        index = SketchIndex()
+        with session_scope(engine) as session:
+            index.refresh(session)
+        assert set(index.raw_flags) == {"f-raw", "f-raw2"}
+        with pytest.raises(DBAPIError, match="append-only"), engine.begin() as conn:
+            conn.execute(text("DELETE FROM sketch_spectra"))
+        downgrade(fresh_url, "0004")
+        assert "sketch_spectra" not in inspect(engine).get_table_names()
+        assert current_revision(engine) == "0004"
+        assert upgrade(fresh_url) == head_revision()
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM sketch_spectra")).scalar() == 2
+    finally:
+        engine.dispose()
