@@ -16,12 +16,21 @@ measured with that norm's scale folded in, ``W diag(g)`` (:data:`NORM_FOLDS`), s
 moving a scale across the norm, or rotating an RMSNorm model's residual stream
 (which folds g into W first), leaves the value unchanged.
 
+A scale, or any invertible map, moved between two matrices that a layer multiplies
+with nothing non-linear between them (a head's queries and keys, its values and
+output, a gated feed-forward layer's up and down projections) does move each one's
+singular values, but not their product's: version 2 also measures those products
+(:data:`PRODUCTS`), beside the matrices alone. A factor's own spectrum is *exposed*
+(:func:`exposed`) and is trusted only where it moved with the rest (see
+:mod:`modelhash.fingerprint._robust`).
+
 The top :data:`TOP` values are computed exactly, from the eigenvalues of the
 smaller Gram matrix (W Wᵀ or Wᵀ W) in float64: a fine-tune's shifts are 1e-4 to
 1e-2 of the values, and a randomised SVD errs about 100 times more than that.
 
-Not every matrix is measured: the cost is ``m n min(m, n)`` multiply-adds. The
-candidates of a file are taken cheapest first (ties by a hash of the canonical key)
+Not every matrix is measured: the cost is ``m n min(m, n)`` multiply-adds (a
+product's, forming it first, ``m k n`` more). The units of a file (matrices and
+products, :func:`units`) are taken cheapest first (ties by a hash of the canonical key)
 while the total stays within ``MACS_PER_ELEMENT`` per weight element plus
 ``MACS_BASE``, so every model of one architecture, whatever its dtype, measures
 the same matrices. The layer is stored beside the sketch (a version 3 sketch

@@ -15,6 +15,11 @@ the delta. So here:
 - each model's **shift** from the base, s(W) - s(W_base), is made orthogonal to
   the base's own spectrum (which removes a uniform rescaling of a matrix, q/k
   scaling inside attention among them, and weight decay);
+- a factor of a product (:func:`~modelhash.fingerprint._invariant.exposed`) joins
+  a shift only where it moved from the base no more than :data:`EXPOSED_RATIO`
+  times what the products and other matrices moved, and the copy rule scores those
+  alone (:func:`trusted`): a scale moved between two factors moves them, not the
+  product;
 - scores are pooled over the matrices both shifts cover, as for the sketch layer:
   ``cosine``, ``coefficient`` ⟨u, f⟩ / ‖f‖² and ``z`` (each matrix's cosine times
   √dof, weighted by the flagged shift's norm).
