@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+from typing import Any
+
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
@@ -123,17 +126,10 @@ def test_signatures_are_recomputed_when_upgrading_to_v2(fresh_url):
     now = datetime.now(UTC)
     try:
         with engine.begin() as conn:
-            conn.execute(text(
-                "INSERT INTO reference_base (id, name, created_by, created_at) "
-                "VALUES ('b1', 'base', 'test', :now)"), {"now": now})
             rows = [(1, "base", "b1", "model", None, base), (2, "flag", "f1", "delta", "b1", delta),
                     (3, "flag", "f2", "lora", "b1", lora), (4, "flag", "f3", "model", None, tuned)]
-            for sid, owner_type, owner, kind, base_id, sk in rows:
-                conn.execute(text(
-                    "INSERT INTO sketch (id, owner_type, owner_id, algorithm, kind, base_id, "
-                    "tensors, blob, created_at) VALUES (:id, :ot, :o, :a, :k, :b, :t, :blob, :now)"
-                ), {"id": sid, "ot": owner_type, "o": owner, "a": sk.algorithm, "k": kind,
-                    "b": base_id, "t": len(sk), "blob": sk.to_bytes(), "now": now})
+            _seed_sketches(conn, now, [(*r[:5], r[5].algorithm, len(r[5]), r[5].to_bytes())
+                                       for r in rows])
             for sid in (2, 3):
                 conn.execute(text(
                     "INSERT INTO sketch_signature (sketch_id, base_id, signature) "
@@ -200,15 +196,7 @@ def test_raw_flag_spectra_are_backfilled_when_upgrading_to_0005(fresh_url, caplo
     now = datetime.now(UTC)
     try:
         with engine.begin() as conn:
-            conn.execute(text(
-                "INSERT INTO reference_base (id, name, created_by, created_at) "
-                "VALUES ('b1', 'base', 'test', :now)"), {"now": now})
-            for sid, owner_type, owner, kind, base_id, blob in rows:
-                conn.execute(text(
-                    "INSERT INTO sketch (id, owner_type, owner_id, algorithm, kind, base_id, "
-                    "tensors, blob, created_at) VALUES (:id, :ot, :o, 'a', :k, :b, 6, :blob, :now)"
-                ), {"id": sid, "ot": owner_type, "o": owner, "k": kind, "b": base_id,
-                    "blob": blob, "now": now})
+            _seed_sketches(conn, now, [(*r[:5], "a", 6, r[5]) for r in rows])
         with caplog.at_level(logging.WARNING, "modelhash.registry"):
             assert upgrade(fresh_url) == head_revision() == "0005"
         warned = " ".join(r.getMessage() for r in caplog.records)
@@ -237,3 +225,17 @@ def test_raw_flag_spectra_are_backfilled_when_upgrading_to_0005(fresh_url, caplo
             assert conn.execute(text("SELECT count(*) FROM sketch_spectra")).scalar() == 2
     finally:
         engine.dispose()
+
+
+def _seed_sketches(conn: Any, now: datetime, rows: list[tuple[Any, ...]]) -> None:
+    """Reference base ``b1`` and sketch rows (id, owner type, owner, kind, base id,
+    algorithm, tensors, blob), written with SQL as an older revision's schema holds them."""
+    conn.execute(text(
+        "INSERT INTO reference_base (id, name, created_by, created_at) "
+        "VALUES ('b1', 'base', 'test', :now)"), {"now": now})
+    for sid, owner_type, owner, kind, base_id, algorithm, tensors, blob in rows:
+        conn.execute(text(
+            "INSERT INTO sketch (id, owner_type, owner_id, algorithm, kind, base_id, "
+            "tensors, blob, created_at) VALUES (:id, :ot, :o, :a, :k, :b, :t, :blob, :now)"
+        ), {"id": sid, "ot": owner_type, "o": owner, "a": algorithm, "k": kind, "b": base_id,
+            "t": tensors, "blob": blob, "now": now})
