@@ -369,35 +369,49 @@ class Spectra:
     @classmethod
     def from_section(cls, body: memoryview) -> Spectra:
         """Parse :meth:`to_section` output exactly; ValueError on anything malformed."""
-        pos = 0
-
-        def take(n: int) -> memoryview:
-            nonlocal pos
-            if pos + n > len(body):
-                raise ValueError("truncated invariant section")
-            pos += n
-            return body[pos - n : pos]
-
+        end = len(body)
         try:
-            alg = bytes(take(take(1)[0])).decode("ascii")
-            (count,) = struct.unpack("<I", take(4))
+            pos = 1 + body[0]
+            if pos + 4 > end:
+                raise ValueError("truncated invariant section")
+            alg = bytes(body[1:pos]).decode("ascii")
+            (count,) = struct.unpack_from("<I", body, pos)
+            pos += 4
             if count > MAX_SPECTRA:
                 raise ValueError(f"invariant section: {count} spectra, more than allowed")
-            items: dict[str, Spectrum] = {}
+            heads: list[tuple[str, int, int, int]] = []
+            spans: list[tuple[int, int]] = []
             for _ in range(count):
-                (klen,) = struct.unpack("<H", take(2))
-                key = bytes(take(klen)).decode("utf-8")
-                m, n, k = struct.unpack("<IIB", take(9))
-                vals = np.frombuffer(take(4 * k), dtype="<f4").astype(np.float64)
-                if k > TOP * 8 or not np.all(np.isfinite(vals)) or np.any(vals < 0):
+                (klen,) = struct.unpack_from("<H", body, pos)
+                key = bytes(body[pos + 2 : pos + 2 + klen]).decode("utf-8")
+                pos += 2 + klen
+                m, n, k = struct.unpack_from("<IIB", body, pos)
+                pos += 9
+                if k > TOP * 8:
                     raise ValueError("invariant section: bad singular values")
-                if key in items:
-                    raise ValueError("invariant section: duplicate key")
-                items[key] = Spectrum(key, (m, n), vals)
+                if pos + 4 * k > end:
+                    raise ValueError("truncated invariant section")
+                heads.append((key, m, n, k))
+                spans.append((pos, pos + 4 * k))
+                pos += 4 * k
+        except (IndexError, struct.error):
+            raise ValueError("truncated invariant section") from None
         except UnicodeDecodeError:
             raise ValueError("invariant section: key is not UTF-8") from None
-        if pos != len(body):
+        if pos != end:
             raise ValueError("trailing bytes after the invariant section")
+        # Every spectrum's values at once: one conversion and one check, not one each.
+        raw = b"".join(body[a:b] for a, b in spans)
+        values = np.frombuffer(raw, dtype="<f4").astype(np.float64)
+        if not np.all(np.isfinite(values)) or np.any(values < 0):
+            raise ValueError("invariant section: bad singular values")
+        items: dict[str, Spectrum] = {}
+        at = 0
+        for key, m, n, k in heads:
+            if key in items:
+                raise ValueError("invariant section: duplicate key")
+            items[key] = Spectrum(key, (m, n), values[at : at + k])
+            at += k
         return cls(items, algorithm=alg)
 
 
