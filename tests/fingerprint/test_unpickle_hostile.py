@@ -25,7 +25,9 @@ import numpy as np
 import pytest
 
 from modelhash.errors import (
+    InternalReadError,
     MalformedFileError,
+    ModelhashError,
     ResourceLimitError,
     UnsafeFileError,
 )
@@ -405,3 +407,18 @@ def test_find_class_never_imports(tmp_path: Path) -> None:
     loaded = set(json.loads(out.stdout))
     for forbidden in ("antigravity", "this", "webbrowser", "torch", "pytorch_lightning"):
         assert forbidden not in loaded, forbidden
+
+
+def test_a_string_with_an_invalid_escape_reads_as_pickle_reads_it(tmp_path: Path) -> None:
+    """A protocol-0 string whose backslash starts no escape loads under pickle with a
+    DeprecationWarning; with warnings as errors (as in this suite) the file still reads,
+    and a bare pickle of such a string gets a clean error, not an internal one."""
+    odd = b"S'\\\x03'\n"
+    with pytest.warns(DeprecationWarning):
+        assert pickle.loads(odd + b".") == "\\\x03"
+    body = pickled(dct((text("w"), tensor("0", (2,))), (text("note"), odd)))
+    parsed = parse_file(torch_zip(tmp_path / "odd.pt", body, {"0": np.zeros(2, "<f4").tobytes()}))
+    assert [t.name for t in parsed.tensors] == ["w"]
+    with pytest.raises(ModelhashError) as info:
+        parse_file(as_bare(tmp_path, odd + b"."))
+    assert not isinstance(info.value, InternalReadError), info.value

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import io
 import pickletools
+import warnings
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-__all__ = ["Flow", "follow"]
+__all__ = ["Flow", "follow", "lenient_strings"]
 
 _MUTATORS = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"})
 _PUT_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"})
@@ -99,6 +101,20 @@ for _op in pickletools.opcodes:
     )
 
 
+@contextmanager
+def lenient_strings() -> Iterator[None]:
+    """Decode pickle strings as :mod:`pickle` does, without its DeprecationWarning.
+
+    A protocol-0 string with an invalid escape (a backslash before a byte that
+    starts no escape) loads with a DeprecationWarning from the escape decoder, in
+    :mod:`pickletools` as in :mod:`pickle`. Where warnings are errors, that would end
+    the read of a file pickle itself reads; the warning says nothing about the file.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
 def follow(
     data: bytes,
     *,
@@ -114,6 +130,18 @@ def follow(
     ``max_depth``, past ``max_opcodes`` opcodes, or at a memo index more than
     ``memo_slack`` past the memo's size (the C unpickler sizes its memo by it).
     """
+    with lenient_strings():
+        return _follow(data, max_depth, max_opcodes, memo_slack, extension, canonical)
+
+
+def _follow(
+    data: bytes,
+    max_depth: int,
+    max_opcodes: int,
+    memo_slack: int,
+    extension: Callable[[int], tuple[str, str]],
+    canonical: Callable[[str, str], str],
+) -> Flow:
     flow = Flow()
     st = _Stack()
     items = st.items

@@ -30,6 +30,7 @@ from modelhash.errors import (
     UnsupportedFormatError,
 )
 from modelhash.fingerprint._formats._inflate import InflatedMember
+from modelhash.fingerprint._formats._pickleflow import lenient_strings
 from modelhash.fingerprint._formats._statedict import (
     Blob,
     StorageRef,
@@ -297,12 +298,13 @@ def _old_pickle(head: bytes) -> bool:
     stream = io.BytesIO(head)
     ops = 0
     try:
-        for op, _, _ in pickletools.genops(stream):
-            if op.proto > 1:
-                return False
-            ops += 1
-            if op.name == "STOP" or ops >= 4:
-                return True
+        with lenient_strings():
+            for op, _, _ in pickletools.genops(stream):
+                if op.proto > 1:
+                    return False
+                ops += 1
+                if op.name == "STOP" or ops >= 4:
+                    return True
     except (ValueError, UnicodeDecodeError):
         return ops >= 1 and stream.tell() >= len(head)
     return False

@@ -34,7 +34,7 @@ from modelhash.errors import (
     UnsafeFileError,
     printable,
 )
-from modelhash.fingerprint._formats._pickleflow import follow
+from modelhash.fingerprint._formats._pickleflow import follow, lenient_strings
 from modelhash.fingerprint._formats._statedict import (
     DTYPES,
     DType,
@@ -520,7 +520,8 @@ def _extension(code: int) -> tuple[str, str]:
 
 def _rewrite_extensions(data: bytes) -> bytes:
     """Replace every EXT opcode by the GLOBAL it stands for; drop FRAME opcodes."""
-    ops = list(pickletools.genops(data))
+    with lenient_strings():
+        ops = list(pickletools.genops(data))
     out = bytearray()
     starts = [pos or 0 for _, _, pos in ops] + [len(data)]
     for i, (op, arg, _) in enumerate(ops):
@@ -545,7 +546,8 @@ def load(
     unpickler = _Unpickler(data, persistent)
     _BUDGET.reset()
     try:
-        obj = unpickler.load()
+        with lenient_strings():
+            obj = unpickler.load()
     except Exception as exc:
         if unpickler.refused:
             raise UnsafeFileError(path, unpickler.reported(), where=where) from None
