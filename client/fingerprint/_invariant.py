@@ -39,6 +39,7 @@ blob, see :mod:`modelhash.fingerprint._sketch`), under its own algorithm name.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import struct
@@ -271,12 +272,14 @@ def exposed(keys: Iterable[str]) -> set[str]:
     """The keys among ``keys`` that name a factor of a :data:`PRODUCTS` rule, whether
     or not its product was formed: their spectra move when a scale or map is moved
     between the factors (a product's do not)."""
-    out: set[str] = set()
-    for k in keys:
-        path = k.partition(":")[2]
-        if "*" not in path and any(rule.is_factor(path) for rule in PRODUCTS):
-            out.add(k)
-    return out
+    return {k for k in keys if _is_factor(k)}
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _is_factor(key: str) -> bool:
+    # Cached: every comparison asks this of the same few hundred keys.
+    path = key.partition(":")[2]
+    return "*" not in path and any(rule.is_factor(path) for rule in PRODUCTS)
 
 
 def _suffix(part: tuple[int, int]) -> str:

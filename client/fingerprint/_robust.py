@@ -53,7 +53,9 @@ __all__ = [
     "match_invariant",
     "pair",
     "shared_shift",
+    "spread_pairs",
     "trusted",
+    "upper_bar",
 ]
 
 F64 = npt.NDArray[np.float64]
@@ -252,8 +254,7 @@ def calibrated_invariant(
         return thresholds
     cosines: list[float] = []
     coefficients: list[float] = []
-    pairs = [(i, j) for i in range(len(kept)) for j in range(len(kept)) if i != j]
-    for i, j in pairs[:: -(-len(pairs) // max_pairs)]:  # spread over every reference
+    for i, j in spread_pairs(len(kept), max_pairs):
         others = [s for k, s in enumerate(kept) if k not in (i, j)]
         shared = shared_shift(others, base, 2, thresholds)
         c = compare_invariant(kept[i], kept[j], base, shared=shared, thresholds=thresholds)
@@ -262,10 +263,22 @@ def calibrated_invariant(
             coefficients.append(c.coefficient)
     if len(cosines) < 2:
         return thresholds
-    cos = float(np.mean(cosines) + sigmas * np.std(cosines, ddof=1))
-    coef = float(np.mean(coefficients) + sigmas * np.std(coefficients, ddof=1))
+    cos, coef = upper_bar(cosines, sigmas), upper_bar(coefficients, sigmas)
     return replace(thresholds, shared_cosine=max(thresholds.shared_cosine, cos),
                    shared_min_coefficient=max(thresholds.shared_min_coefficient, coef))
+
+
+def spread_pairs(n: int, most: int) -> list[tuple[int, int]]:
+    """Ordered pairs (i, j), i != j, of ``n`` references for calibration: at most
+    about ``most`` of them, taken at an even stride so that every reference is in
+    some."""
+    pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
+    return pairs[:: max(1, -(-len(pairs) // most))]
+
+
+def upper_bar(scores: list[float], sigmas: float) -> float:
+    """The mean of innocent pairs' ``scores`` plus ``sigmas`` standard deviations."""
+    return float(np.mean(scores) + sigmas * np.std(scores, ddof=1))
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,8 @@ from modelhash.fingerprint._robust import (
     calibrated_invariant,
     match_invariant,
     shared_shift,
+    spread_pairs,
+    upper_bar,
 )
 from modelhash.fingerprint._robust import (
     base_distance as spectral_distance,
@@ -486,8 +488,7 @@ def calibrated(
     units = _unit_deltas(samples, base, thresholds)
     if len(units) < CALIBRATION_MIN_SAMPLES:
         return thresholds
-    pairs = [(i, j) for i in range(len(units)) for j in range(len(units)) if i != j]
-    pairs = pairs[:: -(-len(pairs) // CALIBRATION_MAX_PAIRS)]  # spread over every reference
+    pairs = spread_pairs(len(units), CALIBRATION_MAX_PAIRS)
     # Each sample's delta once: compare() takes a delta as it is.
     deltas = [delta_sketch(u, base)[0] if u.kind == "model" else u for u, _v in units]
 
@@ -504,10 +505,7 @@ def calibrated(
                 coefficients.append(c.coefficient)
         if len(cosines) < 2:
             return None
-        return tuple(  # type: ignore[return-value]
-            float(np.mean(x) + CALIBRATION_SIGMAS * np.std(x, ddof=1))
-            for x in (cosines, coefficients)
-        )
+        return upper_bar(cosines, CALIBRATION_SIGMAS), upper_bar(coefficients, CALIBRATION_SIGMAS)
 
     t = thresholds
     if base.invariant is not None:

@@ -1292,20 +1292,7 @@ def _invariant_scan(
     base = snap.bases[base_id][1]
     if not _thin(upload, base, deltas, base_id):
         return []
-    rows = session.execute(
-        sa_select(
-            col(SketchRow.id), col(SketchRow.blob), col(Flag.id), col(Flag.category),
-            col(Flag.severity), col(Flag.status),
-        )
-        .join(Flag, col(Flag.id) == col(SketchRow.owner_id))
-        .where(
-            col(SketchRow.owner_type) == "flag",
-            col(SketchRow.base_id) == base_id,
-            col(SketchRow.kind) == "delta",
-            col(Flag.status) != "revoked",
-        )
-        .order_by(col(SketchRow.id))
-    )
+    rows = _flag_rows(session, col(SketchRow.base_id) == base_id, col(SketchRow.kind) == "delta")
     kept = [r for r in rows if int(r[0]) not in seen and r[1][4:5] == b"\x03"]
     return _invariant_hits(kept, upload, snap, base_id, skip)
 
@@ -1337,22 +1324,25 @@ def _raw_invariant_scan(
                         if i not in seen)
     if not near:
         return []
-    rows = session.execute(
+    rows = _flag_rows(session, col(SketchRow.id).in_(sorted(near)))
+    # Relative to the base the upload's spectra are nearest to, as for delta flags,
+    # so that a flag that barely moved from a registered base does not make the
+    # base a copy of it; without one, the copy rule on raw spectra.
+    return _invariant_hits(rows, upload, snap, _invariant_base(upload, snap.bases), skip)
+
+
+def _flag_rows(session: Session, *where: ColumnElement[bool]) -> Iterable[Any]:
+    """Unrevoked flags' sketch rows matching ``where``, as :func:`_invariant_hits`
+    verifies them: (sketch id, blob, flag id, category, severity, status), by id."""
+    return session.execute(
         sa_select(
             col(SketchRow.id), col(SketchRow.blob), col(Flag.id), col(Flag.category),
             col(Flag.severity), col(Flag.status),
         )
         .join(Flag, col(Flag.id) == col(SketchRow.owner_id))
-        .where(
-            col(SketchRow.id).in_(sorted(near)),
-            col(SketchRow.owner_type) == "flag",
-            col(Flag.status) != "revoked",
-        )
+        .where(col(SketchRow.owner_type) == "flag", col(Flag.status) != "revoked", *where)
+        .order_by(col(SketchRow.id))
     )
-    # Relative to the base the upload's spectra are nearest to, as for delta flags,
-    # so that a flag that barely moved from a registered base does not make the
-    # base a copy of it; without one, the copy rule on raw spectra.
-    return _invariant_hits(rows, upload, snap, _invariant_base(upload, snap.bases), skip)
 
 
 def _invariant_hits(

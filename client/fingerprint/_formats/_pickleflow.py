@@ -115,6 +115,7 @@ def lenient_strings() -> Iterator[None]:
         yield
 
 
+@lenient_strings()
 def follow(
     data: bytes,
     *,
@@ -130,18 +131,6 @@ def follow(
     ``max_depth``, past ``max_opcodes`` opcodes, or at a memo index more than
     ``memo_slack`` past the memo's size (the C unpickler sizes its memo by it).
     """
-    with lenient_strings():
-        return _follow(data, max_depth, max_opcodes, memo_slack, extension, canonical)
-
-
-def _follow(
-    data: bytes,
-    max_depth: int,
-    max_opcodes: int,
-    memo_slack: int,
-    extension: Callable[[int], tuple[str, str]],
-    canonical: Callable[[str, str], str],
-) -> Flow:
     flow = Flow()
     st = _Stack()
     items = st.items
