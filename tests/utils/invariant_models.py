@@ -182,15 +182,23 @@ def scale_qk(sd: StateDict, seed: int, spread: float = 0.7) -> tuple[StateDict, 
     queries of its query heads multiplied by it (the attention logits do not change)."""
     rng = np.random.default_rng(seed)
     d, _ = _dims(sd)
-    r, hd = _groups(sd), d // HEADS
     out = dict(sd)
     for i in _layers(sd):
         p = f"model.layers.{i}."
-        c = np.exp(spread * rng.standard_normal(HEADS // r))
-        cq, ck = np.repeat(c, r * hd)[:, None], np.repeat(c, hd)[:, None]
-        out[p + "self_attn.q_proj.weight"] = _f32(sd[p + "self_attn.q_proj.weight"] * cq)
-        out[p + "self_attn.k_proj.weight"] = _f32(sd[p + "self_attn.k_proj.weight"] / ck)
+        cq, ck = _head_scales(sd, rng, spread)
+        out[p + "self_attn.q_proj.weight"] = _f32(sd[p + "self_attn.q_proj.weight"] * cq[:, None])
+        out[p + "self_attn.k_proj.weight"] = _f32(sd[p + "self_attn.k_proj.weight"] / ck[:, None])
     return out, np.eye(d)
+
+
+def _head_scales(sd: StateDict, rng: np.random.Generator, spread: float
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """One random factor exp(spread N(0, 1)) per key/value head, repeated over the rows
+    of its query heads and over its own rows."""
+    d, _ = _dims(sd)
+    r, hd = _groups(sd), d // HEADS
+    c = np.exp(spread * rng.standard_normal(HEADS // r))
+    return np.repeat(c, r * hd), np.repeat(c, hd)
 
 
 def scale_vo_ffn(sd: StateDict, seed: int, spread: float = 0.7) -> tuple[StateDict, np.ndarray]:
@@ -200,15 +208,12 @@ def scale_vo_ffn(sd: StateDict, seed: int, spread: float = 0.7) -> tuple[StateDi
     projection)."""
     rng = np.random.default_rng(seed)
     d, f = _dims(sd)
-    r, hd = _groups(sd), d // HEADS
     out = dict(sd)
     for i in _layers(sd):
         p = f"model.layers.{i}."
-        c = np.exp(spread * rng.standard_normal(HEADS // r))
-        out[p + "self_attn.v_proj.weight"] = _f32(
-            sd[p + "self_attn.v_proj.weight"] * np.repeat(c, hd)[:, None])
-        out[p + "self_attn.o_proj.weight"] = _f32(
-            sd[p + "self_attn.o_proj.weight"] / np.repeat(c, r * hd))
+        cq, cv = _head_scales(sd, rng, spread)
+        out[p + "self_attn.v_proj.weight"] = _f32(sd[p + "self_attn.v_proj.weight"] * cv[:, None])
+        out[p + "self_attn.o_proj.weight"] = _f32(sd[p + "self_attn.o_proj.weight"] / cq)
         u = np.exp(spread * rng.standard_normal(f))
         out[p + "mlp.up_proj.weight"] = _f32(sd[p + "mlp.up_proj.weight"] * u[:, None])
         out[p + "mlp.down_proj.weight"] = _f32(sd[p + "mlp.down_proj.weight"] / u)
